@@ -1,0 +1,24 @@
+"""discq: 2–4 bit weight quantization for PyTorch models.
+
+    from discq import quantize_, rtn_config
+    quantize_(model, rtn_config(bits=3, group_size=64))
+"""
+from discq.passes import (
+    CONFIGS,
+    QuantConfig,
+    RTNConfig,
+    bits_per_weight,
+    quantize_,
+    quantized_weights,
+    rtn_config,
+)
+from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
+from discq.io import load_quantized, save_quantized
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize_", "rtn_config", "RTNConfig", "QuantConfig", "CONFIGS", "bits_per_weight",
+    "quantized_weights", "save_quantized", "load_quantized", "AffineGrid",
+    "AffineQuantizedTensor", "QuantizedTensor",
+]

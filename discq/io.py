@@ -1,0 +1,149 @@
+"""Save and load quantized models: safetensors + a JSON manifest, never pickle.
+
+A saved directory holds
+  model.safetensors  every tensor: plain parameters/buffers under their state-dict names, each
+                     quantized weight as its stored parts (`<name>.qdata`, `<name>.scale`, ...)
+  discq.json         the manifest: format version, per quantized weight its format, attributes
+                     (bits, group size, shape, dtype, ...) and config, tied-weight aliases, and
+                     the name/shape/dtype of every tensor in the safetensors file
+  config.json        (transformers models) the model config, so `load_quantized(path)` can
+                     rebuild the model without a skeleton; tokenizer files when one is given.
+Writes go to a temporary sibling directory that is renamed into place, so a failed save never
+leaves a half-written directory and never destroys what the target already held.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from discq.tensors.base import QuantizedTensor
+
+from ._load import CheckpointError, load_into  # noqa: F401  (re-exported)
+
+FORMAT_VERSION = 1
+MANIFEST = "discq.json"
+WEIGHTS = "model.safetensors"
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten the state dict: plain tensors as they are, quantized ones into their parts."""
+    tensors: dict[str, torch.Tensor] = {}
+    quantized, aliases, first_key = {}, {}, {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first_key:  # tied weights are stored once
+            aliases[key] = first_key[id(t)]
+            continue
+        first_key[id(t)] = key
+        if isinstance(t, QuantizedTensor):
+            parts = t.stored_tensors()
+            for part, v in parts.items():
+                tensors[f"{key}.{part}"] = v.detach().contiguous().cpu()
+            quantized[key] = {"format": t.format_name, "attributes": t.attributes(),
+                              "tensors": sorted(parts), "config": _layer_config(model, key)}
+        else:
+            tensors[key] = t.detach().contiguous().cpu()
+    return tensors, {"quantized": quantized, "aliases": aliases}
+
+
+def _layer_config(model: nn.Module, key: str) -> dict | None:
+    module_name = key.rpartition(".")[0]
+    module = model.get_submodule(module_name) if module_name else model
+    return getattr(module, "discq_config", None)
+
+
+def _manifest(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module) -> dict:
+    from discq import __version__
+    return {
+        "format": "discq", "format_version": FORMAT_VERSION, "discq_version": __version__,
+        "model_class": type(model).__name__,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                    for k, v in tensors.items()},
+        **meta,
+    }
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
+                   overwrite: bool = False) -> Path:
+    """Write `model` (quantized or not) to directory `path`. An existing non-empty directory is
+    an error unless `overwrite=True`; then the files discq writes are replaced and any other file
+    the directory held is kept."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; choose another path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} is not empty; choose a new directory or pass "
+                              f"overwrite=True to replace the discq files in it")
+    tensors, meta = _collect(model)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        _write(tmp, model, tensors, meta, tokenizer)
+        _swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write(tmp: Path, model: nn.Module, tensors, meta, tokenizer) -> None:
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(_manifest(tensors, meta, model), indent=1))
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Carry over the files of an existing `path` that discq did not write, then rename."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    for old in path.iterdir():
+        if not (tmp / old.name).exists():
+            os.replace(old, tmp / old.name)
+    backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(path, backup)  # two renames: at every instant one complete copy exists
+    os.replace(tmp, path)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, *,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """Load a directory written by `save_quantized`. With `model` (a skeleton of the same
+    architecture, possibly on the meta device) its tensors are replaced; without it, a
+    transformers model is rebuilt from the saved config.json. Reads only safetensors and JSON;
+    any mismatch raises `CheckpointError` before the model is touched."""
+    path = Path(path)
+    if model is None:
+        model = _skeleton_from_config(path)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module skeleton or None, got "
+                        f"{type(model).__name__}")
+    load_into(model, path / MANIFEST, path / WEIGHTS, device=torch.device(device))
+    return model.eval()
+
+
+def _skeleton_from_config(path: Path) -> nn.Module:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} has no config.json, so the model cannot be rebuilt; pass "
+                              f"a skeleton: load_quantized(path, model=MyModel(...))")
+    import transformers
+    from accelerate import init_empty_weights
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise CheckpointError(f"{cfg}: unknown architecture {arch!r}; pass a skeleton model")
+    with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
+        return cls(config)

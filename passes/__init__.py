@@ -1,0 +1,8 @@
+"""How a model is transformed: configs, `quantize_`, rounding algorithms, graph passes."""
+from .config import QuantConfig, GridConfig, CONFIGS
+from .quantize import quantize_, is_linear
+from .inspect import bits_per_weight, quantized_weights
+from .rtn import RTNConfig, rtn_config
+
+__all__ = ["QuantConfig", "GridConfig", "CONFIGS", "quantize_", "is_linear", "bits_per_weight",
+           "quantized_weights", "RTNConfig", "rtn_config"]

@@ -1,0 +1,29 @@
+"""Reading a quantized model: which weights are quantized and what they cost."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from discq.tensors.base import QuantizedTensor
+
+
+def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedTensor]]:
+    """(fqn of the parameter, quantized tensor) for every quantized parameter, shared ones once."""
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if isinstance(p, QuantizedTensor) and id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Effective bits per quantized weight: codes, scales, zero points and any side tensors
+    (sign vectors, low-rank factors) divided by the number of quantized weights."""
+    bits = numel = 0
+    for _, w in quantized_weights(model):
+        bits += w.storage_bits()
+        numel += w.numel()
+    if numel == 0:
+        raise ValueError("bits_per_weight: the model has no quantized weight; run quantize_ first")
+    return bits / numel

@@ -1,0 +1,145 @@
+"""`AffineQuantizedTensor`: a weight on the uniform affine grid, codes bit-packed.
+
+Fields:
+  qdata       uint8 [N, packed_width(K, bits)]  codes packed along the input dimension
+  scale       [R, G] in row form (R = N for input grouping, R = K for output grouping)
+  zero_point  [R, G] or None (symmetric grid: the zero is fixed at 2^(bits-1))
+Attributes: bits, group_size (the resolved group length), group_along, shape, dtype.
+
+`F.linear` with this tensor as weight calls the `discq::affine_linear` custom op, so compiled and
+exported graphs see one node. Nothing is packed or fitted in forward: `from_hp` does all of it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._torchao import return_and_correct_aliasing
+from .base import QuantizedTensor, register_format
+from . import ops  # noqa: F401  (registers torch.ops.discq.*)
+from .grid import AffineGrid, from_rows, quantize_rows, storage_dtype, to_rows
+from .grid import check_bits, resolved_group_size
+from .kernels.affine_ref import dequantize_packed
+from .packing import pack_codes, packed_width, unpack_codes
+
+aten = torch.ops.aten
+
+
+@register_format("affine")
+class AffineQuantizedTensor(QuantizedTensor):
+    tensor_data_names = ["qdata", "scale"]
+    tensor_attribute_names = ["bits", "group_size", "group_along", "shape", "dtype"]
+    optional_tensor_data_names = ["zero_point"]
+
+    def __new__(cls, qdata, scale, bits, group_size, group_along, shape, dtype,
+                zero_point=None):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
+
+    def __init__(self, qdata: Tensor, scale: Tensor, bits: int, group_size: int,
+                 group_along: str, shape, dtype: torch.dtype, zero_point: Tensor | None = None):
+        self.qdata = qdata
+        self.scale = scale
+        self.zero_point = zero_point
+        self.bits = bits
+        self.group_size = group_size
+        self.group_along = group_along
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_hp(cls, W: Tensor, grid: AffineGrid) -> "AffineQuantizedTensor":
+        """Round W: [N, K] to the nearest point of `grid` and pack the codes."""
+        codes_r, scale, zero = quantize_rows(to_rows(W.detach(), grid), grid,
+                                             storage_dtype(grid, W.dtype))
+        return cls.from_codes(from_rows(codes_r, grid), scale, zero, grid, W.dtype)
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, grid: AffineGrid,
+                   dtype: torch.dtype) -> "AffineQuantizedTensor":
+        """Pack codes: [N, K] (weight orientation) with row-form scale/zero [R, G]. Used by every
+        rounding method: they choose codes, this stores them."""
+        N, K = codes.shape
+        g = resolved_group_size(grid, K if grid.group_along == "input" else N)
+        return cls(pack_codes(codes, grid.bits), scale, grid.bits, g, grid.group_along,
+                   torch.Size([N, K]), dtype, zero_point=zero)
+
+    # ---- views ----------------------------------------------------------------------------
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    @property
+    def grid(self) -> AffineGrid:
+        return AffineGrid(self.bits, self.group_size, self.symmetric, self.group_along,
+                          self.scale.dtype)
+
+    def codes(self) -> Tensor:
+        """Unpacked codes: [N, K] uint8."""
+        return unpack_codes(self.qdata, self.bits, self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_packed(self.qdata, self.scale, self.zero_point, self.bits,
+                                 self.group_size, self.group_along == "output", self.shape[1],
+                                 dtype or self.dtype)
+
+    def validate(self) -> None:
+        N, K = self.shape
+        check_bits(self.bits)
+        if self.group_along not in ("input", "output") or int(self.group_size) <= 0:
+            raise ValueError(f"bad group_along/group_size {self.group_along!r}/{self.group_size}")
+        if self.qdata.dtype != torch.uint8 or tuple(self.qdata.shape) != (N, packed_width(K, self.bits)):
+            raise ValueError(f"qdata is {tuple(self.qdata.shape)} {self.qdata.dtype}, expected "
+                             f"{(N, packed_width(K, self.bits))} uint8 for {self.bits}-bit {N}x{K}")
+        R, C = (N, K) if self.group_along == "input" else (K, N)
+        G = -(-C // self.group_size)
+        for name, t in (("scale", self.scale), ("zero_point", self.zero_point)):
+            if t is not None and (tuple(t.shape) != (R, G) or not t.is_floating_point()):
+                raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}, expected {(R, G)} float")
+
+    def _stable_hash_for_caching(self) -> str:
+        # compiled graphs depend on the metadata only; the tensors are graph inputs
+        return (f"AffineQuantizedTensor-{self.bits}-{self.group_size}-{self.group_along}-"
+                f"{self.symmetric}-{tuple(self.shape)}-{self.dtype}-{self.scale.dtype}")
+
+    def __repr__(self) -> str:
+        sym = "symmetric" if self.symmetric else "asymmetric"
+        return (f"{type(self).__name__}(shape={tuple(self.shape)}, bits={self.bits}, "
+                f"group_size={self.group_size}, group_along={self.group_along!r}, {sym}, "
+                f"scale_dtype={self.scale.dtype}, dtype={self.dtype}, device={self.device})")
+
+
+implements = AffineQuantizedTensor.implements
+implements_torch_function = AffineQuantizedTensor.implements_torch_function
+
+
+def _linear(x: Tensor, w: AffineQuantizedTensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.discq.affine_linear(
+        x, w.qdata, w.scale, w.zero_point, bias, w.bits, w.group_size,
+        w.group_along == "output", w.shape[1])
+
+
+@implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return _linear(x, w, bias)
+
+
+@implements(aten.linear.default)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    return _linear(x, w, args[2] if len(args) > 2 else None)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """`.to(device)` moves the stored tensors; `.to(dtype)` changes the dtype the weight
+    dequantizes to (scales keep their storage dtype)."""
+    self = args[0]
+    kw = self._get_to_kwargs(*args[1:], **kwargs)
+    move = lambda t: None if t is None else t.to(kw["device"], non_blocking=kw["non_blocking"])
+    out = AffineQuantizedTensor(move(self.qdata), move(self.scale), self.bits, self.group_size,
+                                self.group_along, self.shape, kw["dtype"],
+                                zero_point=move(self.zero_point))
+    return return_and_correct_aliasing(func, args, kwargs, out)

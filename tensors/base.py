@@ -1,0 +1,68 @@
+"""What every quantized weight format shares, and the registry of formats.
+
+A format is a `TorchAOBaseTensor` subclass whose state is plain tensors (`tensor_data_names`,
+`optional_tensor_data_names`) plus JSON-able attributes (`tensor_attribute_names`). That is all
+`discq.save_quantized` needs to write it as safetensors + JSON and to rebuild it without pickle.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._torchao import TorchAOBaseTensor
+
+FORMATS: dict[str, type] = {}
+
+
+def register_format(name: str):
+    """Class decorator: make a quantized tensor class saveable/loadable under `name`."""
+    def deco(cls):
+        cls.format_name = name
+        FORMATS[name] = cls
+        return cls
+    return deco
+
+
+class QuantizedTensor(TorchAOBaseTensor):
+    """Base of discq's quantized weights."""
+
+    format_name: str = ""
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def storage_bits(self) -> int:
+        """Bits this weight costs in memory and on disk (every stored tensor counted)."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.stored_tensors().values())
+
+    def stored_tensors(self) -> dict[str, Tensor]:
+        names = list(self.tensor_data_names) + list(getattr(self, "optional_tensor_data_names", []))
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def attributes(self) -> dict:
+        """JSON-able attributes (shape as a list, dtype as its name)."""
+        out = {}
+        for n in self.tensor_attribute_names:
+            v = getattr(self, n)
+            if isinstance(v, torch.Size):
+                v = list(v)
+            elif isinstance(v, torch.dtype):
+                v = str(v).removeprefix("torch.")
+            out[n] = v
+        return out
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, Tensor], attributes: dict) -> "QuantizedTensor":
+        """Inverse of (`stored_tensors`, `attributes`)."""
+        attrs = dict(attributes)
+        attrs["shape"] = torch.Size(attrs["shape"])
+        attrs["dtype"] = getattr(torch, attrs["dtype"])
+        required = [tensors[n] for n in cls.tensor_data_names]
+        optional = {n: tensors.get(n) for n in getattr(cls, "optional_tensor_data_names", [])}
+        out = cls(*required, *[attrs[n] for n in cls.tensor_attribute_names], **optional)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise ValueError if the stored tensors disagree with the attributes (a corrupted or
+        hand-edited checkpoint); formats override this."""
