@@ -58,11 +58,12 @@ def _layer_config(model: nn.Module, key: str) -> dict | None:
     return getattr(module, "discq_config", None)
 
 
-def _manifest(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module) -> dict:
+def _manifest(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module,
+              metadata: dict | None) -> dict:
     from discq import __version__
     return {
         "format": "discq", "format_version": FORMAT_VERSION, "discq_version": __version__,
-        "model_class": type(model).__name__,
+        "model_class": type(model).__name__, "metadata": metadata or {},
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                     for k, v in tensors.items()},
         **meta,
@@ -70,10 +71,11 @@ def _manifest(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module) ->
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, metadata: dict | None = None) -> Path:
     """Write `model` (quantized or not) to directory `path`. An existing non-empty directory is
     an error unless `overwrite=True`; then the files discq writes are replaced and any other file
-    the directory held is kept."""
+    the directory held is kept. `metadata` (JSON-able) is stored in the manifest, e.g. the
+    source model's name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
@@ -86,21 +88,21 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        _write(tmp, model, tensors, meta, tokenizer)
+        _write(tmp, model, tensors, meta, tokenizer, metadata)
         _swap_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _write(tmp: Path, model: nn.Module, tensors, meta, tokenizer) -> None:
+def _write(tmp: Path, model: nn.Module, tensors, meta, tokenizer, metadata) -> None:
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    (tmp / MANIFEST).write_text(json.dumps(_manifest(tensors, meta, model), indent=1))
+    (tmp / MANIFEST).write_text(json.dumps(_manifest(tensors, meta, model, metadata), indent=1))
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -115,6 +117,16 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     os.replace(path, backup)  # two renames: at every instant one complete copy exists
     os.replace(tmp, path)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The `metadata` a directory was saved with (e.g. {"source": "smollm2-135m"})."""
+    from ._load import read_manifest
+    return read_manifest(Path(path) / MANIFEST).get("metadata", {})
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
 
 
 def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, *,

@@ -1,0 +1,5 @@
+import sys
+
+from discq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""The `discq` command line: quantize, eval, bench.
+
+    discq quantize smollm2-135m --method gptq --bits 3 --group-size 64 --out out/
+    discq eval out/ --data shakespeare
+    discq bench out/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from discq.methods import METHODS, MethodNotAvailable
+
+
+def _add_grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="rtn", choices=sorted(METHODS),
+                   help="rounding method: " + "; ".join(f"{m.name}: {m.summary}"
+                                                        for m in METHODS.values()))
+    p.add_argument("--bits", type=int, default=3, help="bits per weight code (2, 3, 4 or 8)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="weights per scale group; 0 means one group per row (default 64)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero point)")
+    p.add_argument("--group-along", default="input", choices=["input", "output", "auto"],
+                   help="groups along the input dim (usual), the output dim (per-input-channel)"
+                        " or auto (GPTQ: per layer by the Hessian proxy loss)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the output head (kept full precision by default)")
+    p.add_argument("--steps", type=int, default=None, help="DiscQuant optimization steps")
+
+
+def _add_data_args(p: argparse.ArgumentParser, what: str, n: int, seq: int) -> None:
+    p.add_argument(f"--{what}", default="shakespeare",
+                   help="text source: 'shakespeare' (bundled), a text file or glob, or a "
+                        "datasets hub name such as wikitext (needs the network)")
+    p.add_argument(f"--n-{'calib' if what == 'calib' else 'windows'}", type=int, default=n,
+                   help=f"number of {seq}-token windows (default {n})")
+    p.add_argument("--seq-len", type=int, default=seq, help=f"tokens per window (default {seq})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="discq", description="Quantize model weights to 2-4 bits.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF dir, .gguf, hub id")
+    _add_grid_args(q)
+    _add_data_args(q, "calib", 128, 512)
+    q.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    q.add_argument("--overwrite", action="store_true", help="replace discq files in --out")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement vs the original model")
+    e.add_argument("model", help="a directory written by `discq quantize`, or a model name")
+    e.add_argument("--reference", default=None,
+                   help="original model to compare with (default: the one it was made from)")
+    _add_data_args(e, "data", 8, 512)
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    b = sub.add_parser("bench", help="decode speed and memory of a (quantized) model")
+    b.add_argument("model", help="a directory written by `discq quantize`, or a model name")
+    b.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    b.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from discq import _commands
+    run = {"quantize": _commands.quantize, "eval": _commands.evaluate,
+           "bench": _commands.bench}[args.command]
+    try:
+        result = run(args)
+    except (ValueError, TypeError, FileExistsError, MethodNotAvailable, ImportError) as e:
+        print(f"discq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _commands.print_table(f"discq {args.command}", [result])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

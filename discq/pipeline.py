@@ -1,0 +1,64 @@
+"""The main job end to end, as typed functions the CLI and the demo share: quantize a copy of a
+model with a named method, and evaluate it against the original."""
+from __future__ import annotations
+
+import copy
+import resource
+import time
+
+import torch
+from torch import nn
+
+from discq.methods import METHODS, build_config
+from discq.passes import bits_per_weight, quantize_
+
+
+def keep_head_filter(model: nn.Module):
+    """Filter that selects every nn.Linear except the output head (kept in full precision, as in
+    the GPTQ and DiscQuant papers)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return lambda m, fqn: isinstance(m, nn.Linear) and m is not head
+
+
+def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int | None,
+                  calibration=None, quantize_head: bool = False, **config_kwargs
+                  ) -> tuple[nn.Module, dict]:
+    """Quantize a deep copy of `model` (the original stays untouched, it is the reference).
+    Returns (quantized model, summary)."""
+    if METHODS.get(method) is not None and METHODS[method].data_driven and calibration is None:
+        raise ValueError(f"method {method!r} needs calibration data: pass calibration="
+                         f"discq.data.calibration_batches(tokenizer, 'shakespeare')")
+    config = build_config(method, bits=bits, group_size=group_size, calibration=calibration,
+                          **config_kwargs)
+    qmodel = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    quantize_(qmodel, config, filter_fn=None if quantize_head else keep_head_filter(qmodel))
+    seconds = time.perf_counter() - t0
+    summary = {"method": method, "bits": bits, "group_size": group_size,
+               "bits_per_weight": round(bits_per_weight(qmodel), 4),
+               "quantize_seconds": round(seconds, 1),
+               "peak_rss_gib": round(peak_rss_gib(), 2)}
+    return qmodel, summary
+
+
+def evaluate(model: nn.Module, reference: nn.Module | None, windows, *,
+             progress: bool = True) -> dict:
+    """Perplexity on `windows`, and KL / top-1 agreement against `reference` when given."""
+    from discq import eval as ev
+    if reference is None:
+        return {"perplexity": ev.perplexity(model, windows, progress=progress)}
+    out = ev.compare(reference, model, windows, progress=progress)
+    return {k: out[k] for k in ("perplexity", "kl", "top1") if k in out}
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Tokens per second of greedy generation (one warm-up run first)."""
+    model.generate(prompt, max_new_tokens=2, do_sample=False)
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return new_tokens / (time.perf_counter() - t0)
