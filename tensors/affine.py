@@ -3,7 +3,7 @@
 Fields:
   qdata       uint8 [N, packed_width(K, bits)]  codes packed along the input dimension
   scale       [R, G] in row form (R = N for input grouping, R = K for output grouping)
-  zero_point  [R, G] or None (symmetric grid: the zero is fixed at 2^(bits-1))
+  zero_point  [R, G] uint8 or None (symmetric grid: the zero is fixed at 2^(bits-1))
 Attributes: bits, group_size (the resolved group length), group_along, shape, dtype.
 
 `F.linear` with this tensor as weight calls the `discq::affine_linear` custom op, so compiled and
@@ -93,14 +93,12 @@ class AffineQuantizedTensor(QuantizedTensor):
                              f"{(N, packed_width(K, self.bits))} uint8 for {self.bits}-bit {N}x{K}")
         R, C = (N, K) if self.group_along == "input" else (K, N)
         G = -(-C // self.group_size)
-        for name, t in (("scale", self.scale), ("zero_point", self.zero_point)):
-            if t is not None and (tuple(t.shape) != (R, G) or not t.is_floating_point()):
-                raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}, expected {(R, G)} float")
-
-    def _stable_hash_for_caching(self) -> str:
-        # compiled graphs depend on the metadata only; the tensors are graph inputs
-        return (f"AffineQuantizedTensor-{self.bits}-{self.group_size}-{self.group_along}-"
-                f"{self.symmetric}-{tuple(self.shape)}-{self.dtype}-{self.scale.dtype}")
+        if tuple(self.scale.shape) != (R, G) or not self.scale.is_floating_point():
+            raise ValueError(f"scale is {tuple(self.scale.shape)} {self.scale.dtype}, expected "
+                             f"{(R, G)} float")
+        z = self.zero_point
+        if z is not None and (tuple(z.shape) != (R, G) or z.dtype != torch.uint8):
+            raise ValueError(f"zero_point is {tuple(z.shape)} {z.dtype}, expected {(R, G)} uint8")
 
     def __repr__(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"

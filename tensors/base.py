@@ -39,6 +39,13 @@ class QuantizedTensor(TorchAOBaseTensor):
         names = list(self.tensor_data_names) + list(getattr(self, "optional_tensor_data_names", []))
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    def _stable_hash_for_caching(self) -> str:
+        """Cache key of compiled graphs: all metadata (attributes and every stored tensor's name,
+        dtype and shape), none of the data, which are graph inputs."""
+        parts = [type(self).__name__, repr(sorted(self.attributes().items()))]
+        parts += [f"{n}:{t.dtype}:{tuple(t.shape)}" for n, t in self.stored_tensors().items()]
+        return "|".join(parts)
+
     def attributes(self) -> dict:
         """JSON-able attributes (shape as a list, dtype as its name)."""
         out = {}

@@ -19,7 +19,7 @@ def _quantized_linear(K=96, N=40, grid=AffineGrid(3, 32), bias=True, seed=0):
 def test_packed_codes_cost_bits_per_weight():
     q = AffineQuantizedTensor.from_hp(torch.randn(64, 512), AffineGrid(3, 64))
     assert q.qdata.numel() * 8 == 3 * 64 * 512  # 3 bits per weight, really packed
-    assert q.storage_bits() / q.numel() == pytest.approx(3 + 2 * 16 / 64)
+    assert q.storage_bits() / q.numel() == pytest.approx(3 + (16 + 8) / 64)  # fp16 scale, u8 zero
 
 
 def test_repr_shows_bits_group_and_shape():

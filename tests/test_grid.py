@@ -72,8 +72,8 @@ def test_rtn_error_at_most_half_a_step(case):
     q = AffineQuantizedTensor.from_hp(W, grid)
     s, _ = _row_params(q, grid)
     err = (to_rows(q.dequantize(), grid) - to_rows(W, grid)).abs()
-    # the stored (fp16) scale/zero can shift the ends of the range by a rounding error
-    tol = 0.5 * s * (1 + 2**-7) + 1e-6 * to_rows(W, grid).abs().amax()
+    # scales are rounded up when stored in fp16, so even the clipped ends stay within half a step
+    tol = 0.5 * s * (1 + 1e-5) + 1e-7 * to_rows(W, grid).abs().amax()
     assert (err <= tol).all(), (err / s).max()
 
 

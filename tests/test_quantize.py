@@ -41,10 +41,10 @@ def test_bert_encoder_is_quantized_and_close():
     assert cos.min() > 0.95
 
 
-def test_three_bit_group_64_costs_3_5_bits_per_weight():
+def test_three_bit_group_64_costs_about_3_4_bits_per_weight():
     model = tiny_random_llama()
     quantize_(model, rtn_config(bits=3, group_size=64))
-    assert 3.25 <= bits_per_weight(model) <= 3.55
+    assert 3.3 <= bits_per_weight(model) <= 3.45  # 3 + (16-bit scale + 8-bit zero) / 64
 
 
 def test_filter_fn_keeps_the_head_full_precision():
