@@ -48,7 +48,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *,
         return model
     handler = MODEL_HANDLERS.get(type(config))
     if handler is not None:
-        handler(model, config, targets)
+        _run_restoring_on_failure(handler, model, config, targets)
     else:
         transform = module_handler(type(config))
         if transform is None:
@@ -57,6 +57,19 @@ def quantize_(model: nn.Module, config: QuantConfig, *,
             transform(module, config, fqn=fqn)
     _record_config(targets, config)
     return model
+
+
+def _run_restoring_on_failure(handler, model, config, targets) -> None:
+    """Data-driven methods install weights as they go (later layers must see quantized earlier
+    ones); if the run fails or is interrupted, every original weight is put back, so the input
+    model is untouched. Holding the original Parameters costs no copy."""
+    originals = [(m, m.weight) for _, m in targets]
+    try:
+        handler(model, config, targets)
+    except BaseException:
+        for m, w in originals:
+            m.weight = w
+        raise
 
 
 def _record_config(targets, config: QuantConfig) -> None:

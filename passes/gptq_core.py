@@ -1,0 +1,130 @@
+"""GPTQ's rounding of one weight matrix given its Hessian (Frantar et al., 2022).
+
+Columns are quantized one at a time; each one's rounding error, scaled by the upper Cholesky
+factor U of H⁻¹, is fed into the columns not yet quantized. Lazy blocks of `block_size` columns
+defer the update of the rest of the matrix to one matmul per block. Group scales are fitted from
+the current, error-updated weights the first time a group is reached — also with act-order,
+where groups stay contiguous in the original column order so storage is unchanged.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from discq.tensors.grid import (AffineGrid, decode, encode, expand_groups, fit_groups, fit_scale,
+                                resolved_group_size)
+
+
+def inverse_cholesky_upper(H: Tensor, damp: float, name: str = "") -> Tensor:
+    """U upper-triangular with UᵀU = (H + λI)⁻¹, λ = damp·mean(diag H). A failed Cholesky is
+    retried with 10× more damping, with a warning."""
+    mean_diag = H.diagonal().mean()
+    for attempt in range(6):
+        lam = damp * 10**attempt * mean_diag
+        Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if attempt:
+                    warnings.warn(f"GPTQ {name}: Hessian not positive definite with damp={damp};"
+                                  f" used damp={damp * 10**attempt}", stacklevel=3)
+                return U
+    raise ValueError(f"GPTQ {name}: the Hessian stays singular even with damp="
+                     f"{damp * 10**5}; check the calibration data")
+
+
+class _Groups:
+    """Per-column scale/zero of the affine grid while GPTQ walks the columns of W: [N, K]."""
+
+    def __init__(self, grid: AffineGrid, N: int, K: int, dtype: torch.dtype, device):
+        self.grid, self.N, self.K, self.dtype = grid, N, K, dtype
+        R, C = (N, K) if grid.group_along == "input" else (K, N)
+        self.g = resolved_group_size(grid, C)
+        G = math.ceil(C / self.g)
+        self.scale = torch.zeros(R, G, dtype=dtype, device=device)
+        self.zero = None if grid.symmetric else torch.zeros(R, G, dtype=torch.uint8, device=device)
+        self.fitted = torch.zeros(G if grid.group_along == "input" else K, dtype=torch.bool)
+
+    def for_column(self, c: int, current) -> tuple[Tensor, Tensor | None]:
+        """scale, zero for original column c: [N] each. `current(cols)` gives the current
+        values of original columns `cols` as [N, len(cols)]."""
+        if self.grid.group_along == "input":
+            gi = c // self.g
+            if not self.fitted[gi]:
+                cols = torch.arange(gi * self.g, min((gi + 1) * self.g, self.K))
+                s, z = fit_scale(current(cols), self.grid, self.dtype)  # [N, 1]
+                self._store(slice(None), gi, s[:, 0], None if z is None else z[:, 0])
+                self.fitted[gi] = True
+            return self.scale[:, gi], None if self.zero is None else self.zero[:, gi]
+        if not self.fitted[c]:  # output grouping: this column's groups run along the rows
+            s, z = fit_groups(current(torch.tensor([c])).t(), self.grid, self.dtype)  # [1, G]
+            self._store(c, slice(None), s[0], None if z is None else z[0])
+            self.fitted[c] = True
+        z = None if self.zero is None else expand_groups(self.zero[c:c + 1], self.g, self.N)[0]
+        return expand_groups(self.scale[c:c + 1], self.g, self.N)[0], z
+
+    def _store(self, r, c, s, z) -> None:
+        self.scale[r, c] = s
+        if z is not None:
+            self.zero[r, c] = z
+
+
+def _prepare(W: Tensor, H: Tensor, act_order: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Dead columns zeroed (H_ii = 0 → H_ii = 1, W[:, i] = 0), act-order permutation."""
+    W, H = W.float().clone(), H.float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(W.shape[1], device=W.device))
+    return W[:, perm], H[perm][:, perm], perm
+
+
+def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
+                  act_order: bool = True, block_size: int = 128, scale_dtype=torch.float16,
+                  name: str = "") -> tuple[Tensor, Tensor, Tensor | None]:
+    """W: [N, K], H: [K, K] -> codes [N, K] uint8 (original column order), scale/zero in row form."""
+    N, K = W.shape
+    W, H, perm = _prepare(W, H, act_order)
+    U = inverse_cholesky_upper(H, damp, name)
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(K, device=perm.device)  # original column -> permuted position
+    groups = _Groups(grid, N, K, scale_dtype, W.device)
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        _quantize_block(W, U, i1, i2, perm, pos, groups, codes)
+    return codes[:, pos], groups.scale, groups.zero
+
+
+def _quantize_block(W, U, i1, i2, perm, pos, groups, codes) -> None:
+    """Columns i1..i2 (permuted order) with intra-block error feedback, then the lazy update."""
+    W1 = W[:, i1:i2].clone()
+    E = torch.zeros_like(W1)
+
+    def current(cols: Tensor) -> Tensor:  # [N, len(cols)], exact even past the block
+        p = pos[cols]
+        out = W[:, p].clone()
+        inside = p < i2
+        out[:, inside] = W1[:, p[inside] - i1]
+        if (~inside).any() and j > 0:
+            out[:, ~inside] -= E[:, :j] @ U[i1:i1 + j][:, p[~inside]]
+        return out
+
+    for j in range(i2 - i1):
+        col = i1 + j
+        s, z = groups.for_column(int(perm[col]), current)
+        w = W1[:, j]
+        q = encode(w[:, None], s[:, None], None if z is None else z[:, None], groups.grid)
+        codes[:, col] = q[:, 0]
+        deq = decode(q, s[:, None], None if z is None else z[:, None], groups.grid)[:, 0]
+        e = (w - deq) / U[col, col]
+        W1[:, j:] -= e[:, None] * U[col, col:i2][None, :]
+        E[:, j] = e
+    W[:, i2:] -= E @ U[i1:i2, i2:]
+    W[:, i1:i2] = W1

@@ -1,0 +1,31 @@
+"""H = 2/N Σ x xᵀ over the calibration tokens seen by a linear layer (running mean in fp32)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HessianAccumulator:
+    """Forward hook collecting the input second moment of one nn.Linear."""
+
+    def __init__(self, module: nn.Linear, name: str = ""):
+        K = module.in_features
+        self.H = torch.zeros(K, K, dtype=torch.float32, device=module.weight.device)
+        self.n = 0
+        self.name = name
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, K]
+        if not torch.isfinite(x).all():
+            raise ValueError(f"calibration activations entering layer {self.name!r} contain "
+                             f"NaN/Inf; check the model in fp32 and the calibration data")
+        m = x.shape[0]
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+    def remove(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.H
