@@ -5,9 +5,11 @@
 """
 from discq.passes import (
     CONFIGS,
+    GPTQConfig,
     QuantConfig,
     RTNConfig,
     bits_per_weight,
+    gptq_config,
     quantize_,
     quantized_weights,
     rtn_config,
@@ -18,7 +20,7 @@ from discq.io import load_quantized, save_quantized
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize_", "rtn_config", "RTNConfig", "QuantConfig", "CONFIGS", "bits_per_weight",
+    "quantize_", "rtn_config", "RTNConfig", "gptq_config", "GPTQConfig", "QuantConfig", "CONFIGS", "bits_per_weight",
     "quantized_weights", "save_quantized", "load_quantized", "AffineGrid",
     "AffineQuantizedTensor", "QuantizedTensor",
 ]

@@ -16,12 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .hessian import HessianAccumulator
-
 QuantizeLayer = Callable[[str, nn.Linear, torch.Tensor], None]
 
 
-class _StopForward(Exception):
-    pass
+from .hessian import StopForward as _StopForward
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -72,9 +70,13 @@ def _set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs, *, update: bool) -> None:
-    """Run the block over every batch; with update=True its outputs become the inputs."""
+    """Run the block over every batch; with update=True its outputs become the inputs. A
+    forward that raises _StopForward (a hook that has seen what it needs) ends that batch."""
     for args, kwargs in inputs:
-        out = _hidden(block(*args, **kwargs))
+        try:
+            out = _hidden(block(*args, **kwargs))
+        except _StopForward:
+            continue
         if update:
             _set_hidden(args, kwargs, out)
 
@@ -102,12 +104,14 @@ def linear_groups(block: nn.Module, targets: dict[nn.Module, str], inputs) -> li
 
 
 def _quantize_group(block, group, targets, inputs, quantize_layer) -> None:
-    accs = [HessianAccumulator(m, targets[m]) for m in group]
+    """The linears of a group read the same input, so one Hessian serves them all, and the
+    block's forward can stop as soon as that input exists (the rest of the block is skipped)."""
+    acc = HessianAccumulator(group[0], targets[group[0]], stop_after=True)
     try:
         run_block(block, inputs, update=False)
     finally:
-        Hs = [a.remove() for a in accs]
-    for m, H in zip(group, Hs):
+        H = acc.remove()
+    for m in group:
         quantize_layer(targets[m], m, H)
 
 

@@ -5,17 +5,23 @@ import torch
 from torch import nn
 
 
-class HessianAccumulator:
-    """Forward hook collecting the input second moment of one nn.Linear."""
+class StopForward(Exception):
+    """Raised by a hook that has captured what it needs, to skip the rest of a forward pass."""
 
-    def __init__(self, module: nn.Linear, name: str = ""):
+
+class HessianAccumulator:
+    """Forward pre-hook collecting the input second moment of one nn.Linear. With
+    stop_after=True it then raises StopForward: the layer's output is not needed."""
+
+    def __init__(self, module: nn.Linear, name: str = "", stop_after: bool = False):
         K = module.in_features
         self.H = torch.zeros(K, K, dtype=torch.float32, device=module.weight.device)
         self.n = 0
         self.name = name
-        self.handle = module.register_forward_hook(self._hook)
+        self.stop_after = stop_after
+        self.handle = module.register_forward_pre_hook(self._hook)
 
-    def _hook(self, module, args, output) -> None:
+    def _hook(self, module, args) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, K]
         if not torch.isfinite(x).all():
             raise ValueError(f"calibration activations entering layer {self.name!r} contain "
@@ -25,6 +31,8 @@ class HessianAccumulator:
         self.n += m
         x = x * (2.0 / self.n) ** 0.5
         self.H.addmm_(x.t(), x)
+        if self.stop_after:
+            raise StopForward
 
     def remove(self) -> torch.Tensor:
         self.handle.remove()

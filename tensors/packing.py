@@ -39,9 +39,13 @@ def unpack_codes(packed: Tensor, bits: int, C: int) -> Tensor:
     if bits == 8:
         return packed
     R = packed.shape[0]
-    n = packed.shape[1] // bits
-    byte_shifts = 8 * torch.arange(bits, device=packed.device)
-    word = (packed.view(R, n, bits).to(torch.int64) << byte_shifts).sum(-1)  # [R, n]
-    shifts = bits * torch.arange(RUN, device=packed.device)
+    if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, little-endian within the byte
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [R, bytes, 8 // bits]
+        return codes.reshape(R, -1)[:, :C]
+    n = packed.shape[1] // bits  # 3 bits: one 24-bit word per run of 8 codes
+    byte_shifts = 8 * torch.arange(bits, dtype=torch.int32, device=packed.device)
+    word = (packed.view(R, n, bits).to(torch.int32) << byte_shifts).sum(-1, dtype=torch.int32)
+    shifts = bits * torch.arange(RUN, dtype=torch.int32, device=packed.device)
     codes = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [R, n, RUN]
     return codes.reshape(R, n * RUN)[:, :C].to(torch.uint8)

@@ -1,0 +1,60 @@
+"""Shared helpers of the benchmark scripts: peak memory sampling, machine info, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@contextmanager
+def peak_rss():
+    """Samples this process's resident memory every 20 ms; yields a dict with "before_gib" and,
+    on exit, "peak_gib" (peak during the block) and "extra_gib" (peak minus before)."""
+    proc, stop = psutil.Process(), threading.Event()
+    out = {"peak_gib": 0.0, "before_gib": proc.memory_info().rss / 2**30}
+
+    def sample():
+        while not stop.is_set():
+            out["peak_gib"] = max(out["peak_gib"], proc.memory_info().rss / 2**30)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["extra_gib"] = out["peak_gib"] - out["before_gib"]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)

@@ -1,0 +1,55 @@
+"""The `discq` command line, run as a user would, on the tiny fixture and local text."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CALIB_TEXT, HELDOUT_TEXT, TINY_LLAMA
+
+
+def discq(*args, check=True):
+    done = subprocess.run([sys.executable, "-m", "discq", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(done.stderr[-2000:])
+    return done
+
+
+def test_help_explains_every_option():
+    out = discq("quantize", "--help").stdout
+    for option in ("--method", "--bits", "--group-size", "--calib", "--out", "--json"):
+        assert option in out
+
+
+def test_quantize_then_eval_with_json(tmp_path):
+    out = tmp_path / "q"
+    q = json.loads(discq("quantize", TINY_LLAMA, "--method", "gptq", "--bits", "3",
+                         "--group-size", "32", "--calib", CALIB_TEXT, "--n-calib", "8",
+                         "--seq-len", "64", "--out", out, "--json").stdout)
+    assert q["method"] == "gptq" and q["bits_per_weight"] == pytest.approx(3 + 24 / 32, abs=0.01)
+    e = json.loads(discq("eval", out, "--data", HELDOUT_TEXT, "--n-windows", "2",
+                         "--seq-len", "128", "--json").stdout)
+    assert e["reference"] == str(TINY_LLAMA)  # the original model, from the manifest
+    assert 0 < e["kl"] < 1 and 0.5 < e["top1"] <= 1 and e["perplexity"] > 1
+
+
+def test_existing_output_is_refused_before_work(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    done = discq("quantize", TINY_LLAMA, "--out", tmp_path, check=False)
+    assert done.returncode == 2 and "overwrite" in done.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_bad_bits_is_a_clear_error(tmp_path):
+    done = discq("quantize", TINY_LLAMA, "--bits", "5", "--out", tmp_path / "x", check=False)
+    assert done.returncode == 2 and "bits" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unbuilt_method_says_so(monkeypatch):
+    from discq import methods
+    monkeypatch.setitem(methods.METHODS, "magic",
+                        methods.Method("magic", "discq.passes.magic:magic_config", True, "x"))
+    with pytest.raises(methods.MethodNotAvailable, match="not built"):
+        methods.config_constructor("magic")
+    assert "magic" not in methods.available_methods() and "rtn" in methods.available_methods()
