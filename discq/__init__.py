@@ -5,10 +5,12 @@
 """
 from discq.passes import (
     CONFIGS,
+    DiscConfig,
     GPTQConfig,
     QuantConfig,
     RTNConfig,
     bits_per_weight,
+    disc_config,
     gptq_config,
     quantize_,
     quantized_weights,
@@ -20,7 +22,8 @@ from discq.io import load_quantized, save_quantized
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize_", "rtn_config", "RTNConfig", "gptq_config", "GPTQConfig", "QuantConfig", "CONFIGS", "bits_per_weight",
+    "quantize_", "rtn_config", "RTNConfig", "gptq_config", "GPTQConfig",
+    "disc_config", "DiscConfig", "QuantConfig", "CONFIGS", "bits_per_weight",
     "quantized_weights", "save_quantized", "load_quantized", "AffineGrid",
     "AffineQuantizedTensor", "QuantizedTensor",
 ]

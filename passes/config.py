@@ -1,7 +1,8 @@
 """Config base: typed dataclasses with validation, a `version` and a JSON round trip.
 
 Every config is also a torchao `AOBaseConfig`, so data-free ones work with
-`torchao.quantization.quantize_` too. `calibration` (data, not settings) is never serialized.
+`torchao.quantization.quantize_` too. `calibration` (data, not settings) is never serialized,
+nor is any field declared with `metadata={"serialize": False}` (e.g. Lightning trainer options).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class QuantConfig(AOBaseConfig):
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in NOT_SERIALIZED}
+             if f.name not in NOT_SERIALIZED and f.metadata.get("serialize", True)}
         return {"method": self.method, "version": self.version, **d}
 
     def to_json(self) -> str:

@@ -1,6 +1,7 @@
 """`quantize_(model, config, *, filter_fn=None)`: the one entry point."""
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Callable
 
@@ -46,7 +47,7 @@ def quantize_(model: nn.Module, config: QuantConfig, *,
         warnings.warn("quantize_: the filter selected no nn.Linear layer; nothing was quantized",
                       stacklevel=2)
         return model
-    handler = MODEL_HANDLERS.get(type(config))
+    handler = _model_handler(config)
     if handler is not None:
         _run_restoring_on_failure(handler, model, config, targets)
     else:
@@ -57,6 +58,15 @@ def quantize_(model: nn.Module, config: QuantConfig, *,
             transform(module, config, fqn=fqn)
     _record_config(targets, config)
     return model
+
+
+def _model_handler(config: QuantConfig):
+    """The registered model handler; configs whose handler lives in a heavier package
+    (Lightning, in discq.training) name its module in `handler_module`, imported on first use
+    so `import discq` stays fast and passes/ has no static dependency on training/."""
+    if type(config) not in MODEL_HANDLERS and getattr(config, "handler_module", None):
+        importlib.import_module(config.handler_module)
+    return MODEL_HANDLERS.get(type(config))
 
 
 def _run_restoring_on_failure(handler, model, config, targets) -> None:
