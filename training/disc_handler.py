@@ -45,9 +45,11 @@ def _trainer(config: DiscConfig) -> L.Trainer:
         from lightning.pytorch.callbacks import ModelCheckpoint
         kw["enable_checkpointing"] = True
         kw["callbacks"] = [ModelCheckpoint(dirpath=config.checkpoint_dir, save_last=True,
-                                           every_n_train_steps=min(50, config.steps),
+                                           every_n_train_steps=max(1, min(50, config.steps // 4)),
                                            save_top_k=1, enable_version_counter=False)]
-    kw.update(config.trainer_kwargs or {})
+    extra = dict(config.trainer_kwargs or {})
+    kw["callbacks"] = kw.get("callbacks", []) + list(extra.pop("callbacks", []))  # both kept
+    kw.update(extra)
     return L.Trainer(**kw)
 
 

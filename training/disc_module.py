@@ -60,10 +60,11 @@ class DiscQuantModule(L.LightningModule):
         for l in self.layers:
             pull_gradient(l, self.config.rho, self.config.clamp)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():  # projection onto [0, 1], before any checkpoint can see x
             for l in self.layers:
-                l.x.clamp_(0, 1)  # projection onto [0, 1]
+                l.x.clamp_(0, 1)
 
     def configure_optimizers(self):
         c = self.config
