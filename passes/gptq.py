@@ -1,6 +1,7 @@
 """`gptq_config` and its model handler: GPTQ layer by layer over calibration data."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -8,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.hadamard import rotate_hessian, rotate_weight
+from discq.tensors.incoherent import IncoherentQuantizedTensor, rotation
 
 from .calibration import as_batches
 from .capture import sequential_quantize
@@ -15,6 +18,7 @@ from .config import GridConfig, register_config
 from .gptq_core import gptq_quantize
 from .quantize import check_finite, install_weight
 from .registry import register_model_handler
+from .rtn import layer_seed
 
 
 @register_config("gptq")
@@ -28,6 +32,7 @@ class GPTQConfig(GridConfig):
     act_order: bool = True
     block_size: int = 128
     true_sequential: bool = True
+    incoherence: bool = False
 
     ALLOWED_GROUP_ALONG: ClassVar[tuple[str, ...]] = ("input", "output", "auto")
 
@@ -37,7 +42,7 @@ class GPTQConfig(GridConfig):
             raise ValueError(f"damp must be a number in (0, 10) (0.01 in the paper), got {self.damp!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer (128), got {self.block_size!r}")
-        for name in ("act_order", "true_sequential"):
+        for name in ("act_order", "true_sequential", "incoherence"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -45,13 +50,14 @@ class GPTQConfig(GridConfig):
 def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
                 group_along: str = "input", calibration=None, damp: float = 0.01,
                 act_order: bool = True, block_size: int = 128, true_sequential: bool = True,
-                scale_dtype: str = "float16") -> GPTQConfig:
+                incoherence: bool = False, scale_dtype: str = "float16") -> GPTQConfig:
     """GPTQ with `calibration` = list of LongTensor [B, S] token batches
-    (`discq.data.calibration_batches`)."""
+    (`discq.data.calibration_batches`). `incoherence=True` quantizes W̃ = R_out W R_inᵀ with
+    the Hessian R_in H R_inᵀ (randomized Hadamard rotations, QuIP)."""
     return GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
                       damp=damp, act_order=act_order, block_size=block_size,
-                      true_sequential=true_sequential)
+                      true_sequential=true_sequential, incoherence=incoherence)
 
 
 def proxy_loss(W: Tensor, Wq: Tensor, H: Tensor) -> float:
@@ -64,6 +70,8 @@ def gptq_layer(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "") -> Affi
     """GPTQ of one weight W: [N, K] with Hessian H: [K, K]; with group_along="auto" both
     directions are tried and the lower proxy loss wins."""
     check_finite(W, name)
+    if config.incoherence:
+        return _gptq_incoherent(W, H, config, name)
     alongs = ("input", "output") if config.group_along == "auto" else (config.group_along,)
     best, best_loss = None, float("inf")
     for along in alongs:
@@ -78,6 +86,17 @@ def gptq_layer(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "") -> Affi
         if loss < best_loss or best is None:
             best, best_loss = q, loss
     return best
+
+
+def _gptq_incoherent(W: Tensor, H: Tensor, config: GPTQConfig, name: str):
+    """GPTQ in the rotated basis: the proxy loss is invariant under the rotation."""
+    seed = layer_seed(name)
+    s_in, q_in = rotation(W.shape[1], seed)
+    s_out, q_out = rotation(W.shape[0], seed + 7919)
+    Wt = rotate_weight(W.float(), s_out, s_in, q_out, q_in).to(W.dtype)
+    Ht = rotate_hessian(H, s_in, q_in)
+    inner = gptq_layer(Wt, Ht, dataclasses.replace(config, incoherence=False), name)
+    return IncoherentQuantizedTensor.wrap(inner, s_in, s_out, q_in, q_out)
 
 
 @register_model_handler(GPTQConfig)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._torchao import return_and_correct_aliasing
 from .base import QuantizedTensor, register_format
 from . import ops  # noqa: F401  (registers torch.ops.discq.*)
 from .grid import AffineGrid, from_rows, quantize_rows, storage_dtype, to_rows
@@ -128,16 +127,3 @@ def _(func, types, args, kwargs):
 def _(func, types, args, kwargs):
     x, w = args[0], args[1]
     return _linear(x, w, args[2] if len(args) > 2 else None)
-
-
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    """`.to(device)` moves the stored tensors; `.to(dtype)` changes the dtype the weight
-    dequantizes to (scales keep their storage dtype)."""
-    self = args[0]
-    kw = self._get_to_kwargs(*args[1:], **kwargs)
-    move = lambda t: None if t is None else t.to(kw["device"], non_blocking=kw["non_blocking"])
-    out = AffineQuantizedTensor(move(self.qdata), move(self.scale), self.bits, self.group_size,
-                                self.group_along, self.shape, kw["dtype"],
-                                zero_point=move(self.zero_point))
-    return return_and_correct_aliasing(func, args, kwargs, out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._torchao import TorchAOBaseTensor
+from ._torchao import TorchAOBaseTensor, return_and_correct_aliasing
 
 FORMATS: dict[str, type] = {}
 
@@ -73,3 +73,15 @@ class QuantizedTensor(TorchAOBaseTensor):
     def validate(self) -> None:
         """Raise ValueError if the stored tensors disagree with the attributes (a corrupted or
         hand-edited checkpoint); formats override this."""
+
+
+@QuantizedTensor.implements(torch.ops.aten._to_copy.default)
+def _to_copy(func, types, args, kwargs):
+    """`.to(device)` moves every stored tensor; `.to(dtype)` changes the dtype the weight
+    dequantizes to (stored scales keep their dtype). Inherited by every format."""
+    self = args[0]
+    kw = self._get_to_kwargs(*args[1:], **kwargs)
+    tensors = {n: t.to(kw["device"], non_blocking=kw["non_blocking"])
+               for n, t in self.stored_tensors().items()}
+    attrs = {**self.attributes(), "dtype": str(kw["dtype"]).removeprefix("torch.")}
+    return return_and_correct_aliasing(func, args, kwargs, type(self).from_stored(tensors, attrs))
