@@ -18,7 +18,7 @@ from .config import GridConfig, register_config
 from .gptq_core import gptq_quantize
 from .quantize import check_finite, install_weight
 from .registry import register_model_handler
-from .rtn import layer_seed
+from .rtn import check_extras, finish, layer_seed
 
 
 @register_config("gptq")
@@ -33,6 +33,7 @@ class GPTQConfig(GridConfig):
     block_size: int = 128
     true_sequential: bool = True
     incoherence: bool = False
+    lowrank: int = 0
 
     ALLOWED_GROUP_ALONG: ClassVar[tuple[str, ...]] = ("input", "output", "auto")
 
@@ -42,7 +43,8 @@ class GPTQConfig(GridConfig):
             raise ValueError(f"damp must be a number in (0, 10) (0.01 in the paper), got {self.damp!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer (128), got {self.block_size!r}")
-        for name in ("act_order", "true_sequential", "incoherence"):
+        check_extras(self)
+        for name in ("act_order", "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -50,14 +52,17 @@ class GPTQConfig(GridConfig):
 def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
                 group_along: str = "input", calibration=None, damp: float = 0.01,
                 act_order: bool = True, block_size: int = 128, true_sequential: bool = True,
-                incoherence: bool = False, scale_dtype: str = "float16") -> GPTQConfig:
+                incoherence: bool = False, lowrank: int = 0,
+                scale_dtype: str = "float16") -> GPTQConfig:
     """GPTQ with `calibration` = list of LongTensor [B, S] token batches
     (`discq.data.calibration_batches`). `incoherence=True` quantizes W̃ = R_out W R_inᵀ with
-    the Hessian R_in H R_inᵀ (randomized Hadamard rotations, QuIP)."""
+    the Hessian R_in H R_inᵀ (randomized Hadamard rotations, QuIP); `lowrank=r` adds a
+    rank-r fp16 correction of the error (LoRC)."""
     return GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
                       damp=damp, act_order=act_order, block_size=block_size,
-                      true_sequential=true_sequential, incoherence=incoherence)
+                      true_sequential=true_sequential, incoherence=incoherence,
+                      lowrank=lowrank)
 
 
 def proxy_loss(W: Tensor, Wq: Tensor, H: Tensor) -> float:
@@ -104,7 +109,8 @@ def _gptq_model(model: nn.Module, config: GPTQConfig, targets) -> None:
     batches = as_batches(config.calibration, model)
 
     def quantize_layer(fqn: str, module: nn.Linear, H: Tensor) -> None:
-        install_weight(module, gptq_layer(module.weight.detach(), H, config, fqn))
+        W = module.weight.detach()
+        install_weight(module, finish(gptq_layer(W, H, config, fqn), W, config))
 
     for fqn, m in targets:  # refuse NaN weights before hours of work, naming the layer
         check_finite(m.weight, fqn)

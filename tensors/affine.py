@@ -29,15 +29,17 @@ aten = torch.ops.aten
 class AffineQuantizedTensor(QuantizedTensor):
     tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["bits", "group_size", "group_along", "shape", "dtype"]
-    optional_tensor_data_names = ["zero_point"]
+    optional_tensor_data_names = ["zero_point", "lowrank_u", "lowrank_v"]
 
     def __new__(cls, qdata, scale, bits, group_size, group_along, shape, dtype,
-                zero_point=None):
+                zero_point=None, lowrank_u=None, lowrank_v=None):
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
 
     def __init__(self, qdata: Tensor, scale: Tensor, bits: int, group_size: int,
-                 group_along: str, shape, dtype: torch.dtype, zero_point: Tensor | None = None):
+                 group_along: str, shape, dtype: torch.dtype, zero_point: Tensor | None = None,
+                 lowrank_u: Tensor | None = None, lowrank_v: Tensor | None = None):
+        self.lowrank_u, self.lowrank_v = lowrank_u, lowrank_v  # LoRC: W ≈ Ŵ + U V
         self.qdata = qdata
         self.scale = scale
         self.zero_point = zero_point
@@ -78,9 +80,12 @@ class AffineQuantizedTensor(QuantizedTensor):
         return unpack_codes(self.qdata, self.bits, self.shape[1])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        return dequantize_packed(self.qdata, self.scale, self.zero_point, self.bits,
-                                 self.group_size, self.group_along == "output", self.shape[1],
-                                 dtype or self.dtype)
+        W = dequantize_packed(self.qdata, self.scale, self.zero_point, self.bits,
+                              self.group_size, self.group_along == "output", self.shape[1],
+                              dtype or self.dtype)
+        if self.lowrank_u is not None:
+            W = W + (self.lowrank_u.float() @ self.lowrank_v.float()).to(W.dtype)
+        return W
 
     def validate(self) -> None:
         N, K = self.shape
@@ -98,6 +103,11 @@ class AffineQuantizedTensor(QuantizedTensor):
         z = self.zero_point
         if z is not None and (tuple(z.shape) != (R, G) or z.dtype != torch.uint8):
             raise ValueError(f"zero_point is {tuple(z.shape)} {z.dtype}, expected {(R, G)} uint8")
+        U, V = self.lowrank_u, self.lowrank_v
+        if (U is None) != (V is None) or (U is not None and (
+                U.dim() != 2 or V.dim() != 2 or U.shape[0] != N or V.shape[1] != K
+                or U.shape[1] != V.shape[0])):
+            raise ValueError(f"low-rank factors must be U [{N}, r] and V [r, {K}]")
 
     def __repr__(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
@@ -111,9 +121,12 @@ implements_torch_function = AffineQuantizedTensor.implements_torch_function
 
 
 def _linear(x: Tensor, w: AffineQuantizedTensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.discq.affine_linear(
+    y = torch.ops.discq.affine_linear(
         x, w.qdata, w.scale, w.zero_point, bias, w.bits, w.group_size,
         w.group_along == "output", w.shape[1])
+    if w.lowrank_u is not None:  # LoRC correction: + (x Vᵀ) Uᵀ, rank r, two thin matmuls
+        y = y + (x @ w.lowrank_v.t().to(x.dtype)) @ w.lowrank_u.t().to(x.dtype)
+    return y
 
 
 @implements_torch_function(F.linear)

@@ -39,6 +39,7 @@ class IncoherentQuantizedTensor(AffineQuantizedTensor):
     def __init__(self, qdata, scale, s_in, s_out, q_in, q_out, bits, group_size, group_along,
                  shape, dtype, zero_point=None):
         super().__init__(qdata, scale, bits, group_size, group_along, shape, dtype, zero_point)
+        self.lowrank_u = self.lowrank_v = None  # LoRC is not combined with incoherence
         self.s_in, self.s_out, self.q_in, self.q_out = s_in, s_out, q_in, q_out
 
     @classmethod

@@ -57,13 +57,21 @@ def _fit(model, layers, config: DiscConfig, batches) -> None:
     noise = mean_noise(layers)
     module = DiscQuantModule(model, layers, config, as_sequences(batches), noise)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
-    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        for noise in (".*does not have many workers.*", ".*GPU available but not used.*",
+                      ".*module\\(s\\) in eval mode.*", ".*deprecated.*"):
+            warnings.filterwarnings("ignore", noise)  # eval mode is deliberate: no dropout
+        _checkpointing(model, config.gradient_checkpointing)
         _trainer(config).fit(module, datamodule=CalibrationDataModule(config.steps),
                              ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
+
+
+def _checkpointing(model: nn.Module, enable: bool) -> None:
+    """Activation checkpointing of the decoder layers (transformers models), non-reentrant so
+    gradients reach the relaxation variables inside the checkpointed layers."""
+    if not enable or not hasattr(model, "gradient_checkpointing_enable"):
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 @register_model_handler(DiscConfig)
