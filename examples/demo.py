@@ -23,7 +23,7 @@ from discq.pipeline import evaluate, quantize_copy
 DEMO_SETTINGS = {
     "rtn": {},
     "gptq": {"calib": (64, 512)},
-    "disc": {"calib": (64, 256), "steps": 100, "batch_size": 4},
+    "disc": {"calib": (64, 128), "steps": 100, "batch_size": 2, "init": "rtn", "warmup": 10},
     "quip-sharp": {"calib": (64, 512)},
 }
 
@@ -46,7 +46,8 @@ def _one_method(model, tok, method, bits, group_size, windows) -> dict:
     calib = None
     if "calib" in settings:
         n, seq = settings.pop("calib")
-        calib = calibration_batches(tok, "shakespeare", n_samples=n, seq_len=seq, batch_size=8)
+        calib = calibration_batches(tok, "shakespeare", n_samples=n, seq_len=seq, batch_size=8,
+                                    seed=0)
     t0 = time.perf_counter()
     qmodel, summary = quantize_copy(model, method, bits=bits, group_size=group_size,
                                     calibration=calib, **settings)
