@@ -39,10 +39,11 @@ class GPTQConfig(GridConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 10:
-            raise ValueError(f"damp must be a number in (0, 10) (0.01 in the paper), got {self.damp!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer (128), got {self.block_size!r}")
+        damp, block = self.damp, self.block_size
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 10:
+            raise ValueError(f"damp must be a number in (0, 10) (0.01 in the paper), got {damp!r}")
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+            raise ValueError(f"block_size must be a positive integer (128), got {block!r}")
         check_extras(self)
         for name in ("act_order", "true_sequential"):
             if not isinstance(getattr(self, name), bool):

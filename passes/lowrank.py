@@ -6,7 +6,6 @@ bits_per_weight: 16·r·(N + K) extra bits.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import Tensor

@@ -10,7 +10,7 @@ from torch import nn
 import discq
 from discq.passes import QuantConfig, disc_config
 from discq.passes.disc import RelaxedLinear, cosine_with_warmup, forward_kl
-from discq.tensors.grid import AffineGrid, to_rows
+from discq.tensors.grid import AffineGrid
 
 from models import tiny_random_llama
 

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import discq
 from discq import AffineQuantizedTensor, bits_per_weight, quantize_, rtn_config
 from discq.passes import QuantConfig
 
