@@ -174,3 +174,32 @@ def test_interrupted_run_leaves_the_model_untouched(monkeypatch):
 def test_bad_gptq_arguments(kw):
     with pytest.raises((ValueError, TypeError)):
         gptq_config(**kw)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(4, 40), st.sampled_from([2, 3, 4]), st.integers(0, 10**6))
+def test_ldlq_with_a_scalar_grid_equals_gptq_without_act_order(K, bits, seed):
+    from discq.passes.ldlq import ldlq
+    from discq.tensors.grid import decode, encode, fit_scale
+    H = _random_pd(K, seed)
+    H = H + 0.01 * H.diagonal().mean() * torch.eye(K)  # GPTQ's damping, applied for both
+    W = torch.randn(16, K, generator=torch.Generator().manual_seed(seed + 1))
+    grid = AffineGrid(bits, None, scale_dtype=torch.float32)
+    scale, zero = fit_scale(W, grid, torch.float32)  # per-row grid fitted on W
+    ldl = ldlq(W, H, lambda w, b: decode(encode(w, scale, zero, grid), scale, zero, grid))
+    codes, s, z = gptq_quantize(W, H, grid, damp=1e-12, act_order=False,
+                                scale_dtype=torch.float32)
+    gptq = dequantize_rows(codes, s, z, grid, torch.float32)
+    assert torch.allclose(ldl, gptq, atol=1e-4 * W.abs().max())
+
+
+def test_block_ldl_factorizes_h():
+    from discq.passes.ldlq import block_ldl
+    H = _random_pd(16, 5).double()
+    for g in (1, 4, 8):
+        UI = block_ldl(H, g)
+        D = torch.linalg.solve(UI, H) @ torch.linalg.inv(UI).t()
+        block = torch.block_diag(*[torch.ones(g, g)] * (16 // g)).bool()
+        assert torch.allclose(UI.diagonal(), torch.ones(16, dtype=torch.float64))
+        assert torch.allclose(torch.triu(UI, 1)[block], torch.zeros_like(UI[block]), atol=1e-9)
+        assert D[~block].abs().max() < 1e-8  # D is block diagonal
