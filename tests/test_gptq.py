@@ -203,3 +203,19 @@ def test_block_ldl_factorizes_h():
         assert torch.allclose(UI.diagonal(), torch.ones(16, dtype=torch.float64))
         assert torch.allclose(torch.triu(UI, 1)[block], torch.zeros_like(UI[block]), atol=1e-9)
         assert D[~block].abs().max() < 1e-8  # D is block diagonal
+
+
+def test_same_data_and_config_give_bit_identical_weights():
+    calib = [torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))]
+    runs = []
+    for _ in range(2):
+        model = tiny_random_llama(seed=4)
+        discq.quantize_(model, gptq_config(3, 32, calibration=calib, incoherence=True))
+        runs.append({k: v for k, v in model.state_dict().items()})
+    for k, a in runs[0].items():
+        b = runs[1][k]
+        if hasattr(a, "stored_tensors"):
+            assert all(torch.equal(a.stored_tensors()[n], b.stored_tensors()[n])
+                       for n in a.stored_tensors())
+        else:
+            assert torch.equal(a, b)
