@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.hadamard import rotate, rotate_weight, unrotate
+from discq.tensors.incoherent import IncoherentQuantizedTensor
 from discq.tensors.grid import (AffineGrid, expand_groups, fit_groups, from_rows, neighbours,
                                 resolved_group_size, to_rows, zero_of)
 
@@ -43,6 +45,7 @@ class DiscConfig(GridConfig):
     ce_weight: float = 0.0
     init: str = "uniform"
     gradient_checkpointing: bool = True
+    incoherence: bool = False
     checkpoint_dir: str | None = None
     trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
                                         metadata={"serialize": False})
@@ -57,8 +60,9 @@ class DiscConfig(GridConfig):
         _positive(lr=self.lr, clamp=self.clamp, rho=self.rho)
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (the paper) or 'rtn', got {self.init!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise TypeError("gradient_checkpointing must be True or False")
+        for name in ("gradient_checkpointing", "incoherence"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
             self.checkpoint_dir = str(self.checkpoint_dir)
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
@@ -95,10 +99,7 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     `steps` optimizer steps of `batch_size` sequences. `checkpoint_dir`: Lightning checkpoints
     every ≤ 50 steps; calling again with the same arguments resumes from the last one.
     `trainer_kwargs` go to `lightning.Trainer` (e.g. devices=2, strategy="ddp")."""
-    if incoherence:
-        raise ValueError("incoherence=True is not available for DiscQuant in this version; use "
-                         "incoherence=False")
-    return DiscConfig(bits=bits, group_size=group_size, symmetric=symmetric,
+    return DiscConfig(incoherence=incoherence, bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
                       steps=steps, lr=lr, batch_size=batch_size, clamp=clamp, rho=rho,
                       warmup=warmup, seed=seed, checkpoint_dir=checkpoint_dir,
@@ -108,15 +109,22 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
 
 class RelaxedLinear(nn.Module):
     """Stands in for an nn.Linear during DiscQuant. Holds the original weight (the same
-    Parameter, not a copy), the grid fitted on it, and x. `teacher=True` computes with W."""
+    Parameter, not a copy), the grid fitted on it, and x. `teacher=True` computes with W.
+    With `rotation` = (s_in, s_out, q_in, q_out) the grid lives in the incoherent basis:
+    W̃ = R_out W R_inᵀ is kept (one weight-sized buffer) and activations are rotated."""
 
     def __init__(self, linear: nn.Linear, grid: AffineGrid, generator: torch.Generator,
-                 init: str):
+                 init: str, rotation: tuple[Tensor, ...] | None = None):
         super().__init__()
         self.original = linear
         self.grid = grid
+        self.rotation = rotation
         W = linear.weight.detach()
-        scale, zero = fit_groups(to_rows(W, grid), grid, grid.scale_dtype or W.dtype)
+        if rotation is not None:
+            s_in, s_out, q_in, q_out = rotation
+            self.register_buffer("W_rot", rotate_weight(W.float(), s_out, s_in, q_out, q_in)
+                                 .to(W.dtype), persistent=False)
+        scale, zero = fit_groups(to_rows(self.target(), grid), grid, grid.scale_dtype or W.dtype)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero, persistent=False)
         y = self.fraction()
@@ -124,9 +132,13 @@ class RelaxedLinear(nn.Module):
         self.x = nn.Parameter(x0)
         self.teacher = False
 
+    def target(self) -> Tensor:
+        """The weight being rounded: W, or W̃ in the incoherent basis."""
+        return self.original.weight.detach() if self.rotation is None else self.W_rot
+
     def _row_params(self) -> tuple[Tensor, Tensor | float]:
         """Per-weight scale and zero in row form [R, C]."""
-        C = to_rows(self.original.weight, self.grid).shape[1]
+        C = to_rows(self.target(), self.grid).shape[1]
         g = resolved_group_size(self.grid, C)
         s = expand_groups(self.scale.float(), g, C)
         z = zero_of(None if self.zero is None else expand_groups(self.zero, g, C), self.grid)
@@ -137,7 +149,7 @@ class RelaxedLinear(nn.Module):
         """down, up codes and values in weight orientation [N, K]. Recomputed, not stored:
         two extra weight-sized tensors per layer would cost more than this arithmetic."""
         s, z = self._row_params()
-        Wr = to_rows(self.original.weight.detach(), self.grid).float()
+        Wr = to_rows(self.target(), self.grid).float()
         down, up = neighbours(Wr, s, None if self.zero is None else z, self.grid)
         return (from_rows(down, self.grid), from_rows(up, self.grid),
                 from_rows((down.float() - z) * s, self.grid), from_rows((up.float() - z) * s, self.grid))
@@ -146,7 +158,7 @@ class RelaxedLinear(nn.Module):
     def fraction(self) -> Tensor:
         """y = (W − down)/(up − down), ½ where up = down. [N, K]"""
         _, _, lo, hi = self.bounds()
-        W = self.original.weight.detach().float()
+        W = self.target().float()
         gap = hi - lo
         return torch.where(gap > 0, (W - lo) / gap.clamp(min=1e-30), torch.full_like(W, 0.5))
 
@@ -155,20 +167,28 @@ class RelaxedLinear(nn.Module):
         return (lo + self.x * (hi - lo)).to(self.original.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        W = self.original.weight if self.teacher else self.weight_hat()
-        return F.linear(x, W, self.original.bias)
+        if self.teacher:
+            return F.linear(x, self.original.weight, self.original.bias)
+        if self.rotation is None:
+            return F.linear(x, self.weight_hat(), self.original.bias)
+        s_in, s_out, q_in, q_out = self.rotation
+        y = unrotate(F.linear(rotate(x, s_in, q_in), self.weight_hat()), s_out, q_out)
+        return y if self.original.bias is None else y + self.original.bias
 
     @torch.no_grad()
     def rounded(self) -> AffineQuantizedTensor:
         down, up, _, _ = self.bounds()
         codes = torch.where(self.x >= 0.5, up, down)
-        return AffineQuantizedTensor.from_codes(codes, self.scale, self.zero, self.grid,
-                                                self.original.weight.dtype)
+        q = AffineQuantizedTensor.from_codes(codes, self.scale, self.zero, self.grid,
+                                             self.original.weight.dtype)
+        if self.rotation is None:
+            return q
+        s_in, s_out, q_in, q_out = self.rotation
+        return IncoherentQuantizedTensor.wrap(q, s_in, s_out, q_in, q_out)
 
 
-def rtn_noise(linear: nn.Linear, grid: AffineGrid) -> float:
+def rtn_noise(W: Tensor, grid: AffineGrid) -> float:
     """12·‖RTN(W) − W‖²/numel: the rounding noise relative to a uniform error of one step."""
-    W = linear.weight.detach()
     Wq = AffineQuantizedTensor.from_hp(W, grid).dequantize(torch.float32)
     return 12 * float((Wq - W.float()).pow(2).mean())
 
@@ -194,7 +214,7 @@ def frac_at_vertex(layers: list[RelaxedLinear], tol: float = 1e-3) -> float:
 
 
 def mean_noise(layers: list[RelaxedLinear]) -> float:
-    return sum(rtn_noise(l.original, l.grid) for l in layers) / len(layers)
+    return sum(rtn_noise(l.target(), l.grid) for l in layers) / len(layers)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:

@@ -53,3 +53,8 @@ def test_unbuilt_method_says_so(monkeypatch):
     with pytest.raises(methods.MethodNotAvailable, match="not built"):
         methods.config_constructor("magic")
     assert "magic" not in methods.available_methods() and "rtn" in methods.available_methods()
+
+
+def test_bench_reports_speed_and_memory():
+    r = json.loads(discq("bench", TINY_LLAMA, "--tokens", "4", "--json").stdout)
+    assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["bits_per_weight"] is None

@@ -56,6 +56,21 @@ def test_with_zero_kl_weight_the_result_is_rtn():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_incoherent_grid_with_zero_kl_weight_is_incoherent_rtn():
+    from discq.tensors.incoherent import IncoherentQuantizedTensor
+    model = tiny_random_llama()
+    rtn = copy.deepcopy(model)
+    discq.quantize_(rtn, discq.rtn_config(3, 32, incoherence=True))
+    discq.quantize_(model, disc_config(3, 32, calibration=_calib(), steps=40, kl_weight=0,
+                                       lr=0.1, incoherence=True, **FAST))
+    w = model.model.layers[0].self_attn.o_proj.weight
+    assert isinstance(w, IncoherentQuantizedTensor)
+    a, b = _codes(rtn), _codes(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randint(0, 320, (1, 8))
+    assert torch.allclose(model(x).logits, rtn(x).logits, atol=1e-5)
+
+
 def test_kl_falls_on_the_trained_fixture(tiny_llama, tiny_calibration):
     model, _ = tiny_llama
     q = copy.deepcopy(model)
@@ -116,7 +131,7 @@ def test_json_round_trip_leaves_out_data_and_trainer_options():
 
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(lr=0), dict(lr=-1), dict(rho=0),
                                 dict(clamp=-1), dict(init="zeros"), dict(batch_size=1.5),
-                                dict(trainer_kwargs="ddp"), dict(incoherence=True)])
+                                dict(trainer_kwargs="ddp"), dict(incoherence="yes")])
 def test_bad_disc_arguments(kw):
     with pytest.raises((ValueError, TypeError)):
         disc_config(**kw)

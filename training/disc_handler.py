@@ -15,6 +15,8 @@ from discq.passes.calibration import as_batches
 from discq.passes.disc import DiscConfig, RelaxedLinear, mean_noise
 from discq.passes.quantize import check_finite, install_weight
 from discq.passes.registry import register_model_handler
+from discq.passes.rtn import layer_seed
+from discq.tensors.incoherent import rotation
 
 from .data import CalibrationDataModule, as_sequences
 from .disc_module import DiscQuantModule
@@ -30,9 +32,18 @@ def _relax(model, targets, config: DiscConfig) -> list[RelaxedLinear]:
     layers = []
     for fqn, lin in targets:
         check_finite(lin.weight, fqn)
-        layers.append(RelaxedLinear(lin, config.grid(), g, config.init))
+        layers.append(RelaxedLinear(lin, config.grid(), g, config.init,
+                                    _rotation(lin, fqn) if config.incoherence else None))
         _swap(model, fqn, layers[-1])
     return layers
+
+
+def _rotation(lin: nn.Linear, fqn: str) -> tuple:
+    """The same seeded rotations RTN and GPTQ use for this layer: (s_in, s_out, q_in, q_out)."""
+    seed = layer_seed(fqn)
+    s_in, q_in = rotation(lin.in_features, seed)
+    s_out, q_out = rotation(lin.out_features, seed + 7919)
+    return s_in, s_out, q_in, q_out
 
 
 def _trainer(config: DiscConfig) -> L.Trainer:
