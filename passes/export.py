@@ -1,0 +1,141 @@
+"""Quantization as a graph pass over a `torch.export` program.
+
+`quantize_exported(ep, config)` replaces every `aten.linear` whose weight is a parameter by
+`discq::affine_linear` fed by new constant placeholders (qdata, scale, zero_point), drops the
+fp weight from the program, and rewrites the graph signature. The result validates, survives
+`run_decompositions()`, `torch.export.save/load` (the op is registered on `import discq`) and
+`torch.compile(ep.module())`. The other path — `quantize_` on the eager model, then export — is
+equally supported: the tensor subclass exports as the same op.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec,
+                                          TensorArgument)
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from discq.tensors.affine import AffineQuantizedTensor
+
+from .config import GridConfig
+from .rtn import RTNConfig
+
+
+class QuantizeLinearsPass(PassBase):
+    """Rewrites the graph; the new constant inputs are collected in `self.constants` and the
+    replaced weights in `self.replaced` for the signature rewrite."""
+
+    def __init__(self, ep: ExportedProgram, config: GridConfig, filter_fn, quantized_state):
+        super().__init__()
+        self.ep, self.config, self.filter_fn = ep, config, filter_fn
+        self.quantized_state = quantized_state or {}
+        self.param_of = {s.arg.name: s.target for s in ep.graph_signature.input_specs
+                         if s.kind == InputKind.PARAMETER}
+        self.constants: dict[str, tuple[torch.fx.Node, torch.Tensor]] = {}
+        self.replaced: set[str] = set()
+
+    def _weight(self, fqn: str) -> AffineQuantizedTensor:
+        if fqn in self.quantized_state:
+            return self.quantized_state[fqn]
+        if not isinstance(self.config, RTNConfig):
+            raise ValueError(f"{type(self.config).__name__} needs data: quantize the eager model "
+                             f"with quantize_ and pass its weights as quantized_state")
+        return AffineQuantizedTensor.from_hp(self.ep.state_dict[fqn], self.config.grid())
+
+    def _placeholder(self, gm, fqn: str, part: str, t: torch.Tensor, anchor, fake_mode):
+        with gm.graph.inserting_before(anchor):
+            ph = gm.graph.placeholder(f"c_{fqn.replace('.', '_')}_{part}")
+        ph.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
+        self.constants[f"{fqn}.{part}"] = (ph, t)
+        return ph
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        nodes = list(gm.graph.nodes)
+        anchor = next(n for n in nodes if n.op == "placeholder" and n.name not in self.param_of
+                      and n.name in _user_inputs(self.ep))
+        fake_mode = next(n.meta["val"].fake_mode for n in nodes if n.op == "placeholder"
+                         and hasattr(n.meta.get("val"), "fake_mode"))
+        for node in nodes:
+            if node.target != torch.ops.aten.linear.default:
+                continue
+            w = node.args[1]
+            fqn = self.param_of.get(getattr(w, "name", None))
+            if fqn is None or (self.filter_fn is not None and not self.filter_fn(fqn)):
+                continue
+            self._replace(gm, node, fqn, self._weight(fqn), anchor, fake_mode)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return PassResult(gm, bool(self.replaced))
+
+    def _replace(self, gm, node, fqn, q, anchor, fake_mode) -> None:
+        parts = {p: self._placeholder(gm, fqn, p, t, anchor, fake_mode)
+                 for p, t in q.stored_tensors().items()}
+        bias = node.args[2] if len(node.args) > 2 else None
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.discq.affine_linear.default, (
+                node.args[0], parts["qdata"], parts["scale"], parts.get("zero_point"), bias,
+                q.bits, q.group_size, q.group_along == "output", q.shape[1]))
+        new.meta = dict(node.meta)
+        weight, name = node.args[1], node.name
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        new.name = name  # output specs refer to nodes by name
+        if not weight.users:  # the fp weight leaves the program (a shared one stays)
+            gm.graph.erase_node(weight)
+            self.replaced.add(fqn)
+
+
+def _user_inputs(ep: ExportedProgram) -> set[str]:
+    return {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+
+
+def quantize_exported(ep: ExportedProgram, config: GridConfig, *,
+                      filter_fn: Callable[[str], bool] | None = None,
+                      quantized_state: dict[str, AffineQuantizedTensor] | None = None
+                      ) -> ExportedProgram:
+    """A new ExportedProgram whose selected linears are quantized (`filter_fn(param_fqn)`
+    keeps a layer in full precision when it returns False, e.g. the head)."""
+    if not isinstance(ep, ExportedProgram):
+        raise TypeError(f"ep must be a torch.export.ExportedProgram, got {type(ep).__name__}")
+    if not isinstance(config, GridConfig):
+        raise TypeError(f"config must be an affine-grid config such as rtn_config(4), got "
+                        f"{type(config).__name__}")
+    gm = _copy_graph_module(ep)
+    p = QuantizeLinearsPass(ep, config, filter_fn, quantized_state)
+    gm = p(gm).graph_module
+    return _rebuild(ep, gm, p)
+
+
+def _copy_graph_module(ep: ExportedProgram) -> torch.fx.GraphModule:
+    """A deep copy whose node names match the original's: deepcopy renames some (e.g. a
+    placeholder called `input`), which would break the graph signature's references."""
+    gm = copy.deepcopy(ep.graph_module)
+    for a, b in zip(ep.graph_module.graph.nodes, gm.graph.nodes):
+        if a.name != b.name:
+            b.name = a.name
+            if b.op == "placeholder":
+                b.target = a.target
+    gm.recompile()
+    return gm
+
+
+def _rebuild(ep: ExportedProgram, gm, p: QuantizeLinearsPass) -> ExportedProgram:
+    """The signature follows the placeholders: old specs kept, replaced weights dropped,
+    new constants added."""
+    old = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    new = {ph.name: InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(ph.name), key)
+           for key, (ph, _) in p.constants.items()}
+    specs = [old.get(n.name) or new[n.name] for n in gm.graph.nodes if n.op == "placeholder"]
+    state = {k: v for k, v in ep.state_dict.items() if k not in p.replaced}
+    constants = {**ep.constants, **{k: t for k, (_, t) in p.constants.items()}}
+    out = ExportedProgram(
+        root=gm, graph=gm.graph,
+        graph_signature=ExportGraphSignature(specs, list(ep.graph_signature.output_specs)),
+        state_dict=state, range_constraints=ep.range_constraints,
+        module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=constants)
+    out.validate()
+    return out
