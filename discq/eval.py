@@ -1,11 +1,14 @@
 """Evaluation: perplexity, and agreement of a quantized model with the original one.
 
-All functions run batch by batch under `torch.no_grad()` in eval mode with a progress bar, and
-compute log-softmax in fp32 whatever the model's dtype.
+All functions run batch by batch under `torch.no_grad()` in eval mode (each model's mode is
+restored afterwards) with a tqdm progress bar, and compute log-softmax in fp32 whatever the
+model's dtype: bf16 log-probabilities would round KL values of 1e-3 to noise.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -13,82 +16,115 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the callers' train/eval modes come back."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities. ids: [B, S] -> [B, S-1, V] fp32."""
-    device = next(model.parameters()).device
-    logits = model(ids.to(device)).logits  # [B, S, V]
+    """Next-token log-probabilities: ids [B, S] -> [B, S-1, V], fp32. Position t predicts
+    token t+1, so the last position (no target) is dropped."""
+    out = model(ids.to(_device(model)))
+    logits = out.logits if hasattr(out, "logits") else out  # [B, S, V]; exported modules
     return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
 def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
-        raise ValueError(f"token windows must be integer tensors [batch, seq], got "
-                         f"{ids.dtype} {tuple(ids.shape)}")
-    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+    """Refuse windows that are not [batch, seq] integer ids inside the model's vocabulary
+    (the usual cause: text tokenized with another model's tokenizer)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) \
+            or ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"each window must be an integer tensor [batch, seq >= 2], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} "
+                         f"{tuple(getattr(ids, 'shape', ()))}: use discq.data.eval_windows")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         raise ValueError(f"token ids must lie in [0, {vocab}) for this model, found "
                          f"[{int(ids.min())}, {int(ids.max())}]: was the text tokenized with "
                          f"this model's tokenizer?")
 
 
-def _windows(windows) -> list[torch.Tensor]:
+def _windows(windows: Iterable) -> list:
+    if isinstance(windows, torch.Tensor):  # one batch given bare
+        windows = [windows]
     windows = list(windows)
     if not windows:
         raise ValueError("windows is empty: pass discq.data.eval_windows(tokenizer, ...)")
     return windows
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, windows, *, progress: bool = True) -> float:
-    """exp of the token-weighted mean negative log-likelihood over every next-token prediction."""
-    model.eval()
+def perplexity(model: nn.Module, windows: Iterable[torch.Tensor], *,
+               progress: bool = True) -> float:
+    """exp of the token-weighted mean negative log-likelihood over every next-token prediction
+    in `windows` (LongTensors [B, S], e.g. from `discq.data.eval_windows`)."""
+    windows = _windows(windows)
     nll, count = 0.0, 0
-    for ids in tqdm(_windows(windows), desc="perplexity", disable=not progress, leave=False):
-        check_token_ids(model, ids)
-        lp = _logprobs(model, ids)  # [B, S-1, V]
-        target = ids[:, 1:].to(lp.device)
-        nll -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
-        count += target.numel()
+    with _eval_mode(model):
+        for ids in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+            check_token_ids(model, ids)
+            lp = _logprobs(model, ids)  # [B, S-1, V]
+            target = ids[:, 1:].to(lp.device).unsqueeze(-1)  # [B, S-1, 1]
+            nll -= lp.gather(-1, target).sum().item()
+            count += target.numel()
     return math.exp(nll / count)
 
 
-@torch.no_grad()
-def compare(reference: nn.Module, model: nn.Module, windows, *,
+def compare(reference: nn.Module, model: nn.Module, windows: Iterable[torch.Tensor], *,
             progress: bool = True) -> dict[str, float]:
-    """Perplexity of both models, mean KL(p_reference ‖ p_model) of the next-token
-    distributions over all positions, and top-1 agreement (same argmax)."""
-    reference.eval(), model.eval()
+    """How closely `model` follows `reference` on `windows`: both perplexities, the mean over
+    positions of KL(p_reference ‖ p_model) of the next-token distributions (nats), and top1,
+    the fraction of positions where both predict the same most likely token."""
+    windows = _windows(windows)
     nll_m = nll_r = kl = agree = 0.0
     count = 0
-    for ids in tqdm(_windows(windows), desc="compare", disable=not progress, leave=False):
-        check_token_ids(model, ids)
-        lp_r, lp_m = _logprobs(reference, ids), _logprobs(model, ids)  # [B, S-1, V]
-        target = ids[:, 1:].to(lp_m.device).unsqueeze(-1)
-        nll_m -= lp_m.gather(-1, target).sum().item()
-        nll_r -= lp_r.gather(-1, target).sum().item()
-        kl += (lp_r.exp() * (lp_r - lp_m)).sum().item()
-        agree += (lp_r.argmax(-1) == lp_m.argmax(-1)).sum().item()
-        count += target.numel()
+    with _eval_mode(reference, model):
+        for ids in tqdm(windows, desc="compare", disable=not progress, leave=False):
+            check_token_ids(model, ids)
+            lp_r = _logprobs(reference, ids)  # [B, S-1, V]
+            lp_m = _logprobs(model, ids).to(lp_r.device)  # [B, S-1, V]
+            target = ids[:, 1:].to(lp_r.device).unsqueeze(-1)  # [B, S-1, 1]
+            nll_r -= lp_r.gather(-1, target).sum().item()
+            nll_m -= lp_m.gather(-1, target).sum().item()
+            kl += (lp_r.exp() * (lp_r - lp_m)).sum().item()  # Σ_positions Σ_v p_r log(p_r/p_m)
+            agree += (lp_r.argmax(-1) == lp_m.argmax(-1)).sum().item()
+            count += target.numel()
     return {"perplexity": math.exp(nll_m / count), "reference_perplexity": math.exp(nll_r / count),
             "kl": kl / count, "top1": agree / count}
 
 
-@torch.no_grad()
-def embedding_similarity(reference: nn.Module, model: nn.Module, batches, *,
+def embedding_similarity(reference: nn.Module, model: nn.Module, batches: Iterable, *,
                          progress: bool = True) -> float:
-    """Mean cosine similarity of mean-pooled last hidden states (encoders). batches: LongTensor
-    [B, S] or dicts with input_ids / attention_mask."""
-    reference.eval(), model.eval()
+    """Mean cosine similarity of the two encoders' sentence embeddings (last hidden state,
+    mean-pooled over unmasked tokens). batches: LongTensors [B, S], or tokenizer outputs
+    (dicts with input_ids and attention_mask)."""
     sims = []
-    for b in tqdm(_windows(batches), desc="embeddings", disable=not progress, leave=False):
-        inputs = b if isinstance(b, dict) else {"input_ids": b}
-        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-        pooled = [_mean_pool(m(**inputs).last_hidden_state, mask) for m in (reference, model)]
-        sims.append(F.cosine_similarity(pooled[0], pooled[1], dim=-1))
+    with _eval_mode(reference, model):
+        for b in tqdm(_windows(batches), desc="embeddings", disable=not progress, leave=False):
+            inputs = dict(b) if not isinstance(b, torch.Tensor) else {"input_ids": b}
+            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))  # [B, S]
+            pooled = [_mean_pool(m(**{k: v.to(_device(m)) for k, v in inputs.items()})
+                                 .last_hidden_state.float().cpu(), mask)
+                      for m in (reference, model)]  # 2 x [B, D]
+            sims.append(F.cosine_similarity(pooled[0], pooled[1], dim=-1))  # [B]
     return torch.cat(sims).mean().item()
 
 
 def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """h: [B, S, D], mask: [B, S] -> [B, D]."""
+    """h: [B, S, D], mask: [B, S] -> [B, D], the mean over tokens where mask is 1."""
     m = mask.unsqueeze(-1).to(h.dtype)
     return (h * m).sum(1) / m.sum(1).clamp(min=1)

@@ -25,7 +25,7 @@ from torch import nn
 
 from discq.tensors.base import QuantizedTensor
 
-from ._load import CheckpointError, load_into  # noqa: F401  (re-exported)
+from ._load import CheckpointError, load_into
 
 FORMAT_VERSION = 1
 MANIFEST = "discq.json"

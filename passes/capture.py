@@ -1,43 +1,65 @@
 """Layer-by-layer calibration: Hessians of every linear input, with each block's inputs taken
 from the already-quantized blocks before it.
 
-Decoder blocks are found generically: the longest `nn.ModuleList` whose children hold
+Decoder blocks are found generically: the longest `nn.ModuleList` whose children all hold
 `nn.Linear` layers. Inside a block, linears that read the same input tensor (q/k/v, or gate/up)
 form a group; groups are quantized in execution order ("true sequential"), so o_proj's Hessian
 is taken from the outputs of the quantized q/k/v. Only one block's activations for the
 calibration set are alive at a time; the model is never copied.
+
+Linears outside the blocks (e.g. an untied lm_head) are quantized last, with Hessians captured
+by running the model on the calibration batches while every block is replaced by the stored
+outputs of the last (quantized) block, so the blocks are not recomputed; the forward stops as
+soon as every such linear has seen its input (the logits are never formed). Linears *before*
+the blocks are therefore calibrated and quantized after the blocks, which saw their
+full-precision outputs.
 """
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .block_cache import FrozenChildren
 from .hessian import HessianAccumulator
-QuantizeLayer = Callable[[str, nn.Linear, torch.Tensor], None]
-
-
 from .hessian import StopForward as _StopForward
+
+QuantizeLayer = Callable[[str, nn.Linear, torch.Tensor], None]
+Inputs = list[tuple[list, dict]]  # per calibration batch: the (args, kwargs) a block receives
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(fqn, blocks) of the longest ModuleList of modules containing nn.Linear."""
     best = None
     for fqn, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and all(
-                any(isinstance(c, nn.Linear) for c in b.modules()) for b in m):
-            if best is None or len(m) > len(best[1]):
-                best = (fqn, m)
+        holds_linears = isinstance(m, nn.ModuleList) and len(m) > 0 and all(
+            any(isinstance(c, nn.Linear) for c in b.modules()) for b in m)
+        if holds_linears and (best is None or len(m) > len(best[1])):
+            best = (fqn, m)
     if best is None:
         raise ValueError(f"{type(model).__name__} has no list of blocks holding nn.Linear layers;"
                          f" layer-by-layer methods need repeated blocks (decoder layers)")
     return best
 
 
-def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[tuple[list, dict]]:
-    """The (args, kwargs) the first block receives for each calibration batch."""
+def _forward_model(model: nn.Module, ids: torch.Tensor) -> None:
+    """model(ids) without a KV cache where the model takes that option."""
+    try:
+        model(ids, use_cache=False)
+    except TypeError as e:
+        if "use_cache" not in str(e):
+            raise
+        model(ids)
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> Inputs:
+    """The (args, kwargs) the first block receives for each calibration batch (the forward is
+    stopped there by a pre-hook, so nothing after the embeddings is computed)."""
     captured = []
 
     def grab(module, args, kwargs):
@@ -49,7 +71,7 @@ def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[tuple
     try:
         for ids in batches:
             try:
-                model(ids.to(device), use_cache=False)
+                _forward_model(model, ids.to(device))
             except _StopForward:
                 pass
     finally:
@@ -61,6 +83,11 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _like(template, h: torch.Tensor):
+    """h in the container a block returns (a tensor, or a tuple with the hidden state first)."""
+    return (h, *template[1:]) if isinstance(template, (tuple, list)) else h
+
+
 def _set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
     if args:
         args[0] = h
@@ -69,24 +96,36 @@ def _set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs, *, update: bool) -> None:
+def run_block(block: nn.Module, inputs: Inputs, *, update: bool,
+              cache: FrozenChildren | None = None) -> Any:
     """Run the block over every batch; with update=True its outputs become the inputs. A
-    forward that raises _StopForward (a hook that has seen what it needs) ends that batch."""
-    for args, kwargs in inputs:
+    forward that raises _StopForward (a hook that has seen what it needs) ends that batch.
+    Returns the block's last output (its container is the template for `_like`)."""
+    out = None
+    for i, (args, kwargs) in enumerate(inputs):
+        if cache is not None:
+            cache.batch = i
         try:
-            out = _hidden(block(*args, **kwargs))
+            out = block(*args, **kwargs)
         except _StopForward:
             continue
         if update:
-            _set_hidden(args, kwargs, out)
+            _set_hidden(args, kwargs, _hidden(out))
+    return out
 
 
 @torch.no_grad()
-def linear_groups(block: nn.Module, targets: dict[nn.Module, str], inputs) -> list[list[nn.Linear]]:
-    """The block's target linears grouped by shared input tensor, in execution order."""
+def trace_block(block: nn.Module, targets, inputs: Inputs
+                ) -> tuple[list[list[nn.Linear]], list[nn.Module]]:
+    """(groups, events) from one forward on the first batch: the target linears grouped by
+    shared input tensor in execution order, and the call order of the targets and the block's
+    direct children (for `FrozenChildren`)."""
     order: list[tuple[torch.Tensor, nn.Linear]] = []  # holding the tensors keeps them distinct
-    hooks = [m.register_forward_hook(lambda m, a, o: order.append((a[0], m)))
-             for m in block.modules() if m in targets]
+    events: list[nn.Module] = []
+    watched = {m for m in block.modules() if m in targets} | set(block.children())
+    hooks = [m.register_forward_pre_hook(lambda m, a: events.append(m)) for m in watched]
+    hooks += [m.register_forward_hook(lambda m, a, o: order.append((a[0], m)))
+              for m in block.modules() if m in targets]
     try:
         args, kwargs = inputs[0]
         block(*args, **kwargs)
@@ -100,19 +139,44 @@ def linear_groups(block: nn.Module, targets: dict[nn.Module, str], inputs) -> li
             groups.append((x, [m]))
         elif m not in group:
             group.append(m)
-    return [g for _, g in groups]
+    return [g for _, g in groups], events
 
 
-def _quantize_group(block, group, targets, inputs, quantize_layer) -> None:
+def linear_groups(block: nn.Module, targets, inputs: Inputs) -> list[list[nn.Linear]]:
+    """The block's target linears grouped by shared input tensor, in execution order."""
+    return trace_block(block, targets, inputs)[0]
+
+
+def _quantize_group(block, group, targets, inputs, quantize_layer, cache) -> None:
     """The linears of a group read the same input, so one Hessian serves them all, and the
     block's forward can stop as soon as that input exists (the rest of the block is skipped)."""
     acc = HessianAccumulator(group[0], targets[group[0]], stop_after=True)
     try:
-        run_block(block, inputs, update=False)
+        run_block(block, inputs, update=False, cache=cache)
     finally:
         H = acc.remove()
     for m in group:
         quantize_layer(targets[m], m, H)
+
+
+def _quantize_block(block, inner: dict, inputs: Inputs, quantize_layer,
+                    true_sequential: bool) -> Any:
+    """Quantize the block's targets group by group, then replace `inputs` by its outputs."""
+    if not inner:
+        return run_block(block, inputs, update=True)
+    groups, events = trace_block(block, inner, inputs)
+    if not true_sequential:
+        groups = [[m for g in groups for m in g]]
+    cache, done = FrozenChildren(block, set(inner), events), set()
+    try:
+        for i, group in enumerate(groups):
+            _quantize_group(block, group, inner, inputs, quantize_layer, cache)
+            done.update(group)
+            if i + 1 < len(groups):  # memoize only what a later group's pass will reuse
+                cache.freeze(done)
+        return run_block(block, inputs, update=True, cache=cache)
+    finally:
+        cache.close()
 
 
 @torch.no_grad()
@@ -123,30 +187,89 @@ def sequential_quantize(model: nn.Module, batches, targets: list[tuple[str, nn.L
     by_module = {m: fqn for fqn, m in targets}
     _, blocks = find_blocks(model)
     inputs = block_inputs(model, blocks, batches)
+    last = None
     for block in tqdm(blocks, desc=desc, unit="block"):
         inner = {m: by_module[m] for m in block.modules() if m in by_module}
-        if inner:
-            groups = linear_groups(block, inner, inputs) if true_sequential else [list(inner)]
-            for group in groups:
-                _quantize_group(block, group, inner, inputs, quantize_layer)
-        run_block(block, inputs, update=True)
-    del inputs
-    _quantize_outside_blocks(model, blocks, batches, by_module, quantize_layer)
-
-
-def _quantize_outside_blocks(model, blocks, batches, by_module, quantize_layer) -> None:
-    """Linears outside the blocks (e.g. the head): Hessians from a full forward pass of the
-    model whose blocks are already quantized."""
+        last = _quantize_block(block, inner, inputs, quantize_layer, true_sequential)
     in_blocks = {m for b in blocks for m in b.modules()}
-    rest = [m for m in by_module if m not in in_blocks]
-    if not rest:
-        return
-    accs = [HessianAccumulator(m, by_module[m]) for m in rest]
+    rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
+    if rest:
+        for m, H in zip(rest, _outside_hessians(model, blocks, inputs, last, batches, rest)):
+            quantize_layer(rest[m], m, H)
+
+
+def _outside_hessians(model, blocks, inputs: Inputs, template, batches, rest: dict
+                      ) -> list[torch.Tensor]:
+    """Hessians of the linears outside the blocks, from a forward whose blocks return their
+    stored outputs; a model that calls its blocks unusually gets a full forward instead."""
+    try:
+        with _blocks_replaced(blocks, inputs, template) as state:
+            return _forward_hessians(model, batches, rest, state)
+    except _BlocksCalledUnusually as e:
+        warnings.warn(f"{e}; recomputing the (quantized) blocks for the remaining layers' "
+                      f"Hessians", stacklevel=3)
+        return _forward_hessians(model, batches, rest, {})
+
+
+class _BlocksCalledUnusually(RuntimeError):
+    pass
+
+
+class _blocks_replaced:
+    """Context: blocks[0] returns the stored final hidden state of the current batch, the other
+    blocks pass their input through; each instance's own forward is restored on exit."""
+
+    def __init__(self, blocks: nn.ModuleList, inputs: Inputs, template):
+        self.blocks, self.inputs, self.template = blocks, inputs, template
+        self.state = {"batch": 0, "calls": 0}
+        self.saved = [vars(b).get("forward") for b in blocks]
+
+    def _first(self, *args, **kwargs):
+        self.state["calls"] += 1
+        if self.state["calls"] > 1:
+            raise _BlocksCalledUnusually("the first block ran twice in one forward")
+        args0, kwargs0 = self.inputs[self.state["batch"]]
+        return _like(self.template, args0[0] if args0 else kwargs0["hidden_states"])
+
+    def _through(self, *args, **kwargs):
+        return _like(self.template, args[0] if args else kwargs["hidden_states"])
+
+    def __enter__(self) -> dict:
+        for i, b in enumerate(self.blocks):
+            b.forward = self._first if i == 0 else self._through
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        for b, f in zip(self.blocks, self.saved):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+
+
+def _forward_hessians(model, batches, rest: dict, state: dict) -> list[torch.Tensor]:
+    """Run the model per batch accumulating the Hessians of `rest`; stop each forward once all
+    of them have seen their input."""
+    accs = [HessianAccumulator(m, fqn) for m, fqn in rest.items()]
+    seen: set[nn.Module] = set()
+
+    def stop_when_all_seen(module, args):
+        seen.add(module)
+        if len(seen) == len(rest):
+            raise _StopForward
+
+    hooks = [m.register_forward_pre_hook(stop_when_all_seen) for m in rest]
     device = next(model.parameters()).device
     try:
-        for ids in batches:
-            model(ids.to(device), use_cache=False)
+        for i, ids in enumerate(batches):
+            state.update(batch=i, calls=0)
+            seen.clear()
+            try:
+                _forward_model(model, ids.to(device))
+            except _StopForward:
+                pass
     finally:
+        for h in hooks:
+            h.remove()
         Hs = [a.remove() for a in accs]
-    for m, H in zip(rest, Hs):
-        quantize_layer(by_module[m], m, H)
+    return Hs

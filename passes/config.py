@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from discq.tensors._torchao import TorchAOBaseTensor  # noqa: F401  (quiet torchao import first)
-from torchao.core.config import AOBaseConfig
-
 from discq.tensors.grid import SCALE_DTYPES, AffineGrid, check_bits, check_group_size
+from torchao.core.config import AOBaseConfig
 
 CONFIGS: dict[str, type] = {}
 NOT_SERIALIZED = ("calibration",)
@@ -45,7 +44,7 @@ class QuantConfig(AOBaseConfig):
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(d: dict[str, Any]) -> QuantConfig:
         d = dict(d)
         method, version = d.pop("method", None), d.pop("version", 1)
         if method not in CONFIGS:
@@ -57,7 +56,7 @@ class QuantConfig(AOBaseConfig):
         return cls(**d)
 
     @staticmethod
-    def from_json(s: str) -> "QuantConfig":
+    def from_json(s: str) -> QuantConfig:
         return QuantConfig.from_dict(json.loads(s))
 
 

@@ -1,29 +1,51 @@
 """DiscQuant (Chee et al., 2025): choose, for every weight, its lower or upper grid point by
-distilling the original model's next-token distribution.
+distilling the original model's next-token distribution. This file holds the config and the
+math; `discq.training` runs it with Lightning.
 
-Each weight W gets a variable x ∈ [0, 1] between its grid neighbours: Ŵ = down + x·(up − down),
-the grid fitted once on W. The loss is the forward KL from the original model to the relaxed one,
-divided by δ̄² (the mean RTN rounding noise, 12·‖RTN(W) − W‖²/numel, averaged over layers). The
-update direction is g = −(2y − 1) + clamp(ρ·∇ₓ(KL/δ̄²), −c, c), y the fractional position of W
-between its neighbours: the first term pulls x to the vertex RTN would pick, so the KL term only
-moves weights whose rounding matters. After each step x is projected onto [0, 1]; at the end
-x ≥ ½ picks up. This file holds the math; `discq.training` runs it with Lightning.
+The grid (scales, zero points) is fitted once on W. Each weight gets a variable x ∈ [0, 1]
+between its two grid neighbours, Ŵ(x) = (1 − x)·down + x·up. The loss is the forward KL from the
+original model to the relaxed one, divided by δ̄² (the mean RTN rounding noise
+12·‖RTN(W) − W‖²/numel over layers). The update direction is
+    g = −(2y − 1) + clamp(ρ·∇ₓ(KL/δ̄²), −c, c),
+y the fractional position of W between its neighbours: the first term is the gradient of a
+linear objective that pulls x to the vertex RTN would pick, so the KL term only moves the
+weights whose rounding matters. After each step x is projected onto [0, 1]; at the end x ≥ ½
+picks up.
+
+Memory per quantized weight: x, its gradient and AdamW's two moments in fp32 (16 bytes), plus
+the down code (uint8), a has-a-distinct-upper-neighbour flag (uint8) and the pull term 1 − 2y
+(fp16): 20 bytes beside the original weight, which is kept once because it is the teacher.
+x is fp32, not bf16: late in the cosine schedule AdamW's steps are far below bf16's spacing of
+2⁻⁸ near 1, so a bf16 x would freeze, and the final x ≥ ½ test needs more than 8 bits.
+Ŵ is recomputed from these codes at every forward instead of being stored (see RelaxedLinear).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.grid import (
+    AffineGrid,
+    decode,
+    encode,
+    expand_groups,
+    fit_groups,
+    from_rows,
+    neighbours,
+    resolved_group_size,
+    storage_dtype,
+    to_rows,
+    zero_of,
+)
 from discq.tensors.hadamard import rotate, rotate_weight, unrotate
 from discq.tensors.incoherent import IncoherentQuantizedTensor
-from discq.tensors.grid import (AffineGrid, expand_groups, fit_groups, from_rows, neighbours,
-                                resolved_group_size, to_rows, zero_of)
+from discq.tensors.incoherent import rotation as seeded_rotation
+from torch import Tensor, nn
 
 from .config import GridConfig, register_config
 
@@ -31,9 +53,12 @@ from .config import GridConfig, register_config
 @register_config("disc")
 @dataclass
 class DiscConfig(GridConfig):
-    """DiscQuant on the affine grid; see `disc_config`."""
+    """DiscQuant on the affine grid; see `disc_config`. `calibration` and `trainer_kwargs` are
+    run-time inputs, not settings: neither is written by `to_dict` (trainer_kwargs may hold
+    callbacks or strategy objects, which JSON cannot hold)."""
 
     calibration: Any = field(default=None, repr=False, compare=False)
+    incoherence: bool = False
     steps: int = 1024
     lr: float = 0.05
     batch_size: int = 8
@@ -45,7 +70,6 @@ class DiscConfig(GridConfig):
     ce_weight: float = 0.0
     init: str = "uniform"
     gradient_checkpointing: bool = True
-    incoherence: bool = False
     checkpoint_dir: str | None = None
     trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
                                         metadata={"serialize": False})
@@ -54,38 +78,39 @@ class DiscConfig(GridConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive_int(steps=self.steps, batch_size=self.batch_size)
-        _non_negative(warmup=self.warmup, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
-                      seed=self.seed)
-        _positive(lr=self.lr, clamp=self.clamp, rho=self.rho)
+        _check_int(1, steps=self.steps, batch_size=self.batch_size)
+        _check_int(0, warmup=self.warmup, seed=self.seed)
+        _check_number(True, lr=self.lr, clamp=self.clamp, rho=self.rho)
+        _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight)
         if self.init not in ("uniform", "rtn"):
-            raise ValueError(f"init must be 'uniform' (the paper) or 'rtn', got {self.init!r}")
+            raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
+                             f"the RTN vertex), got {self.init!r}")
         for name in ("gradient_checkpointing", "incoherence"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            self.checkpoint_dir = str(self.checkpoint_dir)
+            raise TypeError(f"checkpoint_dir must be a directory path or None, got "
+                            f"{type(self.checkpoint_dir).__name__}")
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
-            raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments, got "
+            raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments "
+                            f"(e.g. dict(devices=2, strategy='ddp')), got "
                             f"{type(self.trainer_kwargs).__name__}")
 
 
-def _positive_int(**kw):
+def _check_int(minimum: int, **kw) -> None:
     for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{k} must be an integer >= {minimum}, got {v!r}")
 
 
-def _non_negative(**kw):
+def _check_number(positive: bool, **kw) -> None:
     for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"{k} must be a number >= 0, got {v!r}")
-
-
-def _positive(**kw):
-    for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{k} must be a number > 0, got {v!r}")
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        if not ok or (v <= 0 if positive else v < 0):
+            raise ValueError(f"{k} must be a finite number {'> 0' if positive else '>= 0'}, "
+                             f"got {v!r}")
 
 
 def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = False,
@@ -94,77 +119,113 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 rho: float = 200.0, warmup: int = 128, seed: int = 0,
                 checkpoint_dir: str | None = None, trainer_kwargs: dict | None = None,
                 kl_weight: float = 1.0, ce_weight: float = 0.0, init: str = "uniform",
-                gradient_checkpointing: bool = True, scale_dtype: str = "float16") -> DiscConfig:
-    """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`), cycled for
-    `steps` optimizer steps of `batch_size` sequences. `checkpoint_dir`: Lightning checkpoints
-    every ≤ 50 steps; calling again with the same arguments resumes from the last one.
-    `trainer_kwargs` go to `lightning.Trainer` (e.g. devices=2, strategy="ddp")."""
-    return DiscConfig(incoherence=incoherence, bits=bits, group_size=group_size, symmetric=symmetric,
-                      group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
-                      steps=steps, lr=lr, batch_size=batch_size, clamp=clamp, rho=rho,
-                      warmup=warmup, seed=seed, checkpoint_dir=checkpoint_dir,
-                      trainer_kwargs=trainer_kwargs, kl_weight=kl_weight, ce_weight=ce_weight,
-                      init=init, gradient_checkpointing=gradient_checkpointing)
+                scale_dtype: str = "float16", gradient_checkpointing: bool = True
+                ) -> DiscConfig:
+    """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
+    sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
+    `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
+    `incoherence=True`). `warmup`: linear warm-up steps of the cosine schedule. `init`:
+    'uniform' (paper) or 'rtn' (x starts at the RTN vertex; converges faster in short runs).
+    `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
+    arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
+    go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
+    `kl_weight`/`ce_weight`: weights of the KL and next-token cross-entropy terms."""
+    return DiscConfig(bits=bits, group_size=group_size, symmetric=symmetric,
+                      group_along=group_along, scale_dtype=scale_dtype, incoherence=incoherence,
+                      calibration=calibration, steps=steps, lr=lr, batch_size=batch_size,
+                      clamp=clamp, rho=rho, warmup=warmup, seed=seed,
+                      checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
+                      kl_weight=kl_weight, ce_weight=ce_weight, init=init,
+                      gradient_checkpointing=gradient_checkpointing)
+
+
+def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(s_in, s_out, q_in, q_out): the seeded rotations RTN and GPTQ use for a layer
+    (IncoherentQuantizedTensor.from_hp), so the three methods share the rotated grid."""
+    s_in, q_in = seeded_rotation(n_in, seed)
+    s_out, q_out = seeded_rotation(n_out, seed + 7919)
+    return s_in, s_out, q_in, q_out
 
 
 class RelaxedLinear(nn.Module):
-    """Stands in for an nn.Linear during DiscQuant. Holds the original weight (the same
-    Parameter, not a copy), the grid fitted on it, and x. `teacher=True` computes with W.
-    With `rotation` = (s_in, s_out, q_in, q_out) the grid lives in the incoherent basis:
-    W̃ = R_out W R_inᵀ is kept (one weight-sized buffer) and activations are rotated."""
+    """Stands in for an nn.Linear during DiscQuant. Keeps the original module (its weight is the
+    teacher and is not copied), the grid fitted on it, and the variables x in row form [R, C].
 
-    def __init__(self, linear: nn.Linear, grid: AffineGrid, generator: torch.Generator,
-                 init: str, rotation: tuple[Tensor, ...] | None = None):
+    Buffers (row form): `down` uint8 codes, `gap` uint8 (1 where the upper neighbour differs:
+    not on a grid point, not clipped), `pull` fp16 = 1 − 2y (0 where gap = 0). Ŵ is rebuilt
+    from them at every forward, (down + x·gap − zero)·scale with the scales broadcast over
+    groups; the alternative of storing Ŵ's two neighbours in fp32 costs 8 bytes per weight
+    instead of 2 (measured in benchmarks/results/disc_smollm2.md).
+    With `rotation` = layer_rotation(...) the grid lives in the incoherent basis
+    W̃ = R_out W R_inᵀ (W̃ is only needed while fitting) and activations are rotated."""
+
+    def __init__(self, linear: nn.Linear, grid: AffineGrid, init: str,
+                 generator: torch.Generator, rotation: tuple[Tensor, ...] | None = None):
         super().__init__()
-        self.original = linear
-        self.grid = grid
-        self.rotation = rotation
+        self.original, self.grid, self.teacher = linear, grid, False
+        self.rotated = rotation is not None
         W = linear.weight.detach()
-        if rotation is not None:
-            s_in, s_out, q_in, q_out = rotation
-            self.register_buffer("W_rot", rotate_weight(W.float(), s_out, s_in, q_out, q_in)
-                                 .to(W.dtype), persistent=False)
-        scale, zero = fit_groups(to_rows(self.target(), grid), grid, grid.scale_dtype or W.dtype)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("zero", zero, persistent=False)
-        y = self.fraction()
-        x0 = (y >= 0.5).float() if init == "rtn" else torch.rand(y.shape, generator=generator)
-        self.x = nn.Parameter(x0)
-        self.teacher = False
+        if self.rotated:  # buffers, so that they follow the module to its device
+            for name, t in zip(("s_in", "s_out", "q_in", "q_out"), rotation):
+                self.register_buffer(name, t.to(W.device), persistent=False)
+            W = rotate_weight(W.float(), self.s_out, self.s_in, self.q_out, self.q_in).to(W.dtype)
+        Wr = to_rows(W, grid).float()  # [R, C]
+        scale, zero = fit_groups(Wr, grid, storage_dtype(grid, W.dtype))
+        self.register_buffer("scale", scale, persistent=False)  # [R, G]
+        self.register_buffer("zero", zero, persistent=False)    # [R, G] uint8 or None
+        x0 = self._fit_codes(Wr)
+        if init == "uniform":
+            x0 = torch.rand(x0.shape, generator=generator).to(x0.device)
+        self.x = nn.Parameter(x0.contiguous())  # [R, C] fp32 (see the module docstring)
 
-    def target(self) -> Tensor:
-        """The weight being rounded: W, or W̃ in the incoherent basis."""
-        return self.original.weight.detach() if self.rotation is None else self.W_rot
+    @property
+    def rotation(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """(s_in, s_out, q_in, q_out) of the incoherent basis, or None."""
+        return (self.s_in, self.s_out, self.q_in, self.q_out) if self.rotated else None
 
-    def _row_params(self) -> tuple[Tensor, Tensor | float]:
-        """Per-weight scale and zero in row form [R, C]."""
-        C = to_rows(self.target(), self.grid).shape[1]
+    def _per_weight(self, t: Tensor | None, C: int) -> Tensor | None:
+        return None if t is None else expand_groups(t, resolved_group_size(self.grid, C), C)
+
+    @torch.no_grad()
+    def _fit_codes(self, Wr: Tensor) -> Tensor:
+        """Sets down, gap, pull and the RTN noise from Wr [R, C]; returns the RTN vertex."""
+        C = Wr.shape[1]
+        s, z = self._per_weight(self.scale, C), self._per_weight(self.zero, C)
+        down, up = neighbours(Wr, s, z, self.grid)
+        gap = up > down
+        y = Wr / s.float() + zero_of(z, self.grid) - down.float()  # same arithmetic as encode
+        rtn = encode(Wr, s, z, self.grid)
+        # contiguous row form, whatever the layout of Wr (a transposed view for output groups)
+        self.register_buffer("down", down.contiguous(), persistent=False)
+        self.register_buffer("gap", gap.to(torch.uint8).contiguous(), persistent=False)
+        self.register_buffer("pull", torch.where(gap, 1 - 2 * y, 0.0).half().contiguous(),
+                             persistent=False)
+        self.rtn_noise = 12 * float((decode(rtn, s, z, self.grid) - Wr).pow(2).mean())
+        return (rtn > down).float()
+
+    def _dequantize_rows(self, q: Tensor) -> Tensor:
+        """(q − zero)·scale for real-valued codes q [R, C]; scales broadcast over groups
+        without a per-weight copy when the group size divides the row."""
+        R, C = q.shape
         g = resolved_group_size(self.grid, C)
-        s = expand_groups(self.scale.float(), g, C)
-        z = zero_of(None if self.zero is None else expand_groups(self.zero, g, C), self.grid)
-        return s, z
-
-    @torch.no_grad()
-    def bounds(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """down, up codes and values in weight orientation [N, K]. Recomputed, not stored:
-        two extra weight-sized tensors per layer would cost more than this arithmetic."""
-        s, z = self._row_params()
-        Wr = to_rows(self.target(), self.grid).float()
-        down, up = neighbours(Wr, s, None if self.zero is None else z, self.grid)
-        return (from_rows(down, self.grid), from_rows(up, self.grid),
-                from_rows((down.float() - z) * s, self.grid), from_rows((up.float() - z) * s, self.grid))
-
-    @torch.no_grad()
-    def fraction(self) -> Tensor:
-        """y = (W − down)/(up − down), ½ where up = down. [N, K]"""
-        _, _, lo, hi = self.bounds()
-        W = self.target().float()
-        gap = hi - lo
-        return torch.where(gap > 0, (W - lo) / gap.clamp(min=1e-30), torch.full_like(W, 0.5))
+        if C % g:
+            return (q - zero_of(self._per_weight(self.zero, C), self.grid)) * \
+                self._per_weight(self.scale, C).float()
+        z = zero_of(self.zero, self.grid)
+        z = z.unsqueeze(-1) if isinstance(z, Tensor) else z
+        return ((q.view(R, C // g, g) - z) * self.scale.float().unsqueeze(-1)).view(R, C)
 
     def weight_hat(self) -> Tensor:
-        _, _, lo, hi = self.bounds()
-        return (lo + self.x * (hi - lo)).to(self.original.weight.dtype)
+        """Ŵ(x) in weight orientation [N, K], differentiable in x."""
+        q = self.down + self.x * self.gap  # [R, C] fp32
+        return from_rows(self._dequantize_rows(q), self.grid).to(self.original.weight.dtype)
+
+    @torch.no_grad()
+    def neighbour_values(self) -> tuple[Tensor, Tensor]:
+        """The two grid points around each weight, (down, up) values in weight orientation."""
+        lo = self._dequantize_rows(self.down.float())
+        hi = self._dequantize_rows(self.down.float() + self.gap)
+        return from_rows(lo, self.grid), from_rows(hi, self.grid)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.teacher:
@@ -176,49 +237,56 @@ class RelaxedLinear(nn.Module):
         return y if self.original.bias is None else y + self.original.bias
 
     @torch.no_grad()
+    def apply_pull(self, rho: float, clamp: float) -> None:
+        """x.grad ← (1 − 2y) + clamp(ρ·x.grad, −c, c), in place (x.grad holds ∇ₓ(loss))."""
+        if self.x.grad is None:
+            self.x.grad = self.pull.float()
+        else:
+            self.x.grad.mul_(rho).clamp_(-clamp, clamp).add_(self.pull)
+
+    @torch.no_grad()
+    def codes(self) -> Tensor:
+        """round(x): down or up, in weight orientation [N, K] uint8."""
+        up = (self.x >= 0.5).to(torch.uint8) & self.gap
+        return from_rows(self.down + up, self.grid).contiguous()
+
+    @torch.no_grad()
     def rounded(self) -> AffineQuantizedTensor:
-        down, up, _, _ = self.bounds()
-        codes = torch.where(self.x >= 0.5, up, down)
-        q = AffineQuantizedTensor.from_codes(codes, self.scale, self.zero, self.grid,
+        """The packed quantized weight of round(x)."""
+        q = AffineQuantizedTensor.from_codes(self.codes(), self.scale, self.zero, self.grid,
                                              self.original.weight.dtype)
         if self.rotation is None:
             return q
-        s_in, s_out, q_in, q_out = self.rotation
-        return IncoherentQuantizedTensor.wrap(q, s_in, s_out, q_in, q_out)
-
-
-def rtn_noise(W: Tensor, grid: AffineGrid) -> float:
-    """12·‖RTN(W) − W‖²/numel: the rounding noise relative to a uniform error of one step."""
-    Wq = AffineQuantizedTensor.from_hp(W, grid).dequantize(torch.float32)
-    return 12 * float((Wq - W.float()).pow(2).mean())
-
-
-@torch.no_grad()
-def pull_gradient(layer: RelaxedLinear, rho: float, clamp: float) -> None:
-    """x.grad ← −(2y − 1) + clamp(ρ·x.grad, −c, c)."""
-    g = layer.x.grad if layer.x.grad is not None else torch.zeros_like(layer.x)
-    layer.x.grad = (1 - 2 * layer.fraction()) + (rho * g).clamp(-clamp, clamp)
+        return IncoherentQuantizedTensor.wrap(q, *self.rotation)
 
 
 def forward_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """Σ p_t (log p_t − log p_s) averaged over positions. logits: [B, S, V]."""
+    """Σ_v p_t (log p_t − log p_s), averaged over all positions. logits: [B, S, V]."""
     lt = F.log_softmax(teacher_logits.float(), dim=-1)
     ls = F.log_softmax(student_logits.float(), dim=-1)
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
+def next_token_ce(student_logits: Tensor, ids: Tensor) -> Tensor:
+    """Cross-entropy of the data's next tokens. logits: [B, S, V], ids: [B, S]."""
+    return F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+@torch.no_grad()
 def frac_at_vertex(layers: list[RelaxedLinear], tol: float = 1e-3) -> float:
+    """Fraction of the variables within `tol` of 0 or 1."""
     n = sum(l.x.numel() for l in layers)
-    at = sum(int(((l.x < tol) | (l.x > 1 - tol)).sum()) for l in layers)
+    at = sum(int(((l.x - 0.5).abs() >= 0.5 - tol).sum()) for l in layers)
     return at / max(n, 1)
 
 
 def mean_noise(layers: list[RelaxedLinear]) -> float:
-    return sum(rtn_noise(l.target(), l.grid) for l in layers) / len(layers)
+    """δ̄²: the RTN rounding noise 12·‖RTN(W) − W‖²/numel, averaged over layers."""
+    return sum(l.rtn_noise for l in layers) / len(layers)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warmup, then cosine decay to 0."""
+    """Learning-rate factor at optimizer step `step`: linear warm-up, then cosine decay to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -10,15 +10,18 @@ equally supported: the tensor subclass exports as the same op.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch.export import ExportedProgram
-from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec,
-                                          TensorArgument)
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
-
 from discq.tensors.affine import AffineQuantizedTensor
+from torch.export import ExportedProgram
+from torch.export.graph_signature import (
+    ExportGraphSignature,
+    InputKind,
+    InputSpec,
+    TensorArgument,
+)
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .config import GridConfig
 from .rtn import RTNConfig

@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
-
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.hadamard import rotate_hessian, rotate_weight
 from discq.tensors.incoherent import IncoherentQuantizedTensor, rotation
+from torch import Tensor, nn
 
 from .calibration import as_batches
 from .capture import sequential_quantize

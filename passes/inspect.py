@@ -1,11 +1,10 @@
 """Reading a quantized model: which weights are quantized and what they cost."""
 from __future__ import annotations
 
-from typing import Iterator
-
-from torch import nn
+from collections.abc import Iterator
 
 from discq.tensors.base import QuantizedTensor
+from torch import nn
 
 
 def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedTensor]]:

@@ -6,11 +6,9 @@ bits_per_weight: 16·r·(N + K) extra bits.
 """
 from __future__ import annotations
 
-
 import torch
-from torch import Tensor
-
 from discq.tensors.affine import AffineQuantizedTensor
+from torch import Tensor
 
 
 def check_rank(rank) -> None:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
-
 from discq.tensors.base import QuantizedTensor
+from torch import nn
 
 from .config import QuantConfig
 from .registry import MODEL_HANDLERS, module_handler

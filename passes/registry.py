@@ -8,7 +8,7 @@ based handlers register themselves from `discq.training`, so `passes/` never imp
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torchao.quantization.transform_module import (
     _QUANTIZE_CONFIG_HANDLER,

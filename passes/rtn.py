@@ -1,14 +1,12 @@
 """RTN: round to nearest on the affine grid (data-free)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import zlib
-
-from torch import nn
+from dataclasses import dataclass
 
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.incoherent import IncoherentQuantizedTensor
+from torch import nn
 
 from .config import GridConfig, register_config
 from .lowrank import add_lowrank, check_rank

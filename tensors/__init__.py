@@ -1,6 +1,6 @@
 """What a quantized weight is: grids, bit packing, tensor subclasses, kernels."""
-from .grid import AffineGrid, SUPPORTED_BITS
-from .base import QuantizedTensor, FORMATS
 from .affine import AffineQuantizedTensor
+from .base import FORMATS, QuantizedTensor
+from .grid import SUPPORTED_BITS, AffineGrid
 
-__all__ = ["AffineGrid", "SUPPORTED_BITS", "QuantizedTensor", "FORMATS", "AffineQuantizedTensor"]
+__all__ = ["FORMATS", "SUPPORTED_BITS", "AffineGrid", "AffineQuantizedTensor", "QuantizedTensor"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-
 _NOISY = ("torchao", "torch.utils._pytree")
 
 
@@ -19,8 +18,8 @@ def _quiet_import():
         log.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
-        from torchao.utils import TorchAOBaseTensor
         from torch.utils._python_dispatch import return_and_correct_aliasing
+        from torchao.utils import TorchAOBaseTensor
     finally:
         for log, level in zip(logs, levels):
             log.setLevel(level)

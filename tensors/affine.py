@@ -15,10 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import QuantizedTensor, register_format
 from . import ops  # noqa: F401  (registers torch.ops.discq.*)
-from .grid import AffineGrid, from_rows, quantize_rows, storage_dtype, to_rows
-from .grid import check_bits, resolved_group_size
+from .base import QuantizedTensor, register_format
+from .grid import (
+    AffineGrid,
+    check_bits,
+    from_rows,
+    quantize_rows,
+    resolved_group_size,
+    storage_dtype,
+    to_rows,
+)
 from .kernels.affine_ref import dequantize_packed
 from .packing import pack_codes, packed_width, unpack_codes
 
@@ -49,7 +56,7 @@ class AffineQuantizedTensor(QuantizedTensor):
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_hp(cls, W: Tensor, grid: AffineGrid) -> "AffineQuantizedTensor":
+    def from_hp(cls, W: Tensor, grid: AffineGrid) -> AffineQuantizedTensor:
         """Round W: [N, K] to the nearest point of `grid` and pack the codes."""
         codes_r, scale, zero = quantize_rows(to_rows(W.detach(), grid), grid,
                                              storage_dtype(grid, W.dtype))
@@ -57,7 +64,7 @@ class AffineQuantizedTensor(QuantizedTensor):
 
     @classmethod
     def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor | None, grid: AffineGrid,
-                   dtype: torch.dtype) -> "AffineQuantizedTensor":
+                   dtype: torch.dtype) -> AffineQuantizedTensor:
         """Pack codes: [N, K] (weight orientation) with row-form scale/zero [R, G]. Used by every
         rounding method: they choose codes, this stores them."""
         N, K = codes.shape

@@ -59,7 +59,7 @@ class QuantizedTensor(TorchAOBaseTensor):
         return out
 
     @classmethod
-    def from_stored(cls, tensors: dict[str, Tensor], attributes: dict) -> "QuantizedTensor":
+    def from_stored(cls, tensors: dict[str, Tensor], attributes: dict) -> QuantizedTensor:
         """Inverse of (`stored_tensors`, `attributes`)."""
         attrs = dict(attributes)
         attrs["shape"] = torch.Size(attrs["shape"])

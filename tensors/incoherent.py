@@ -14,7 +14,14 @@ from torch import Tensor
 from .affine import AffineQuantizedTensor
 from .base import register_format
 from .grid import AffineGrid
-from .hadamard import random_orthogonal, random_signs, rotate, rotate_weight, split_size, unrotate
+from .hadamard import (
+    random_orthogonal,
+    random_signs,
+    rotate,
+    rotate_weight,
+    split_size,
+    unrotate,
+)
 
 aten = torch.ops.aten
 
@@ -43,7 +50,7 @@ class IncoherentQuantizedTensor(AffineQuantizedTensor):
         self.s_in, self.s_out, self.q_in, self.q_out = s_in, s_out, q_in, q_out
 
     @classmethod
-    def from_hp(cls, W: Tensor, grid: AffineGrid, seed: int = 0) -> "IncoherentQuantizedTensor":
+    def from_hp(cls, W: Tensor, grid: AffineGrid, seed: int = 0) -> IncoherentQuantizedTensor:
         s_in, q_in = rotation(W.shape[1], seed)
         s_out, q_out = rotation(W.shape[0], seed + 7919)
         Wt = rotate_weight(W.detach().float(), s_out, s_in, q_out, q_in).to(W.dtype)

@@ -1,12 +1,11 @@
 """The packed tensor subclass as a user meets it: nn.Linear, compile, export, to/clone/detach."""
 import pytest
 import torch
+from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.grid import AffineGrid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-
-from discq.tensors.affine import AffineQuantizedTensor
-from discq.tensors.grid import AffineGrid
 
 
 def _quantized_linear(K=96, N=40, grid=AffineGrid(3, 32), bias=True, seed=0):

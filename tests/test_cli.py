@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CALIB_TEXT, HELDOUT_TEXT, TINY_LLAMA
 
 

@@ -1,14 +1,13 @@
 """discq.data, discq.eval and discq.models on committed text and the tiny fixture."""
+import datasets
 import pytest
 import torch
+from conftest import CALIB_TEXT, HELDOUT_TEXT
+from models import tiny_random_bert
 
-import datasets
 from discq.data import CALIBRATION_PLAYS, EVAL_PLAYS, calibration_batches, eval_windows
 from discq.eval import compare, embedding_similarity, perplexity
 from discq.models import BUNDLED_MODELS, bundled_path, load_model
-
-from conftest import CALIB_TEXT, HELDOUT_TEXT
-from models import tiny_random_bert
 
 
 def test_calibration_batches_shapes_and_determinism(tiny_llama):

@@ -4,15 +4,14 @@ import sys
 
 import pytest
 import torch
+from discq.passes.export import quantize_exported
+from models import tiny_random_llama
 from torch import nn
 
 import discq
-from discq.passes.export import quantize_exported
-
-from models import tiny_random_llama
 
 X = torch.randint(0, 320, (1, 8))
-NOT_HEAD = lambda fqn: "lm_head" not in fqn  # noqa: E731
+NOT_HEAD = lambda fqn: "lm_head" not in fqn
 
 
 def _logits(out):

@@ -3,18 +3,21 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
-
-import discq
 from discq.passes import gptq_config
-from discq.passes.capture import block_inputs, find_blocks, linear_groups, run_block
 from discq.passes.gptq import proxy_loss
 from discq.passes.gptq_core import gptq_quantize
-from discq.tensors.grid import AffineGrid, dequantize_rows, from_rows, quantize_rows, to_rows
-
+from discq.tensors.grid import (
+    AffineGrid,
+    dequantize_rows,
+    from_rows,
+    quantize_rows,
+    to_rows,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import tiny_random_llama
+
+import discq
 
 
 @st.composite
@@ -78,33 +81,6 @@ def test_indefinite_hessian_retries_with_more_damping():
         gptq_quantize(torch.randn(4, 12), H, AffineGrid(4, None))
 
 
-def test_blocks_and_sequential_groups_are_found_generically():
-    model = tiny_random_llama()
-    fqn, blocks = find_blocks(model)
-    assert fqn == "model.layers" and len(blocks) == 2
-    batches = [torch.randint(0, 320, (2, 16))]
-    inputs = block_inputs(model, blocks, batches)
-    targets = {m: n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
-    names = [[targets[m] for m in g] for g in linear_groups(blocks[0], targets, inputs)]
-    assert names == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                     ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-
-
-def test_block_by_block_outputs_equal_the_full_forward():
-    model = tiny_random_llama()
-    ids = torch.randint(0, 320, (2, 16))
-    _, blocks = find_blocks(model)
-    seen = []
-    h = model.model.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        model(ids)
-    h.remove()
-    inputs = block_inputs(model, blocks, [ids])
-    for block in blocks:
-        run_block(block, inputs, update=True)
-    assert torch.allclose(inputs[0][0][0], seen[0], atol=1e-5)
-
-
 def test_gptq_beats_rtn_on_the_trained_fixture(tiny_llama, tiny_calibration, tiny_windows):
     from discq.eval import perplexity
     model, _ = tiny_llama
@@ -115,7 +91,10 @@ def test_gptq_beats_rtn_on_the_trained_fixture(tiny_llama, tiny_calibration, tin
         discq.quantize_(q, cfg)
         ppl[name] = perplexity(q, tiny_windows, progress=False)
     ppl["fp"] = perplexity(model, tiny_windows, progress=False)
-    assert ppl["fp"] < ppl["gptq"] < ppl["rtn"], ppl
+    # GPTQ may even land below fp on held-out text (it did: 9.168 vs 9.177); what must hold is
+    # that it keeps most of the way from RTN back to the original model
+    assert ppl["gptq"] < ppl["rtn"], ppl
+    assert ppl["gptq"] - ppl["fp"] < 0.5 * (ppl["rtn"] - ppl["fp"]), ppl
 
 
 def test_auto_grouping_is_never_worse_than_either_direction():
@@ -169,40 +148,11 @@ def test_interrupted_run_leaves_the_model_untouched(monkeypatch):
     assert all(p is before[n] for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("kw", [dict(damp=0), dict(damp=-1), dict(block_size=0),
-                                dict(act_order="yes"), dict(group_along="diagonal")])
+@pytest.mark.parametrize("kw", [{"damp": 0}, {"damp": -1}, {"block_size": 0},
+                                {"act_order": "yes"}, {"group_along": "diagonal"}])
 def test_bad_gptq_arguments(kw):
     with pytest.raises((ValueError, TypeError)):
         gptq_config(**kw)
-
-
-@settings(max_examples=20, deadline=None)
-@given(st.integers(4, 40), st.sampled_from([2, 3, 4]), st.integers(0, 10**6))
-def test_ldlq_with_a_scalar_grid_equals_gptq_without_act_order(K, bits, seed):
-    from discq.passes.ldlq import ldlq
-    from discq.tensors.grid import decode, encode, fit_scale
-    H = _random_pd(K, seed)
-    H = H + 0.01 * H.diagonal().mean() * torch.eye(K)  # GPTQ's damping, applied for both
-    W = torch.randn(16, K, generator=torch.Generator().manual_seed(seed + 1))
-    grid = AffineGrid(bits, None, scale_dtype=torch.float32)
-    scale, zero = fit_scale(W, grid, torch.float32)  # per-row grid fitted on W
-    ldl = ldlq(W, H, lambda w, b: decode(encode(w, scale, zero, grid), scale, zero, grid))
-    codes, s, z = gptq_quantize(W, H, grid, damp=1e-12, act_order=False,
-                                scale_dtype=torch.float32)
-    gptq = dequantize_rows(codes, s, z, grid, torch.float32)
-    assert torch.allclose(ldl, gptq, atol=1e-4 * W.abs().max())
-
-
-def test_block_ldl_factorizes_h():
-    from discq.passes.ldlq import block_ldl
-    H = _random_pd(16, 5).double()
-    for g in (1, 4, 8):
-        UI = block_ldl(H, g)
-        D = torch.linalg.solve(UI, H) @ torch.linalg.inv(UI).t()
-        block = torch.block_diag(*[torch.ones(g, g)] * (16 // g)).bool()
-        assert torch.allclose(UI.diagonal(), torch.ones(16, dtype=torch.float64))
-        assert torch.allclose(torch.triu(UI, 1)[block], torch.zeros_like(UI[block]), atol=1e-9)
-        assert D[~block].abs().max() < 1e-8  # D is block diagonal
 
 
 def test_same_data_and_config_give_bit_identical_weights():

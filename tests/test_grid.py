@@ -3,13 +3,19 @@ import math
 
 import pytest
 import torch
+from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.grid import (
+    AffineGrid,
+    expand_groups,
+    fit_groups,
+    neighbours,
+    quantize_rows,
+    resolved_group_size,
+    to_rows,
+)
+from discq.tensors.packing import pack_codes, packed_width, unpack_codes
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from discq.tensors.affine import AffineQuantizedTensor
-from discq.tensors.grid import (AffineGrid, expand_groups, fit_groups, neighbours, quantize_rows,
-                                resolved_group_size, to_rows)
-from discq.tensors.packing import pack_codes, packed_width, unpack_codes
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

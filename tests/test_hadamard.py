@@ -1,14 +1,22 @@
 """Randomized Hadamard transforms and incoherent quantization."""
 import pytest
 import torch
+from discq.tensors.grid import AffineGrid
+from discq.tensors.hadamard import (
+    fwht,
+    random_orthogonal,
+    random_signs,
+    rotate,
+    rotate_weight,
+    split_size,
+    transform,
+    unrotate,
+)
+from discq.tensors.incoherent import IncoherentQuantizedTensor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import discq
-from discq.tensors.grid import AffineGrid
-from discq.tensors.hadamard import (fwht, random_orthogonal, random_signs, rotate, rotate_weight,
-                                    split_size, transform, unrotate)
-from discq.tensors.incoherent import IncoherentQuantizedTensor
 
 SIZES = [1, 2, 8, 64, 12, 20 * 4, 576, 1536, 12 * 2**5]
 
@@ -74,6 +82,10 @@ def test_incoherent_layer_compiles_exports_saves_and_loads(tmp_path):
     with torch.no_grad():
         ref = model(x).logits
         assert torch.allclose(torch.compile(model, fullgraph=True)(x).logits, ref, atol=1e-4)
+        ep = torch.export.export(model, (x,), kwargs={"use_cache": False})
+        torch.export.save(ep, tmp_path / "e.pt2")
+        again = torch.export.load(tmp_path / "e.pt2").module()
+        assert torch.allclose(again(x, use_cache=False).logits, ref, atol=1e-5)
     discq.save_quantized(model, tmp_path / "m")
     again = discq.load_quantized(tmp_path / "m")
     assert torch.equal(again(x).logits, ref)

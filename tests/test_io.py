@@ -4,15 +4,14 @@ import os
 
 import pytest
 import torch
+from discq.tensors.base import QuantizedTensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import tiny_random_bert, tiny_random_llama
 from torch import nn
 
 from discq import bits_per_weight, load_quantized, quantize_, rtn_config, save_quantized
 from discq.io import CheckpointError
-from discq.tensors.base import QuantizedTensor
-
-from models import tiny_random_bert, tiny_random_llama
 
 X = torch.randint(0, 200, (2, 12))
 

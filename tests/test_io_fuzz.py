@@ -5,11 +5,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import tiny_random_llama
 
 from discq import load_quantized, quantize_, rtn_config, save_quantized
 from discq.io import CheckpointError
-
-from models import tiny_random_llama
 
 
 @pytest.fixture(scope="module")

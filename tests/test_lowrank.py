@@ -1,16 +1,15 @@
 """LoRC: the low-rank correction lowers the error and is paid for in bits per weight."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
-
-import discq
 from discq.passes.lowrank import add_lowrank
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.grid import AffineGrid
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import tiny_random_llama
+from torch import nn
+
+import discq
 
 
 @settings(max_examples=25, deadline=None)

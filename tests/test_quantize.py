@@ -4,14 +4,13 @@ import warnings
 
 import pytest
 import torch
+from discq.passes import QuantConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import tiny_random_bert, tiny_random_llama
 from torch import nn
 
 from discq import AffineQuantizedTensor, bits_per_weight, quantize_, rtn_config
-from discq.passes import QuantConfig
-
-from models import tiny_random_bert, tiny_random_llama
 
 
 def _n_quantized(model):

@@ -1,13 +1,21 @@
-"""The calibration LightningDataModule: steps are the unit, and every step's sequences are a
-pure function of (seed, step, rank), so a run resumed from a checkpoint sees exactly the data an
-uninterrupted run would have seen, and DDP ranks see disjoint sequences."""
+"""The calibration LightningDataModule.
+
+Steps are the unit: the sequences of optimizer step t on rank r (of w ranks) are the slots
+(t·w + r)·B … (t·w + r + 1)·B − 1 of an endless stream that goes through the calibration
+sequences in a fresh seeded permutation per pass. Every batch is therefore a pure function of
+(seed, step, rank): a run resumed from a checkpoint at step t starts the stream at step t and
+sees exactly the data an uninterrupted run would have seen, and DDP ranks see disjoint
+sequences whose union is what one process with batch w·B would see. The stream is an
+IterableDataset that shards itself by rank, so Lightning adds no DistributedSampler (a sampler
+over a map-style dataset would restart at its first batch on resume).
+"""
 from __future__ import annotations
 
 import warnings
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 
 def as_sequences(batches: list[torch.Tensor]) -> torch.Tensor:
@@ -21,31 +29,51 @@ def as_sequences(batches: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([r[:S] for r in rows])
 
 
-class StepSampler:
-    """Which sequences step `step` uses on `rank` of `world`: a seeded permutation per pass over
-    the data, consumed in order."""
+def step_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> torch.Tensor:
+    """Indices (into n sequences) of the batch of `step` on `rank`: [batch_size]."""
+    start = (step * world + rank) * batch_size
+    pos = torch.arange(start, start + batch_size)
+    epoch, within = pos // n, pos % n
+    out = torch.empty_like(pos)
+    for e in epoch.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        out[epoch == e] = perm[within[epoch == e]]
+    return out
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
 
-    def indices(self, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        start = (step * world + rank) * self.batch_size
-        pos = torch.arange(start, start + self.batch_size)
-        epoch, within = pos // self.n, pos % self.n
-        out = torch.empty_like(pos)
-        for e in epoch.unique().tolist():
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
-            out[epoch == e] = perm[within[epoch == e]]
-        return out
+class StepStream(IterableDataset):
+    """Yields {"step": t, "ids": [B, S]} for steps first_step … steps − 1 on one rank; the
+    module checks `step` against its global step, so a misaligned resume fails loudly."""
+
+    def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int, first_step: int,
+                 steps: int, rank: int = 0, world: int = 1):
+        self.sequences, self.batch_size, self.seed = sequences, batch_size, seed
+        self.first_step, self.steps, self.rank, self.world = first_step, steps, rank, world
+
+    def __iter__(self):
+        n = len(self.sequences)
+        for t in range(self.first_step, self.steps):
+            idx = step_indices(t, n, self.batch_size, self.seed, self.rank, self.world)
+            yield {"step": torch.tensor(t), "ids": self.sequences[idx]}
+
+    def __len__(self) -> int:
+        return self.steps - self.first_step
 
 
 class CalibrationDataModule(L.LightningDataModule):
-    """Yields one item per optimizer step: the step's sequences are chosen by the module from
-    the global step (see StepSampler), which is what makes resuming exact."""
+    """`steps` batches of `batch_size` calibration sequences per rank, cycled and reshuffled
+    (seeded) over passes; resumable at any step (see the module docstring)."""
 
-    def __init__(self, steps: int):
+    def __init__(self, batches: list[torch.Tensor], steps: int, batch_size: int, seed: int):
         super().__init__()
-        self.steps = steps
+        self.sequences = as_sequences(batches)  # [n, S]
+        self.steps, self.batch_size, self.seed = steps, batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.steps), batch_size=1, shuffle=False)
+        # the fit loop asks for it after restoring a checkpoint: global_step is the resume step
+        t = self.trainer
+        first, rank, world = (t.global_step, t.global_rank, t.world_size) if t else (0, 0, 1)
+        stream = StepStream(self.sequences, self.batch_size, self.seed, first, self.steps,
+                            rank, world)
+        return DataLoader(stream, batch_size=None)

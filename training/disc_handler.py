@@ -1,25 +1,30 @@
 """Runs DiscQuant inside `quantize_`: swaps the target linears for RelaxedLinear, fits with a
 Lightning Trainer (resuming from `checkpoint_dir/last.ckpt` when present), rounds, and installs
-the packed weights. On any failure the original linears are put back untouched."""
+the packed weights. No weight is replaced before the fit has finished: on any failure or
+interruption the original linears, parameter flags and train/eval mode are put back."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
-
 from discq.passes.calibration import as_batches
-from discq.passes.disc import DiscConfig, RelaxedLinear, mean_noise
+from discq.passes.disc import DiscConfig, RelaxedLinear, layer_rotation, mean_noise
 from discq.passes.quantize import check_finite, install_weight
 from discq.passes.registry import register_model_handler
 from discq.passes.rtn import layer_seed
-from discq.tensors.incoherent import rotation
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .data import CalibrationDataModule, as_sequences
+from .data import CalibrationDataModule
 from .disc_module import DiscQuantModule
+
+_QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
+          ".*module\\(s\\) in eval mode.*", ".*checkpoint directory .* exists and is not empty.*",
+          ".*Checkpoint directory .* exists and is not empty.*")
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -27,79 +32,136 @@ def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def _relax(model, targets, config: DiscConfig) -> list[RelaxedLinear]:
+def _relax(model: nn.Module, targets, config: DiscConfig) -> list[RelaxedLinear]:
+    """Replace each target linear by a RelaxedLinear around it (in place, no weight copied)."""
     g = torch.Generator().manual_seed(config.seed)
     layers = []
     for fqn, lin in targets:
         check_finite(lin.weight, fqn)
-        layers.append(RelaxedLinear(lin, config.grid(), g, config.init,
-                                    _rotation(lin, fqn) if config.incoherence else None))
+        rot = layer_rotation(*lin.weight.shape, layer_seed(fqn)) if config.incoherence else None
+        layers.append(RelaxedLinear(lin, config.grid(), config.init, g, rot))
         _swap(model, fqn, layers[-1])
     return layers
 
 
-def _rotation(lin: nn.Linear, fqn: str) -> tuple:
-    """The same seeded rotations RTN and GPTQ use for this layer: (s_in, s_out, q_in, q_out)."""
-    seed = layer_seed(fqn)
-    s_in, q_in = rotation(lin.in_features, seed)
-    s_out, q_out = rotation(lin.out_features, seed + 7919)
-    return s_in, s_out, q_in, q_out
+def decoder_blocks(model: nn.Module, layers: list[RelaxedLinear]) -> list[nn.Module]:
+    """The longest nn.ModuleList whose every entry holds relaxed linears (a transformer's
+    decoder layers): the units of activation checkpointing."""
+    relaxed = {id(l) for l in layers}
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and all(
+                any(id(s) in relaxed for s in block.modules()) for block in m):
+            best = list(m)
+    return best
+
+
+class _Checkpointed:
+    """A block's forward run under non-reentrant activation checkpointing (a class, not a
+    lambda, so the model stays picklable for spawned DDP processes)."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, *args, **kwargs):
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointed(blocks: list[nn.Module], enable: bool = True):
+    """Activation checkpointing per block (torch.utils.checkpoint, non-reentrant so gradients
+    reach x inside the blocks). Our own wrapper rather than transformers'
+    gradient_checkpointing_enable: that one only acts in train mode, and DiscQuant runs the
+    model in eval mode (dropout would make teacher and student random); it also leaves an
+    input-grad hook behind. Each block's forward is restored on exit."""
+    patched = []
+    try:
+        for block in blocks if enable else []:
+            block.forward = _Checkpointed(block.forward)
+            patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward  # the instance attribute: the class's forward is back
+
+
+def _precision(kwargs: dict) -> str:
+    """bf16-mixed where the device computes bf16 natively (recent CUDA GPUs, CPUs with
+    AVX512-BF16/AMX), else fp32."""
+    accel = str(kwargs.get("accelerator", "auto"))
+    if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def _strategy(strategy):
+    """A "ddp…" strategy name becomes the same DDPStrategy without DDP's buffer broadcast before
+    every forward: every rank builds identical grid buffers (2 bytes per weight), synced once."""
+    if not isinstance(strategy, str) or not strategy.startswith("ddp"):
+        return strategy
+    from lightning.pytorch.strategies import StrategyRegistry
+    entry = StrategyRegistry[strategy]
+    return entry["strategy"](**entry["init_params"], forward_sync_buffers=False)
 
 
 def _trainer(config: DiscConfig) -> L.Trainer:
+    extra = dict(config.trainer_kwargs or {})
     kw = dict(max_steps=config.steps, accelerator="auto", devices=1, logger=False,
               enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-              deterministic=False, precision="32-true")
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        kw["precision"] = "bf16-mixed"
+              precision=_precision(extra))
+    callbacks = list(extra.pop("callbacks", []))
     if config.checkpoint_dir:
         from lightning.pytorch.callbacks import ModelCheckpoint
         kw["enable_checkpointing"] = True
-        kw["callbacks"] = [ModelCheckpoint(dirpath=config.checkpoint_dir, save_last=True,
-                                           every_n_train_steps=max(1, min(50, config.steps // 4)),
-                                           save_top_k=1, enable_version_counter=False)]
-    extra = dict(config.trainer_kwargs or {})
-    kw["callbacks"] = kw.get("callbacks", []) + list(extra.pop("callbacks", []))  # both kept
-    kw.update(extra)
+        every = min(50, max(1, config.steps // 4))
+        callbacks.append(ModelCheckpoint(dirpath=config.checkpoint_dir, save_last=True,
+                                         every_n_train_steps=every, save_top_k=1,
+                                         enable_version_counter=False))
+    if "strategy" in extra:
+        extra["strategy"] = _strategy(extra["strategy"])
+    kw.update(extra, callbacks=callbacks)
     return L.Trainer(**kw)
 
 
-def _fit(model, layers, config: DiscConfig, batches) -> None:
-    noise = mean_noise(layers)
-    module = DiscQuantModule(model, layers, config, as_sequences(batches), noise)
+def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:
+    module = DiscQuantModule(model, layers, config, mean_noise(layers))
+    data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
-    with warnings.catch_warnings():
-        for noise in (".*does not have many workers.*", ".*GPU available but not used.*",
-                      ".*module\\(s\\) in eval mode.*", ".*deprecated.*"):
-            warnings.filterwarnings("ignore", noise)  # eval mode is deliberate: no dropout
-        _checkpointing(model, config.gradient_checkpointing)
-        _trainer(config).fit(module, datamodule=CalibrationDataModule(config.steps),
+    with warnings.catch_warnings(), checkpointed(decoder_blocks(model, layers),
+                                                 config.gradient_checkpointing):
+        for pattern in _QUIET:  # eval mode is deliberate: no dropout in teacher or student
+            warnings.filterwarnings("ignore", pattern)
+        _trainer(config).fit(module, datamodule=data,
                              ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
 
 
-def _checkpointing(model: nn.Module, enable: bool) -> None:
-    """Activation checkpointing of the decoder layers (transformers models), non-reentrant so
-    gradients reach the relaxation variables inside the checkpointed layers."""
-    if not enable or not hasattr(model, "gradient_checkpointing_enable"):
-        return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module):
+    """Eval mode and no gradients for the model's own parameters during the fit (only the
+    relaxation variables are trained); both restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 @register_model_handler(DiscConfig)
 def _disc_model(model: nn.Module, config: DiscConfig, targets) -> None:
     batches = as_batches(config.calibration, model)
-    was_training = model.training
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    layers = []
-    try:
-        layers = _relax(model, targets, config)
-        _fit(model, layers, config, batches)
-        rounded = [l.rounded() for l in layers]
-    finally:
-        for (fqn, lin), _ in zip(targets, layers):
-            _swap(model, fqn, lin)
-        if hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
+    layers: list[RelaxedLinear] = []
+    with _frozen_eval(model):
+        try:
+            layers = _relax(model, targets, config)
+            _fit(model, layers, config, batches)
+            rounded = [l.rounded() for l in layers]
+        finally:
+            for (fqn, lin), _ in zip(targets, layers):
+                _swap(model, fqn, lin)
     for (_, lin), q in zip(targets, rounded):
         install_weight(lin, q)

@@ -1,34 +1,40 @@
-"""`DiscQuantModule`: DiscQuant's optimization as a thin LightningModule (the math is in
-`discq.passes.disc`)."""
+"""`DiscQuantModule`: DiscQuant's optimization as a thin LightningModule; the math (relaxed
+linears, KL, pull term, schedule) is in `discq.passes.disc`."""
 from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from discq.passes.disc import (
+    DiscConfig,
+    RelaxedLinear,
+    cosine_with_warmup,
+    forward_kl,
+    frac_at_vertex,
+    next_token_ce,
+)
 from torch import nn
-
-from discq.passes.disc import (DiscConfig, RelaxedLinear, cosine_with_warmup, forward_kl,
-                               frac_at_vertex, pull_gradient)
-
-from .data import StepSampler
 
 
 class DiscQuantModule(L.LightningModule):
+    """`model` has its target linears replaced by `layers`; `noise` is δ̄² (mean_noise)."""
+
     def __init__(self, model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig,
-                 sequences: torch.Tensor, noise: float):
+                 noise: float):
         super().__init__()
         self.model = model
         self.layers = layers  # a plain list: they are submodules of model already
         self.config = config
-        self.register_buffer("sequences", sequences, persistent=False)
-        self.noise = noise  # δ̄²
-        self.sampler = StepSampler(len(sequences), config.batch_size, config.seed)
+        self.noise = noise
 
     # only the variables x are state: checkpoints stay small and never copy the model
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self, *args, **kwargs) -> dict:
         return {f"x.{i}": l.x.detach().clone() for i, l in enumerate(self.layers)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict and len(state_dict) != len(self.layers):
+            raise ValueError(f"checkpoint has {len(state_dict)} variables, this run has "
+                             f"{len(self.layers)} layers: was it written for another model or "
+                             f"filter? Use another checkpoint_dir")
         with torch.no_grad():
             for i, l in enumerate(self.layers):
                 l.x.copy_(state_dict[f"x.{i}"])
@@ -38,10 +44,11 @@ class DiscQuantModule(L.LightningModule):
             l.teacher = teacher
         return self.model(ids, use_cache=False).logits  # [B, S, V]
 
-    def training_step(self, batch, batch_idx):
-        idx = self.sampler.indices(self.global_step, self.global_rank, self.trainer.world_size)
-        ids = self.sequences[idx.to(self.sequences.device)]  # [B, S]
-        c = self.config
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if int(batch["step"]) != self.global_step:  # see discq.training.data
+            raise RuntimeError(f"calibration stream at step {int(batch['step'])}, trainer at "
+                               f"{self.global_step}: data order would not be reproducible")
+        ids, c = batch["ids"], self.config  # ids: [B, S]
         if c.kl_weight == 0 and c.ce_weight == 0:  # only the pull towards RTN is left
             return sum(l.x.sum() for l in self.layers) * 0.0
         with torch.no_grad():
@@ -50,25 +57,28 @@ class DiscQuantModule(L.LightningModule):
         kl = forward_kl(teacher, student)
         loss = c.kl_weight * kl / self.noise
         if c.ce_weight:
-            loss = loss + c.ce_weight * F.cross_entropy(
-                student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = loss + c.ce_weight * next_token_ce(student, ids)
         self.log("kl", kl.detach(), prog_bar=True)
-        self.log("vertex", frac_at_vertex(self.layers), prog_bar=True)
+        self.log("frac_at_vertex", frac_at_vertex(self.layers), prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # after backward (and DDP's all-reduce): the pull term and the clamp of the KL gradient
         for l in self.layers:
-            pull_gradient(l, self.config.rho, self.config.clamp)
+            l.apply_pull(self.config.rho, self.config.clamp)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():  # projection onto [0, 1], before any checkpoint can see x
+        with torch.no_grad():  # projection onto [0, 1] before any checkpoint can see x
             for l in self.layers:
                 l.x.clamp_(0, 1)
 
     def configure_optimizers(self):
         c = self.config
-        opt = torch.optim.AdamW([l.x for l in self.layers], lr=c.lr, weight_decay=0.01)
+        xs = [l.x for l in self.layers]
+        fused = all(x.device.type in ("cpu", "cuda") for x in xs)
+        opt = torch.optim.AdamW(xs, lr=c.lr, weight_decay=0.01, fused=fused)
+        warmup = min(c.warmup, c.steps // 4)  # a short run still gets most of its steps at lr
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: cosine_with_warmup(step, min(c.warmup, c.steps // 4), c.steps))
+            opt, lambda step: cosine_with_warmup(step, warmup, c.steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

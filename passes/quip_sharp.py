@@ -1,0 +1,298 @@
+"""QuIP# (Tseng et al., 2024): incoherence processing, BlockLDLQ on the E8P lattice codebook,
+then (optionally) fine-tuning of what stays continuous. This file holds the config, the
+per-layer rounding and the block-by-block driver; the fine-tuning runs with Lightning in
+`discq.training` (whose handler calls `quip_sharp_quantize` with a per-block hook).
+
+Per layer (W: [N, K], Hessian H of its inputs):
+  H ← H / mean(diag H) + σ·I                       (σ = 0.01)
+  W̃ = R_out W R_inᵀ, H̃ = R_in H R_inᵀ              (seeded randomized Hadamard rotations)
+  scale = RMS(W̃) / ρ                               (ρ ≈ 1, per bits, lattice.WEIGHT_RMS)
+  Ŵ̃ = BlockLDLQ(W̃/scale, H̃, E8P, g = 8) + `refine_passes` rounds of coordinate descent
+Linears reading the same input (q/k/v, gate/up) share H̃ and are rounded together as one
+stacked matrix (rows are independent in LDLQ), each with its own rotation and scale.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from discq.tensors import e8p_residual
+from discq.tensors.hadamard import rotate_hessian, rotate_weight
+from discq.tensors.incoherent import rotation
+from discq.tensors.lattice import WEIGHT_RMS, LatticeQuantizedTensor, check_shape
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .calibration import as_batches
+from .capture import (
+    Inputs,
+    block_inputs,
+    find_blocks,
+    run_block,
+    sequential_quantize,
+    trace_block,
+)
+from .config import QuantConfig, register_config
+from .hessian import HessianAccumulator
+from .ldlq import ldlq
+from .quantize import check_finite, install_weight
+
+BLOCK = 8  # columns per lattice code
+
+
+@register_config("quip-sharp")
+@dataclass
+class QuipSharpConfig(QuantConfig):
+    """QuIP#; see `quip_sharp_config`. `calibration` and `trainer_kwargs` are run-time inputs
+    and are not serialized."""
+
+    bits: int = 2
+    calibration: Any = field(default=None, repr=False, compare=False)
+    refine_passes: int = 2
+    seed: int = 0
+    weight_rms: float | None = None
+    sigma_reg: float = 0.01
+    finetune: bool = True
+    ft_block_epochs: int = 2
+    ft_block_lr: float = 5e-4
+    ft_steps: int = 100
+    ft_lr: float = 1e-5
+    ft_sign_lr: float = 1e-4
+    ft_batch_size: int = 2
+    ft_valid_fraction: float = 0.125
+    ft_patience: int = 3
+    ft_tune_head: bool = True
+    checkpoint_dir: str | None = None
+    trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
+                                        metadata={"serialize": False})
+
+    handler_module: ClassVar[str] = "discq.training.quip_handler"
+
+    def __post_init__(self):
+        e8p_residual.check_bits(self.bits)
+        _check_ints(refine_passes=(self.refine_passes, 0), seed=(self.seed, 0),
+                    ft_block_epochs=(self.ft_block_epochs, 0), ft_steps=(self.ft_steps, 0),
+                    ft_batch_size=(self.ft_batch_size, 1), ft_patience=(self.ft_patience, 1))
+        _check_positive(sigma_reg=self.sigma_reg, ft_block_lr=self.ft_block_lr,
+                        ft_lr=self.ft_lr, ft_sign_lr=self.ft_sign_lr)
+        if self.weight_rms is not None:
+            _check_positive(weight_rms=self.weight_rms)
+        if not 0 <= self.ft_valid_fraction < 1:
+            raise ValueError(f"ft_valid_fraction must be in [0, 1), got {self.ft_valid_fraction!r}")
+        for name in ("finetune", "ft_tune_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
+            raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments, got "
+                            f"{type(self.trainer_kwargs).__name__}")
+
+    @property
+    def rms(self) -> float:
+        return self.weight_rms or WEIGHT_RMS[self.bits]
+
+
+def _check_ints(**kw) -> None:
+    for k, (v, lo) in kw.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_positive(**kw) -> None:
+    for k, v in kw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v <= 0:
+            raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
+
+
+def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
+                      refine_passes: int = 2, seed: int = 0, weight_rms: float | None = None,
+                      group_size: int | None = None, symmetric: bool = False,
+                      steps: int | None = None, checkpoint_dir: str | None = None,
+                      trainer_kwargs: dict | None = None, **finetune_options) -> QuipSharpConfig:
+    """QuIP# at `bits` = 2 (E8P), 3 or 4 (E8P + a residual code) bits per weight, with
+    `calibration` = token batches (`discq.data.calibration_batches`). `refine_passes`: rounds
+    of block coordinate descent after BlockLDLQ (QuIP# uses 10; each costs about one LDLQ).
+    `finetune=True` then tunes sign vectors and norms block by block, and sign vectors, norms
+    and head end to end (`steps` optimizer steps, early-stopped on held-out calibration);
+    `ft_*` keywords set its options (see `QuipSharpConfig`); `checkpoint_dir` makes the end to
+    end stage resumable. `group_size`/`symmetric` exist for the command line's sake: lattice
+    codes have no groups and no zero point, so they are ignored (with a warning if set)."""
+    if group_size is not None or symmetric:
+        warnings.warn("quip-sharp: lattice codes have no scale groups or zero points; "
+                      f"group_size={group_size!r}/symmetric={symmetric!r} are ignored",
+                      stacklevel=2)
+    if steps is not None:
+        finetune_options["ft_steps"] = steps
+    return QuipSharpConfig(bits=bits, calibration=calibration, finetune=finetune,
+                           refine_passes=refine_passes, seed=seed, weight_rms=weight_rms,
+                           checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
+                           **finetune_options)
+
+
+# ---- one group of linears ------------------------------------------------------------------
+
+def regularize(H: Tensor, sigma: float) -> Tensor:
+    """H / mean(diag H) + σ·I (QuIP#); dead inputs (zero diagonal) get σ."""
+    H = H.float()
+    mean = H.diagonal().mean().clamp(min=1e-12)
+    return H / mean + sigma * torch.eye(H.shape[0], device=H.device)
+
+
+class CodeRecorder:
+    """The vector quantizer handed to `ldlq`: rounds blocks to the lattice codebook and keeps
+    every (values, codes) it returned, so the codes of the final Ŵ can be read back (refine
+    keeps either the old or the new block of each row)."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def __call__(self, W_B: Tensor, b: int) -> Tensor:
+        values, codes = e8p_residual.quantize(W_B, self.bits)  # [N, 8], [N, stages]
+        self.calls.setdefault(b, []).append((values, codes))
+        return values
+
+    def codes(self, What: Tensor) -> Tensor:
+        """Codes of Ŵ: [N, K] -> [N, K/8, stages] int64."""
+        out = []
+        for b in range(0, What.shape[1], BLOCK):
+            final = What[:, b:b + BLOCK]
+            cands = self.calls[b]
+            codes = cands[-1][1].clone()
+            found = (cands[-1][0] == final).all(-1)
+            for values, c in reversed(cands[:-1]):
+                take = ~found & (values == final).all(-1)
+                codes[take], found = c[take], found | take
+            if not found.all():
+                raise RuntimeError("internal error: a block of Ŵ matches no recorded code")
+            out.append(codes)
+        return torch.stack(out, 1)
+
+
+def layer_seed(fqn: str, seed: int) -> int:
+    return zlib.crc32(fqn.encode()) + 104729 * seed
+
+
+def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSharpConfig
+                   ) -> list[LatticeQuantizedTensor]:
+    """QuIP# of linears sharing the input Hessian H: [K, K]; weights = [(fqn, W [N_i, K])]."""
+    K = H.shape[0]
+    s_in, q_in = rotation(K, layer_seed(weights[0][0], config.seed))
+    Ht = rotate_hessian(regularize(H, config.sigma_reg), s_in, q_in)
+    parts, scales, outs = [], [], []
+    for fqn, W in weights:
+        check_finite(W, fqn)
+        check_shape(*W.shape)
+        s_out, q_out = rotation(W.shape[0], layer_seed(fqn, config.seed) + 7919)
+        Wt = rotate_weight(W.detach().float(), s_out, s_in, q_out, q_in)
+        scales.append(Wt.pow(2).mean().sqrt().clamp(min=1e-12) / config.rms)
+        parts.append(Wt / scales[-1])
+        outs.append((s_out, q_out))
+    recorder = CodeRecorder(config.bits)
+    What = ldlq(torch.cat(parts), Ht, recorder, g=BLOCK, passes=config.refine_passes)
+    codes = recorder.codes(What).split([p.shape[0] for p in parts])
+    return [LatticeQuantizedTensor.from_codes(c, scale, s_in, s_out, q_in, q_out, config.bits,
+                                              W.dtype)
+            for c, scale, (s_out, q_out), (_, W) in zip(codes, scales, outs, weights)]
+
+
+# ---- the model, block by block ---------------------------------------------------------------
+
+BlockHook = Callable[[nn.Module, Inputs, list[Tensor]], None]
+
+
+def _hidden(out) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: Inputs) -> list[Tensor]:
+    """The block's hidden-state output per batch."""
+    return [_hidden(block(*args, **kwargs)) for args, kwargs in inputs]
+
+
+def _with_hidden(inputs: Inputs, hidden: list[Tensor]) -> Inputs:
+    """Copies of the (args, kwargs) with the hidden state replaced (other entries shared)."""
+    out = []
+    for (args, kwargs), h in zip(inputs, hidden):
+        args, kwargs = list(args), dict(kwargs)
+        if args:
+            args[0] = h
+        else:
+            kwargs["hidden_states"] = h
+        out.append((args, kwargs))
+    return out
+
+
+@torch.no_grad()
+def _group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs) -> Tensor:
+    acc = HessianAccumulator(first, name, stop_after=True)
+    try:
+        run_block(block, inputs, update=False)
+    finally:
+        H = acc.remove()
+    return H
+
+
+def _quantize_block(block: nn.Module, inner: dict[nn.Module, str], inputs: Inputs,
+                    config: QuipSharpConfig) -> None:
+    """Quantize the block's target linears group by group (true sequential)."""
+    groups, _ = trace_block(block, inner, inputs)
+    for group in groups:
+        H = _group_hessian(block, group[0], inner[group[0]], inputs)
+        qs = quantize_group([(inner[m], m.weight.detach()) for m in group], H, config)
+        for m, q in zip(group, qs):
+            install_weight(m, q)
+
+
+@torch.no_grad()
+def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
+                        after_block: BlockHook | None = None) -> None:
+    """Quantize `targets` block by block; each block's Hessians come from the outputs of the
+    already-quantized blocks before it. With `after_block`, it is called after each block is
+    quantized as after_block(block, inputs, fp_outputs): its inputs (from the quantized
+    model) and the original model's outputs of that block, the fine-tuning target."""
+    batches = as_batches(config.calibration, model)
+    by_module = {m: fqn for fqn, m in targets}
+    for fqn, m in targets:  # refuse bad layers before any work, naming them
+        check_finite(m.weight, fqn)
+        check_shape(*m.weight.shape)
+    _, blocks = find_blocks(model)
+    inputs = block_inputs(model, blocks, batches)
+    fp_inputs = _with_hidden(inputs, [_hidden_of(a, k) for a, k in inputs])
+    for block in tqdm(blocks, desc=f"QuIP# {config.bits}-bit", unit="block"):
+        inner = {m: by_module[m] for m in block.modules() if m in by_module}
+        fp_out = block_outputs(block, fp_inputs) if after_block and inner else None
+        if inner:
+            _quantize_block(block, inner, inputs, config)
+        if fp_out is not None:
+            with torch.enable_grad():
+                after_block(block, inputs, fp_out)
+            fp_inputs = _with_hidden(fp_inputs, fp_out)
+        elif after_block:
+            fp_inputs = _with_hidden(fp_inputs, block_outputs(block, fp_inputs))
+        run_block(block, inputs, update=True)
+    _quantize_outside(model, batches, blocks, by_module, config)
+
+
+def _hidden_of(args: list, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _quantize_outside(model, batches, blocks, by_module: dict, config) -> None:
+    """Targets outside the blocks (e.g. a quantized head), with Hessians from the quantized
+    model (capture.sequential_quantize recomputes the blocks once)."""
+    in_blocks = {m for b in blocks for m in b.modules()}
+    rest = [(fqn, m) for m, fqn in by_module.items() if m not in in_blocks]
+    if not rest:
+        return
+
+    def quantize_layer(fqn: str, module: nn.Linear, H: Tensor) -> None:
+        install_weight(module, quantize_group([(fqn, module.weight.detach())], H, config)[0])
+
+    sequential_quantize(model, batches, rest, quantize_layer, desc="QuIP# (outside blocks)")

@@ -1,0 +1,53 @@
+"""Runs QuIP# inside `quantize_`: BlockLDLQ on the lattice block by block, with stage-1
+fine-tuning after each block and stage-2 (end to end) fine-tuning at the end when
+`finetune=True`. On any failure the model's continuous parameters are put back too (the
+quantized weights are restored by `quantize_`)."""
+from __future__ import annotations
+
+import torch
+from discq.passes.quip_sharp import QuipSharpConfig, quip_sharp_quantize
+from discq.passes.registry import register_model_handler
+from torch import nn
+
+from .finetune import FinetuneConfig, finetune_, finetune_block_
+from .tunable import FrozenReference
+
+
+def finetune_settings(config: QuipSharpConfig) -> FinetuneConfig:
+    """The fine-tuning options of a QuIP# config."""
+    return FinetuneConfig(
+        block_epochs=config.ft_block_epochs, block_lr=config.ft_block_lr, steps=config.ft_steps,
+        lr=config.ft_lr, sign_lr=config.ft_sign_lr, batch_size=config.ft_batch_size,
+        valid_fraction=config.ft_valid_fraction, patience=config.ft_patience,
+        tune_head=config.ft_tune_head, seed=config.seed, checkpoint_dir=config.checkpoint_dir,
+        trainer_kwargs=config.trainer_kwargs)
+
+
+@register_model_handler(QuipSharpConfig)
+def _quip_sharp_model(model: nn.Module, config: QuipSharpConfig, targets) -> None:
+    if not config.finetune:
+        quip_sharp_quantize(model, config, targets)
+        return
+    settings = finetune_settings(config)
+    teacher = FrozenReference(model, share=[m.weight for _, m in targets])
+    report = {"blocks": []}
+
+    def stage1(block, inputs, fp_outputs) -> None:
+        report["blocks"].append(finetune_block_(block, inputs, fp_outputs, settings))
+
+    try:
+        quip_sharp_quantize(model, config, targets, after_block=stage1)
+        report["end_to_end"] = finetune_(model, teacher, config.calibration, settings)
+    except BaseException:
+        _restore_continuous(model, teacher, {id(m.weight) for _, m in targets})
+        raise
+    model.discq_finetune = report  # held-out losses before/after, for the curious
+
+
+@torch.no_grad()
+def _restore_continuous(model: nn.Module, teacher: FrozenReference, skip: set[int]) -> None:
+    for name, p in model.named_parameters():
+        saved = teacher.params.get(name)
+        if saved is not None and id(saved) not in skip and p.shape == saved.shape \
+                and type(p.data) is type(saved):
+            p.copy_(saved)

@@ -1,0 +1,94 @@
+"""What fine-tuning may change in a quantized model, and the original model as a teacher.
+
+Codes never change. What stays continuous is tuned: the sign vectors of rotated quantized
+weights (s_in/s_out of lattice and incoherent weights, stored as fp16 and trained as fp32
+parameters), the weights and biases of normalization layers, linear biases, and optionally the
+output head when it is not quantized.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from discq.tensors.base import QuantizedTensor
+from torch import Tensor, nn
+from torch.func import functional_call
+
+SIGN_NAMES = ("s_in", "s_out")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and the model-specific norms (LlamaRMSNorm, ...)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
+        ("RMSNorm", "LayerNorm"))
+
+
+class Tunables:
+    """The continuous parameters of `module`. Entering the context replaces every quantized
+    weight's sign vectors by fp32 `nn.Parameter`s (`signs`); leaving writes them back in their
+    stored dtype. `other` holds norms, biases and the head (`head`, if given and not
+    quantized); these are the module's own parameters, tuned in place."""
+
+    def __init__(self, module: nn.Module, head: nn.Module | None = None, norms: bool = True):
+        self.module = module
+        self.owners = [m.weight for m in module.modules() if isinstance(m, nn.Linear)
+                       and isinstance(m.weight, QuantizedTensor)
+                       and all(getattr(m.weight, n, None) is not None for n in SIGN_NAMES)]
+        seen: set[int] = set()
+        self.other = [p for p in self._others(module, head, norms)
+                      if id(p) not in seen and not seen.add(id(p))]
+        self.signs: list[nn.Parameter] = []
+        self._dtypes: list[torch.dtype] = []
+
+    @staticmethod
+    def _others(module: nn.Module, head: nn.Module | None, norms: bool) -> Iterable[nn.Parameter]:
+        for m in module.modules():
+            if norms and is_norm(m):
+                yield from (p for p in m.parameters(recurse=False) if p is not None)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                yield m.bias
+        if head is not None and not isinstance(head.weight, QuantizedTensor):
+            yield head.weight
+
+    def __enter__(self) -> Tunables:
+        self.signs, self._dtypes = [], []
+        for w in self.owners:
+            for name in SIGN_NAMES:
+                s = getattr(w, name)
+                self._dtypes.append(s.dtype)
+                p = nn.Parameter(s.detach().float().clone())
+                setattr(w, name, p)
+                self.signs.append(p)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        it = iter(zip(self.signs, self._dtypes))
+        for w in self.owners:
+            for name in SIGN_NAMES:
+                p, dtype = next(it)
+                setattr(w, name, p.detach().to(dtype))
+        self.signs = []
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.signs + self.other
+
+    def count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class FrozenReference:
+    """The model as it is when this is created, as a teacher: ids -> logits. Holds the
+    Parameters in `share` by reference (quantization replaces weights, it never writes into
+    them, so these cost no copy) and clones every other parameter (fine-tuning changes norms
+    and the head in place). The teacher runs `model` itself with these tensors swapped in."""
+
+    def __init__(self, model: nn.Module, share: Iterable[Tensor] = ()):
+        shared = {id(p) for p in share}
+        self.model = model
+        self.params = {n: p if id(p) in shared else p.detach().clone()
+                       for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor) -> Tensor:
+        out = functional_call(self.model, self.params, (ids,), {"use_cache": False})
+        return out.logits if hasattr(out, "logits") else out[0]
