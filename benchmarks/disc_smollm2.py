@@ -37,14 +37,15 @@ def run(a: argparse.Namespace) -> dict:
                                 batch_size=a.batch)
     cfg = disc_config(3, 64, calibration=calib, steps=a.steps, batch_size=a.batch, lr=a.lr,
                       clamp=a.clamp, init=a.init, warmup=min(128, a.steps // 10),
-                      gradient_checkpointing=not a.no_checkpointing)
+                      gradient_checkpointing=not a.no_checkpointing,
+                      checkpoint_dir=a.checkpoint_dir)
     load = os.getloadavg()[0]
     with peak_rss() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         discq.quantize_(model, cfg, filter_fn=keep_head_filter(model))
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     row = {"method": f"disc {a.steps} steps, init={a.init}, lr={a.lr}, clamp={a.clamp}, "
-                     f"{a.batch}x{a.seq_len} tokens/step"
+                     f"{a.batch}x{a.seq_len} tokens/step, {a.n_calib} sequences"
                      f"{'' if a.no_checkpointing else ', act. ckpt'}",
            "bits_per_weight": discq.bits_per_weight(model), "seconds": seconds,
            "cpu_seconds": cpu, "threads": torch.get_num_threads(), "load_before": load, "load_after": os.getloadavg()[0],
@@ -101,6 +102,8 @@ if __name__ == "__main__":
     ap.add_argument("--init", choices=("rtn", "uniform"), default="rtn")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="keep activations instead of recomputing them (faster, more memory)")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="Lightning checkpoints here; rerunning the same command resumes")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a loaded shared machine 1 "
                          "thread is faster than 2: the second one spins waiting for a core")

@@ -9,15 +9,18 @@ from discq.passes import (
     DiscConfig,
     GPTQConfig,
     QuantConfig,
+    QuipSharpConfig,
     RTNConfig,
     bits_per_weight,
     disc_config,
     gptq_config,
     quantize_,
     quantized_weights,
+    quip_sharp_config,
     rtn_config,
 )
 from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
+from discq.tensors.lattice import LatticeQuantizedTensor
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,9 @@ __all__ = [
     "GPTQConfig",
     "QuantConfig",
     "QuantizedTensor",
+    "LatticeQuantizedTensor",
+    "QuipSharpConfig",
+    "quip_sharp_config",
     "RTNConfig",
     "bits_per_weight",
     "disc_config",

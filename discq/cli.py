@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     run = {"quantize": _commands.quantize, "eval": _commands.evaluate,
            "bench": _commands.bench}[args.command]
     try:
-        result = run(args)
+        # with --json, stdout carries only the JSON: progress bars (Lightning's rich bar
+        # writes to stdout) go to stderr
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            result = run(args)
     except (ValueError, TypeError, FileExistsError, MethodNotAvailable, ImportError) as e:
         print(f"discq {args.command}: error: {e}", file=sys.stderr)
         return 2

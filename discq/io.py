@@ -44,7 +44,12 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         if isinstance(t, QuantizedTensor):
             parts = t.stored_tensors()
             for part, v in parts.items():
-                tensors[f"{key}.{part}"] = v.detach().contiguous().cpu()
+                v = v.detach().contiguous().cpu()
+                # layers rounded together share small parts (QuIP#'s input rotation of q/k/v);
+                # safetensors refuses shared storage, so each gets its own copy on disk
+                shared = any(v.untyped_storage().data_ptr() == o.untyped_storage().data_ptr()
+                             for o in tensors.values() if o.numel() and v.numel())
+                tensors[f"{key}.{part}"] = v.clone() if shared else v
             quantized[key] = {"format": t.format_name, "attributes": t.attributes(),
                               "tensors": sorted(parts), "config": _layer_config(model, key)}
         else:

@@ -12,6 +12,7 @@ class Method:
     constructor: str  # "module:function"
     data_driven: bool
     summary: str
+    affine_grid: bool = True  # takes group_size / symmetric (lattice codes have neither)
 
 
 METHODS = {m.name: m for m in [
@@ -19,7 +20,7 @@ METHODS = {m.name: m for m in [
     Method("gptq", "discq.passes.gptq:gptq_config", True, "GPTQ: Hessian error feedback"),
     Method("disc", "discq.passes.disc:disc_config", True, "DiscQuant: KL distillation rounding"),
     Method("quip-sharp", "discq.passes.quip_sharp:quip_sharp_config", True,
-           "QuIP#: E8P lattice + incoherence + fine-tuning"),
+           "QuIP#: E8P lattice + incoherence + fine-tuning", affine_grid=False),
 ]}
 
 
@@ -52,8 +53,12 @@ def available_methods() -> list[str]:
 
 
 def build_config(name: str, *, bits: int, group_size: int | None, calibration=None, **kwargs):
-    """Config for method `name`; data-driven methods get `calibration`, the others ignore it."""
+    """Config for method `name`; data-driven methods get `calibration`, the others ignore it;
+    methods off the affine grid ignore `group_size` and `symmetric`."""
     make = config_constructor(name)
     if METHODS[name].data_driven:
         kwargs["calibration"] = calibration
+    if not METHODS[name].affine_grid:
+        kwargs.pop("symmetric", None)
+        return make(bits=bits, **kwargs)
     return make(bits=bits, group_size=group_size, **kwargs)

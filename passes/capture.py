@@ -194,11 +194,11 @@ def sequential_quantize(model: nn.Module, batches, targets: list[tuple[str, nn.L
     in_blocks = {m for b in blocks for m in b.modules()}
     rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
     if rest:
-        for m, H in zip(rest, _outside_hessians(model, blocks, inputs, last, batches, rest)):
+        for m, H in zip(rest, outside_hessians(model, blocks, inputs, last, batches, rest)):
             quantize_layer(rest[m], m, H)
 
 
-def _outside_hessians(model, blocks, inputs: Inputs, template, batches, rest: dict
+def outside_hessians(model, blocks, inputs: Inputs, template, batches, rest: dict
                       ) -> list[torch.Tensor]:
     """Hessians of the linears outside the blocks, from a forward whose blocks return their
     stored outputs; a model that calls its blocks unusually gets a full forward instead."""

@@ -88,3 +88,14 @@ class GridConfig(QuantConfig):
         dtype = None if self.scale_dtype == "weight" else SCALE_DTYPES[self.scale_dtype]
         return AffineGrid(self.bits, self.group_size, self.symmetric,
                           group_along or self.group_along, dtype)
+
+
+def check_finetune(config) -> None:
+    """The fine-tuning switch shared by data-driven configs (`finetune`, `finetune_steps`):
+    after rounding, what stays continuous (norms, biases, sign vectors, head) is tuned end to
+    end against the original model, codes fixed (discq.training.finetune)."""
+    if not isinstance(config.finetune, bool):
+        raise TypeError(f"finetune must be True or False, got {config.finetune!r}")
+    n = config.finetune_steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"finetune_steps must be an integer >= 0, got {n!r}")

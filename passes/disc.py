@@ -47,7 +47,7 @@ from discq.tensors.incoherent import IncoherentQuantizedTensor
 from discq.tensors.incoherent import rotation as seeded_rotation
 from torch import Tensor, nn
 
-from .config import GridConfig, register_config
+from .config import GridConfig, check_finetune, register_config
 
 
 @register_config("disc")
@@ -70,6 +70,8 @@ class DiscConfig(GridConfig):
     ce_weight: float = 0.0
     init: str = "uniform"
     gradient_checkpointing: bool = True
+    finetune: bool = False
+    finetune_steps: int = 100
     checkpoint_dir: str | None = None
     trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
                                         metadata={"serialize": False})
@@ -82,6 +84,7 @@ class DiscConfig(GridConfig):
         _check_int(0, warmup=self.warmup, seed=self.seed)
         _check_number(True, lr=self.lr, clamp=self.clamp, rho=self.rho)
         _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight)
+        check_finetune(self)
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
                              f"the RTN vertex), got {self.init!r}")
@@ -119,8 +122,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 rho: float = 200.0, warmup: int = 128, seed: int = 0,
                 checkpoint_dir: str | None = None, trainer_kwargs: dict | None = None,
                 kl_weight: float = 1.0, ce_weight: float = 0.0, init: str = "uniform",
-                scale_dtype: str = "float16", gradient_checkpointing: bool = True
-                ) -> DiscConfig:
+                scale_dtype: str = "float16", gradient_checkpointing: bool = True,
+                finetune: bool = False, finetune_steps: int = 100) -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
@@ -129,14 +132,17 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
     arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
-    `kl_weight`/`ce_weight`: weights of the KL and next-token cross-entropy terms."""
+    `kl_weight`/`ce_weight`: weights of the KL and next-token cross-entropy terms.
+    `finetune=True`: after rounding, tune norms/biases/sign vectors for `finetune_steps` steps
+    (codes fixed; see discq.training.finetune)."""
     return DiscConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, incoherence=incoherence,
                       calibration=calibration, steps=steps, lr=lr, batch_size=batch_size,
                       clamp=clamp, rho=rho, warmup=warmup, seed=seed,
                       checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
                       kl_weight=kl_weight, ce_weight=ce_weight, init=init,
-                      gradient_checkpointing=gradient_checkpointing)
+                      gradient_checkpointing=gradient_checkpointing, finetune=finetune,
+                      finetune_steps=finetune_steps)
 
 
 def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .calibration import as_batches
 from .capture import sequential_quantize
-from .config import GridConfig, register_config
+from .config import GridConfig, check_finetune, register_config
 from .gptq_core import gptq_quantize
 from .quantize import check_finite, install_weight
 from .registry import register_model_handler
@@ -33,6 +33,8 @@ class GPTQConfig(GridConfig):
     true_sequential: bool = True
     incoherence: bool = False
     lowrank: int = 0
+    finetune: bool = False
+    finetune_steps: int = 100
 
     ALLOWED_GROUP_ALONG: ClassVar[tuple[str, ...]] = ("input", "output", "auto")
 
@@ -44,6 +46,7 @@ class GPTQConfig(GridConfig):
         if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
             raise ValueError(f"block_size must be a positive integer (128), got {block!r}")
         check_extras(self)
+        check_finetune(self)
         for name in ("act_order", "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -53,16 +56,19 @@ def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = F
                 group_along: str = "input", calibration=None, damp: float = 0.01,
                 act_order: bool = True, block_size: int = 128, true_sequential: bool = True,
                 incoherence: bool = False, lowrank: int = 0,
-                scale_dtype: str = "float16") -> GPTQConfig:
+                scale_dtype: str = "float16", finetune: bool = False,
+                finetune_steps: int = 100) -> GPTQConfig:
     """GPTQ with `calibration` = list of LongTensor [B, S] token batches
     (`discq.data.calibration_batches`). `incoherence=True` quantizes W̃ = R_out W R_inᵀ with
     the Hessian R_in H R_inᵀ (randomized Hadamard rotations, QuIP); `lowrank=r` adds a
-    rank-r fp16 correction of the error (LoRC)."""
+    rank-r fp16 correction of the error (LoRC). `finetune=True` then tunes what stays
+    continuous (norms, biases, sign vectors) for `finetune_steps` steps against the original
+    model's next-token distribution, codes fixed (as QuIP# does; needs Lightning)."""
     return GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
                       damp=damp, act_order=act_order, block_size=block_size,
                       true_sequential=true_sequential, incoherence=incoherence,
-                      lowrank=lowrank)
+                      lowrank=lowrank, finetune=finetune, finetune_steps=finetune_steps)
 
 
 def proxy_loss(W: Tensor, Wq: Tensor, H: Tensor) -> float:

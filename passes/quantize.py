@@ -65,7 +65,12 @@ def _model_handler(config: QuantConfig):
     so `import discq` stays fast and passes/ has no static dependency on training/."""
     if type(config) not in MODEL_HANDLERS and getattr(config, "handler_module", None):
         importlib.import_module(config.handler_module)
-    return MODEL_HANDLERS.get(type(config))
+    handler = MODEL_HANDLERS.get(type(config))
+    if handler is not None and getattr(config, "finetune", False) \
+            and not getattr(config, "FINETUNES_ITSELF", False):
+        # generic end-to-end fine-tuning after any rounding method (codes fixed)
+        handler = importlib.import_module("discq.training.finetune_after").then_finetune(handler)
+    return handler
 
 
 def _run_restoring_on_failure(handler, model, config, targets) -> None:

@@ -33,8 +33,8 @@ from .capture import (
     Inputs,
     block_inputs,
     find_blocks,
+    outside_hessians,
     run_block,
-    sequential_quantize,
     trace_block,
 )
 from .config import QuantConfig, register_config
@@ -72,6 +72,7 @@ class QuipSharpConfig(QuantConfig):
                                         metadata={"serialize": False})
 
     handler_module: ClassVar[str] = "discq.training.quip_handler"
+    FINETUNES_ITSELF: ClassVar[bool] = True  # block-wise stage first, then end to end
 
     def __post_init__(self):
         e8p_residual.check_bits(self.bits)
@@ -240,14 +241,26 @@ def _group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs
 
 
 def _quantize_block(block: nn.Module, inner: dict[nn.Module, str], inputs: Inputs,
-                    config: QuipSharpConfig) -> None:
-    """Quantize the block's target linears group by group (true sequential)."""
+                    config: QuipSharpConfig) -> list[tuple[nn.Linear, LatticeQuantizedTensor]]:
+    """Quantize the block's target linears group by group (true sequential). Returns the
+    lattice weights; meanwhile each layer holds its dequantized weight as a dense fp tensor:
+    the block's remaining calibration passes only need the layer's function, and a dense
+    matmul computes it without decoding codes and rotating activations on every batch
+    (3-4x faster on CPU). `install` puts the lattice tensors in."""
     groups, _ = trace_block(block, inner, inputs)
+    done = []
     for group in groups:
         H = _group_hessian(block, group[0], inner[group[0]], inputs)
         qs = quantize_group([(inner[m], m.weight.detach()) for m in group], H, config)
         for m, q in zip(group, qs):
-            install_weight(m, q)
+            m.weight = nn.Parameter(q.dequantize(), requires_grad=False)
+            done.append((m, q))
+    return done
+
+
+def install(done: list[tuple[nn.Linear, LatticeQuantizedTensor]]) -> None:
+    for m, q in done:
+        install_weight(m, q)
 
 
 @torch.no_grad()
@@ -265,34 +278,34 @@ def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
     _, blocks = find_blocks(model)
     inputs = block_inputs(model, blocks, batches)
     fp_inputs = _with_hidden(inputs, [_hidden_of(a, k) for a, k in inputs])
+    last = None
     for block in tqdm(blocks, desc=f"QuIP# {config.bits}-bit", unit="block"):
         inner = {m: by_module[m] for m in block.modules() if m in by_module}
         fp_out = block_outputs(block, fp_inputs) if after_block and inner else None
-        if inner:
-            _quantize_block(block, inner, inputs, config)
+        done = _quantize_block(block, inner, inputs, config) if inner else []
         if fp_out is not None:
+            install(done)  # fine-tuning trains the lattice weights' sign vectors
             with torch.enable_grad():
                 after_block(block, inputs, fp_out)
             fp_inputs = _with_hidden(fp_inputs, fp_out)
         elif after_block:
             fp_inputs = _with_hidden(fp_inputs, block_outputs(block, fp_inputs))
-        run_block(block, inputs, update=True)
-    _quantize_outside(model, batches, blocks, by_module, config)
+        last = run_block(block, inputs, update=True)
+        install(done)
+    _quantize_outside(model, batches, blocks, inputs, last, by_module, config)
 
 
 def _hidden_of(args: list, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _quantize_outside(model, batches, blocks, by_module: dict, config) -> None:
-    """Targets outside the blocks (e.g. a quantized head), with Hessians from the quantized
-    model (capture.sequential_quantize recomputes the blocks once)."""
+def _quantize_outside(model, batches, blocks, inputs: Inputs, last, by_module: dict,
+                      config) -> None:
+    """Targets outside the blocks (e.g. a quantized head), with Hessians from a forward in
+    which the blocks return their stored (quantized) outputs instead of running again."""
     in_blocks = {m for b in blocks for m in b.modules()}
-    rest = [(fqn, m) for m, fqn in by_module.items() if m not in in_blocks]
+    rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
     if not rest:
         return
-
-    def quantize_layer(fqn: str, module: nn.Linear, H: Tensor) -> None:
-        install_weight(module, quantize_group([(fqn, module.weight.detach())], H, config)[0])
-
-    sequential_quantize(model, batches, rest, quantize_layer, desc="QuIP# (outside blocks)")
+    for m, H in zip(rest, outside_hessians(model, blocks, inputs, last, batches, rest)):
+        install_weight(m, quantize_group([(rest[m], m.weight.detach())], H, config)[0])

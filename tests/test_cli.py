@@ -33,6 +33,19 @@ def test_quantize_then_eval_with_json(tmp_path):
     assert 0 < e["kl"] < 1 and 0.5 < e["top1"] <= 1 and e["perplexity"] > 1
 
 
+def test_quip_sharp_two_bits_from_the_command_line(tmp_path):
+    out = tmp_path / "q"
+    done = discq("quantize", TINY_LLAMA, "--method", "quip-sharp", "--bits", "2", "--calib",
+                 CALIB_TEXT, "--n-calib", "8", "--seq-len", "64", "--steps", "2", "--out", out,
+                 "--json")
+    q = json.loads(done.stdout)
+    assert q["method"] == "quip-sharp" and 2 < q["bits_per_weight"] < 2.3
+    assert "no scale groups" not in done.stderr  # the CLI's default group size is not passed
+    e = json.loads(discq("eval", out, "--data", HELDOUT_TEXT, "--n-windows", "2",
+                         "--seq-len", "128", "--json").stdout)
+    assert 0 < e["kl"] < 1 and e["perplexity"] > 1
+
+
 def test_existing_output_is_refused_before_work(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     done = discq("quantize", TINY_LLAMA, "--out", tmp_path, check=False)

@@ -90,6 +90,9 @@ class _TunedModule(L.LightningModule):
         self.best = [state_dict[f"best.{i}"] for i in range(len(ps)) if f"best.{i}" in state_dict]
         self.best_loss = float(state_dict["best_loss"])
 
+    def on_fit_start(self) -> None:
+        self.tunables.bind()  # the trainer has moved the model, rebuilding quantized weights
+
     def configure_optimizers(self):
         groups = [{"params": self.tunables.signs, "lr": self.sign_lr},
                   {"params": self.tunables.other, "lr": self.lr}]

@@ -4,7 +4,6 @@ fine-tuning after each block and stage-2 (end to end) fine-tuning at the end whe
 quantized weights are restored by `quantize_`)."""
 from __future__ import annotations
 
-import torch
 from discq.passes.quip_sharp import QuipSharpConfig, quip_sharp_quantize
 from discq.passes.registry import register_model_handler
 from torch import nn
@@ -39,15 +38,7 @@ def _quip_sharp_model(model: nn.Module, config: QuipSharpConfig, targets) -> Non
         quip_sharp_quantize(model, config, targets, after_block=stage1)
         report["end_to_end"] = finetune_(model, teacher, config.calibration, settings)
     except BaseException:
-        _restore_continuous(model, teacher, {id(m.weight) for _, m in targets})
+        teacher.restore_continuous()
         raise
     model.discq_finetune = report  # held-out losses before/after, for the curious
 
-
-@torch.no_grad()
-def _restore_continuous(model: nn.Module, teacher: FrozenReference, skip: set[int]) -> None:
-    for name, p in model.named_parameters():
-        saved = teacher.params.get(name)
-        if saved is not None and id(saved) not in skip and p.shape == saved.shape \
-                and type(p.data) is type(saved):
-            p.copy_(saved)

@@ -61,6 +61,21 @@ class Tunables:
                 self.signs.append(p)
         return self
 
+    @torch.no_grad()
+    def bind(self) -> None:
+        """Set the sign Parameters on their weights again. Needed after `model.to(...)`
+        (Lightning moves the model at fit start): nn.Module._apply rebuilds tensor-subclass
+        weights through detach(), which leaves plain copies of s_in/s_out in place of the
+        Parameters, and training would then never move them. `.data` is replaced, not the
+        Parameter, so an optimizer holding them stays valid."""
+        it = iter(self.signs)
+        for w in self.owners:
+            for name in SIGN_NAMES:
+                p, current = next(it), getattr(w, name)
+                if p.device != current.device:
+                    p.data = p.data.to(current.device)
+                setattr(w, name, p)
+
     def __exit__(self, *exc) -> None:
         it = iter(zip(self.signs, self._dtypes))
         for w in self.owners:
@@ -87,6 +102,17 @@ class FrozenReference:
         self.model = model
         self.params = {n: p if id(p) in shared else p.detach().clone()
                        for n, p in model.named_parameters()}
+        self.shared = shared
+
+    @torch.no_grad()
+    def restore_continuous(self) -> None:
+        """Put the cloned (continuous) parameters back into the model, e.g. after a failed
+        fine-tuning; the shared ones (the weights quantization replaces) are left alone."""
+        for name, p in self.model.named_parameters():
+            saved = self.params.get(name)
+            if saved is not None and id(saved) not in self.shared and p.shape == saved.shape \
+                    and type(p.data) is type(saved):
+                p.copy_(saved)
 
     @torch.no_grad()
     def __call__(self, ids: Tensor) -> Tensor:
