@@ -59,6 +59,7 @@ class DiscConfig(GridConfig):
 
     calibration: Any = field(default=None, repr=False, compare=False)
     incoherence: bool = False
+    codebook: str = "affine"
     steps: int = 1024
     lr: float = 0.05
     batch_size: int = 8
@@ -85,6 +86,12 @@ class DiscConfig(GridConfig):
         _check_number(True, lr=self.lr, clamp=self.clamp, rho=self.rho)
         _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight)
         check_finetune(self)
+        if self.codebook not in ("affine", "e8p"):
+            raise ValueError(f"codebook must be 'affine' (the grid of bits/group_size) or 'e8p' "
+                             f"(QuIP#'s lattice, 2-4 bits), got {self.codebook!r}")
+        if self.codebook == "e8p" and self.bits not in (2, 3, 4):
+            raise ValueError(f"codebook='e8p' codes 2, 3 or 4 bits per weight, got "
+                             f"bits={self.bits!r}")
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
                              f"the RTN vertex), got {self.init!r}")
@@ -123,7 +130,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 checkpoint_dir: str | None = None, trainer_kwargs: dict | None = None,
                 kl_weight: float = 1.0, ce_weight: float = 0.0, init: str = "uniform",
                 scale_dtype: str = "float16", gradient_checkpointing: bool = True,
-                finetune: bool = False, finetune_steps: int = 100) -> DiscConfig:
+                finetune: bool = False, finetune_steps: int = 100,
+                codebook: str = "affine") -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
@@ -134,7 +142,10 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
     `kl_weight`/`ce_weight`: weights of the KL and next-token cross-entropy terms.
     `finetune=True`: after rounding, tune norms/biases/sign vectors for `finetune_steps` steps
-    (codes fixed; see discq.training.finetune)."""
+    (codes fixed; see discq.training.finetune). `codebook="e8p"`: round to QuIP#'s E8P lattice
+    (in its randomized-Hadamard basis) instead of the affine grid, choosing for each block of
+    8 weights between its two candidate lattice points (passes/disc_lattice.py);
+    group_size/symmetric/group_along/incoherence do not apply there."""
     return DiscConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, incoherence=incoherence,
                       calibration=calibration, steps=steps, lr=lr, batch_size=batch_size,
@@ -142,7 +153,7 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
                       kl_weight=kl_weight, ce_weight=ce_weight, init=init,
                       gradient_checkpointing=gradient_checkpointing, finetune=finetune,
-                      finetune_steps=finetune_steps)
+                      finetune_steps=finetune_steps, codebook=codebook)
 
 
 def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -227,3 +227,63 @@ def test_bad_disc_arguments(kw):
 def test_missing_calibration_is_a_clear_error():
     with pytest.raises(ValueError, match="calibration"):
         discq.quantize_(tiny_random_llama(), disc_config(steps=2))
+
+
+# ---- the E8P lattice (codebook="e8p") ------------------------------------------------------
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from([2, 3, 4]), st.integers(0, 1000))
+def test_lattice_rounding_picks_one_of_the_two_candidate_points(bits, seed):
+    from discq.passes.disc_lattice import RelaxedLatticeLinear
+    from discq.tensors import e8p_residual
+    torch.manual_seed(seed)
+    lin = nn.Linear(32, 12)
+    layer = RelaxedLatticeLinear(lin, bits, seed, "uniform", torch.Generator().manual_seed(seed))
+    down = e8p_residual.decode(layer.codes_down.long(), bits)
+    up = e8p_residual.decode(layer.codes_up.long(), bits)
+    got = layer.rounded().codes()  # [N, K/8, stages]
+    is_down = (got == layer.codes_down.long()).all(-1)
+    is_up = (got == layer.codes_up.long()).all(-1)
+    assert (is_down | is_up).all()
+    assert torch.equal(is_up & ~is_down, (layer.x >= 0.5) & ~is_down)
+    with torch.no_grad():  # Ŵ(x) is the segment between the two candidates, in the rotated basis
+        seg = (down + layer.x.unsqueeze(-1) * (up - down)).flatten(1) * layer.scale
+        assert torch.allclose(layer.weight_hat(), seg, atol=1e-5)
+        # at 2 bits down is the exact nearest point, so the pull never prefers up (t <= 1/2);
+        # the 3/4-bit residual codes are greedy, and up may be the nearer one
+        if bits == 2:
+            assert (layer.pull >= -1e-3).all()
+
+
+def test_lattice_with_zero_kl_weight_is_nearest_point_coding():
+    from discq.passes.quip_sharp import layer_seed
+    from discq.tensors.lattice import LatticeQuantizedTensor
+    model = tiny_random_llama()
+    ref = copy.deepcopy(model)
+    discq.quantize_(model, disc_config(2, calibration=_calib(), steps=30, kl_weight=0, lr=0.1,
+                                       codebook="e8p", init="uniform", **FAST))
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.Linear):
+            near = LatticeQuantizedTensor.from_hp(m.weight.detach(), 2, seed=layer_seed(name, 0))
+            got = model.get_submodule(name).weight
+            assert isinstance(got, LatticeQuantizedTensor), name
+            assert torch.equal(got.codes(), near.codes()), name
+
+
+def test_lattice_discquant_lowers_the_kl_of_nearest_point_coding(tiny_llama, tiny_calibration):
+    model, _ = tiny_llama
+    ids = torch.cat(tiny_calibration)[:4, :64]
+    near, q = copy.deepcopy(model), copy.deepcopy(model)
+    base = dict(calibration=tiny_calibration, codebook="e8p", init="rtn", **FAST)
+    discq.quantize_(near, disc_config(2, steps=1, kl_weight=0, **base))
+    discq.quantize_(q, disc_config(2, steps=40, lr=0.05, **base))
+    with torch.no_grad():
+        t = model(ids).logits
+        assert forward_kl(t, q(ids).logits) < forward_kl(t, near(ids).logits)
+
+
+def test_lattice_codebook_arguments_are_checked():
+    with pytest.raises(ValueError, match="codebook"):
+        disc_config(2, codebook="e9")
+    with pytest.raises(ValueError, match="2, 3 or 4"):
+        disc_config(8, codebook="e8p")

@@ -13,7 +13,9 @@ import lightning as L
 import torch
 from discq.passes.calibration import as_batches
 from discq.passes.disc import DiscConfig, RelaxedLinear, layer_rotation, mean_noise
+from discq.passes.disc_lattice import RelaxedLatticeLinear
 from discq.passes.quantize import check_finite, install_weight
+from discq.passes.quip_sharp import layer_seed as quip_seed
 from discq.passes.registry import register_model_handler
 from discq.passes.rtn import layer_seed
 from torch import nn
@@ -38,8 +40,13 @@ def _relax(model: nn.Module, targets, config: DiscConfig) -> list[RelaxedLinear]
     layers = []
     for fqn, lin in targets:
         check_finite(lin.weight, fqn)
-        rot = layer_rotation(*lin.weight.shape, layer_seed(fqn)) if config.incoherence else None
-        layers.append(RelaxedLinear(lin, config.grid(), config.init, g, rot))
+        if config.codebook == "e8p":
+            layers.append(RelaxedLatticeLinear(lin, config.bits, quip_seed(fqn, config.seed),
+                                               config.init, g))
+        else:
+            rot = layer_rotation(*lin.weight.shape, layer_seed(fqn)) if config.incoherence \
+                else None
+            layers.append(RelaxedLinear(lin, config.grid(), config.init, g, rot))
         _swap(model, fqn, layers[-1])
     return layers
 
