@@ -126,3 +126,34 @@ def test_interrupted_quip_sharp_leaves_the_model_untouched(tiny_llama, tiny_cali
     with pytest.raises(KeyboardInterrupt):
         discq.quantize_(model, quip_sharp_config(2, tiny_calibration, finetune=False))
     assert all(p is before[n] for n, p in model.named_parameters())
+
+
+def test_finetuning_resumes_from_its_checkpoint_to_the_uninterrupted_result(
+        tiny_llama, tiny_calibration, quip_tiny, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from discq.training import finetune_
+
+    class Stop(Exception):
+        pass
+
+    class KillAt(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:
+                raise Stop
+
+    kw = dict(steps=6, val_every=2, batch_size=2, valid_fraction=0.25, lr=1e-3, sign_lr=1e-2)
+    full = copy.deepcopy(quip_tiny)
+    finetune_(full, tiny_llama[0], tiny_calibration, **kw)
+    part, ckpt = copy.deepcopy(quip_tiny), str(tmp_path / "ft")
+    with pytest.raises(Stop):
+        finetune_(part, tiny_llama[0], tiny_calibration, checkpoint_dir=ckpt,
+                  trainer_kwargs={"callbacks": [KillAt()]}, **kw)
+    assert (tmp_path / "ft" / "last.ckpt").is_file()
+    finetune_(part, tiny_llama[0], tiny_calibration, checkpoint_dir=ckpt, **kw)
+    for (n, a), (_, b) in zip(full.named_modules(), part.named_modules()):
+        if isinstance(a, torch.nn.Linear) and isinstance(a.weight, LatticeQuantizedTensor):
+            assert torch.equal(a.weight.s_in, b.weight.s_in), n
+    norms = [(a, b) for (n, a), (_, b) in zip(full.named_parameters(), part.named_parameters())
+             if "norm" in n]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in norms)

@@ -12,6 +12,7 @@ over a map-style dataset would restart at its first batch on resume).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -46,19 +47,23 @@ class StepStream(IterableDataset):
     """Yields {"step": t, "ids": [B, S]} for steps first_step … steps − 1 on one rank; the
     module checks `step` against its global step, so a misaligned resume fails loudly."""
 
-    def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int, first_step: int,
-                 steps: int, rank: int = 0, world: int = 1):
+    def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int,
+                 first_step: int | Callable[[], int], steps: int, rank: int = 0,
+                 world: int = 1):
         self.sequences, self.batch_size, self.seed = sequences, batch_size, seed
         self.first_step, self.steps, self.rank, self.world = first_step, steps, rank, world
 
+    def _first(self) -> int:
+        return self.first_step() if callable(self.first_step) else self.first_step
+
     def __iter__(self):
         n = len(self.sequences)
-        for t in range(self.first_step, self.steps):
+        for t in range(self._first(), self.steps):
             idx = step_indices(t, n, self.batch_size, self.seed, self.rank, self.world)
             yield {"step": torch.tensor(t), "ids": self.sequences[idx]}
 
     def __len__(self) -> int:
-        return self.steps - self.first_step
+        return self.steps - self._first()
 
 
 class CalibrationDataModule(L.LightningDataModule):
@@ -71,9 +76,11 @@ class CalibrationDataModule(L.LightningDataModule):
         self.steps, self.batch_size, self.seed = steps, batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        # the fit loop asks for it after restoring a checkpoint: global_step is the resume step
+        # the first step is read when iteration starts, after Lightning has restored a
+        # checkpoint's loop state (with mid-epoch validation it does so after building loaders)
         t = self.trainer
-        first, rank, world = (t.global_step, t.global_rank, t.world_size) if t else (0, 0, 1)
+        first = (lambda: t.global_step) if t else 0
+        rank, world = (t.global_rank, t.world_size) if t else (0, 1)
         stream = StepStream(self.sequences, self.batch_size, self.seed, first, self.steps,
                             rank, world)
         return DataLoader(stream, batch_size=None)
