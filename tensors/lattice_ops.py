@@ -19,7 +19,18 @@ def e8p_decode(qdata: Tensor, bits: int) -> Tensor:
     """The unscaled rotated-basis weight [N, K] fp32 of packed lattice codes. An op of its own
     so that traced backward graphs (which decode the weight again) see one node, not a lookup
     into the cached codebook table."""
-    return e8p_ref.decode_weight(qdata, bits)
+    return _decoder(qdata)(qdata, bits)
+
+
+def _decoder(qdata: Tensor):
+    """Triton's decode on CUDA (kernels/e8p_triton.py), the torch reference elsewhere."""
+    if qdata.is_cuda:
+        try:
+            from .kernels.e8p_triton import decode_weight_triton
+            return decode_weight_triton
+        except ImportError:  # no triton: the reference runs on CUDA too
+            pass
+    return e8p_ref.decode_weight
 
 
 @e8p_decode.register_fake
@@ -31,7 +42,8 @@ def _e8p_decode_fake(qdata, bits):
 def e8p_linear(x: Tensor, qdata: Tensor, scale: Tensor, s_in: Tensor, s_out: Tensor,
                q_in: Tensor, q_out: Tensor, bias: Tensor | None, bits: int) -> Tensor:
     """y = s_out ⊙ T_outᵀ(scale·Ŵ̃ · T_in(s_in ⊙ x)) + b (see `kernels/e8p_ref.py`)."""
-    return e8p_linear_ref(x, qdata, scale, s_in, s_out, q_in, q_out, bias, bits)
+    return e8p_linear_ref(x, qdata, scale, s_in, s_out, q_in, q_out, bias, bits,
+                          decode=_decoder(qdata))
 
 
 @e8p_linear.register_fake

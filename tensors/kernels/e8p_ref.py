@@ -48,9 +48,11 @@ def decode_weight(qdata: Tensor, bits: int) -> Tensor:
 
 
 def e8p_linear_ref(x: Tensor, qdata: Tensor, scale: Tensor, s_in: Tensor, s_out: Tensor,
-                   q_in: Tensor, q_out: Tensor, bias: Tensor | None, bits: int) -> Tensor:
-    """y = s_out ⊙ T_outᵀ(scale·Ŵ̃ · T_in(s_in ⊙ x)) + b. x: [..., K] -> y: [..., N]."""
-    W = decode_weight(qdata, bits).to(x.dtype) * scale.to(x.dtype)  # [N, K]
+                   q_in: Tensor, q_out: Tensor, bias: Tensor | None, bits: int,
+                   decode=None) -> Tensor:
+    """y = s_out ⊙ T_outᵀ(scale·Ŵ̃ · T_in(s_in ⊙ x)) + b. x: [..., K] -> y: [..., N].
+    `decode`: the codes -> weight function (default `decode_weight`; Triton's on CUDA)."""
+    W = (decode or decode_weight)(qdata, bits).to(x.dtype) * scale.to(x.dtype)  # [N, K]
     y = unrotate(rotate(x, s_in, q_in) @ W.t(), s_out, q_out)
     return y if bias is None else y + bias
 
