@@ -52,7 +52,10 @@ class QuantizeLinearsPass(PassBase):
         with gm.graph.inserting_before(anchor):
             ph = gm.graph.placeholder(f"c_{fqn.replace('.', '_')}_{part}")
         ph.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
-        self.constants[f"{fqn}.{part}"] = (ph, t)
+        # "lm_head.weight_qdata", not "lm_head.weight.qdata": unlifting turns the dotted name
+        # into attributes, and a weight that stays (tied to the embedding) is a tensor, not
+        # a module that could hold `qdata`
+        self.constants[f"{fqn}_{part}"] = (ph, t)
         return ph
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:

@@ -44,8 +44,6 @@ def test_pass_replaces_linears_and_equals_eager_quantization(exported):
 
 
 def test_run_decompositions_keeps_the_quantized_op():
-    # a plain MLP: on the HF Llama program, running the decomposed module still fails with a
-    # NameError inside torch's input guards (known issue, see the session note)
     mlp = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
     x = torch.randn(3, 64)
     qep = quantize_exported(torch.export.export(mlp, (x,)), discq.rtn_config(3, 32))
@@ -53,6 +51,19 @@ def test_run_decompositions_keeps_the_quantized_op():
     dec.validate()
     assert sum(n.target == torch.ops.discq.affine_linear.default for n in dec.graph.nodes) == 2
     assert torch.equal(dec.module()(x), qep.module()(x))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decomposed_llama_program_runs_and_equals_the_quantized_one(tie):
+    """Tied head: the head's weight stays in the program (the embedding reads it) beside its
+    quantized constants, whose names must not nest under it (`lm_head.weight_qdata`)."""
+    model = tiny_random_llama(tie=tie)
+    ep = torch.export.export(model, (X,), kwargs={"use_cache": False})
+    qep = quantize_exported(ep, discq.rtn_config(3, 32))
+    dec = qep.run_decompositions()
+    dec.validate()
+    ref = _logits(qep.module()(X, use_cache=False))
+    assert torch.allclose(_logits(dec.module()(X, use_cache=False)), ref, atol=1e-5)
 
 
 def test_compile_and_save_load_in_a_fresh_process(exported, tmp_path):
@@ -99,3 +110,19 @@ def test_eager_quantize_then_export_is_one_node_per_layer(tmp_path):
 def test_bad_arguments():
     with pytest.raises(TypeError, match="ExportedProgram"):
         quantize_exported(nn.Linear(2, 2), discq.rtn_config())
+
+
+def test_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
+    """AOTInductor compiles the quantized program to a C++ package (the op's Inductor
+    decomposition lowers it: unpack, dequantize, matmul); a fresh process loads and runs it."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).eval()
+    x = torch.randn(3, 64)
+    qep = quantize_exported(torch.export.export(mlp, (x,)), discq.rtn_config(4, 32))
+    pkg = torch._inductor.aoti_compile_and_package(qep, package_path=str(tmp_path / "q.pt2"))
+    torch.save((x, qep.module()(x)), tmp_path / "io.pt")
+    code = (f"import torch, discq; m = torch._inductor.aoti_load_package({pkg!r}); "
+            f"x, ref = torch.load({str(tmp_path / 'io.pt')!r}); "
+            f"assert torch.allclose(m(x), ref, atol=1e-5), (m(x) - ref).abs().max(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -24,9 +24,11 @@ from torch.utils.checkpoint import checkpoint
 from .data import CalibrationDataModule
 from .disc_module import DiscQuantModule
 
+# resuming mid-epoch is exact here: the stream is a function of the step (training/data.py)
 _QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
           ".*module\\(s\\) in eval mode.*", ".*checkpoint directory .* exists and is not empty.*",
-          ".*Checkpoint directory .* exists and is not empty.*")
+          ".*Checkpoint directory .* exists and is not empty.*",
+          ".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:

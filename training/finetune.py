@@ -35,9 +35,11 @@ from .data import CalibrationDataModule
 from .tunable import FrozenReference, Tunables
 
 Teacher = Callable[[Tensor], Tensor]  # ids [B, S] -> logits [B, S, V]
+# resuming mid-epoch is exact here: the stream is a function of the step (training/data.py)
 _QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
           ".*module\\(s\\) in eval mode.*", ".*exists and is not empty.*",
-          ".*val_check_interval.*", ".*The number of training batches.*")
+          ".*val_check_interval.*", ".*The number of training batches.*",
+          ".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 @dataclass
