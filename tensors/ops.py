@@ -17,9 +17,23 @@ from .kernels.affine_ref import affine_linear_ref, dequantize_packed
 def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
                   bias: Tensor | None, bits: int, group_size: int, along_output: bool,
                   in_features: int) -> Tensor:
-    """y = x Ŵᵀ + b for the packed affine grid (see `kernels/affine_ref.py` for the layout)."""
+    """y = x Ŵᵀ + b for the packed affine grid (see `kernels/affine_ref.py` for the layout).
+    CUDA runs the fused Triton kernels, other devices the torch reference (a device branch:
+    a triton_op with a CPU kernel would fail under compile on CPU)."""
+    if x.is_cuda and _triton_op() is not None:
+        return _triton_op()(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                            in_features)
     return affine_linear_ref(x, qdata, scale, zero_point, bias, bits, group_size,
                              along_output, in_features)
+
+
+def _triton_op():
+    """`discq::affine_linear_triton` (kernels/affine_triton.py), or None without triton."""
+    try:
+        from .kernels import affine_triton  # noqa: F401  (registers the op)
+    except ImportError:
+        return None
+    return torch.ops.discq.affine_linear_triton
 
 
 @affine_linear.register_fake
@@ -50,10 +64,21 @@ def _backward(ctx, grad_y):
 affine_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _inductor_decomposition(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                            in_features):
+    """CPU: the reference in plain ops, which Inductor fuses into C++. CUDA: the Triton
+    triton_op, whose kernels Inductor sees and schedules."""
+    if x.is_cuda and _triton_op() is not None:
+        return _triton_op()(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                            in_features)
+    return affine_linear_ref(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                             in_features)
+
+
 def _register_inductor_decomposition() -> None:
-    # Inductor's table only: torch.export keeps the op as one node, Inductor lowers it to C++.
+    # Inductor's table only: torch.export keeps the op as one node, Inductor lowers it.
     from torch._inductor.decomposition import register_decomposition
-    register_decomposition(torch.ops.discq.affine_linear.default)(affine_linear_ref)
+    register_decomposition(torch.ops.discq.affine_linear.default)(_inductor_decomposition)
 
 
 _register_inductor_decomposition()
