@@ -69,6 +69,7 @@ class DiscConfig(GridConfig):
     seed: int = 0
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    hidden_weight: float = 0.0
     init: str = "uniform"
     gradient_checkpointing: bool = True
     finetune: bool = False
@@ -84,7 +85,8 @@ class DiscConfig(GridConfig):
         _check_int(1, steps=self.steps, batch_size=self.batch_size)
         _check_int(0, warmup=self.warmup, seed=self.seed)
         _check_number(True, lr=self.lr, clamp=self.clamp, rho=self.rho)
-        _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight)
+        _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+                      hidden_weight=self.hidden_weight)
         check_finetune(self)
         if self.codebook not in ("affine", "e8p"):
             raise ValueError(f"codebook must be 'affine' (the grid of bits/group_size) or 'e8p' "
@@ -131,7 +133,7 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 kl_weight: float = 1.0, ce_weight: float = 0.0, init: str = "uniform",
                 scale_dtype: str = "float16", gradient_checkpointing: bool = True,
                 finetune: bool = False, finetune_steps: int = 100,
-                codebook: str = "affine") -> DiscConfig:
+                codebook: str = "affine", hidden_weight: float = 0.0) -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
@@ -140,7 +142,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
     arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
-    `kl_weight`/`ce_weight`: weights of the KL and next-token cross-entropy terms.
+    `kl_weight`/`ce_weight`/`hidden_weight`: weights of the KL, next-token cross-entropy and
+    intermediate-layer (relative MSE of every decoder layer's hidden state) terms.
     `finetune=True`: after rounding, tune norms/biases/sign vectors for `finetune_steps` steps
     (codes fixed; see discq.training.finetune). `codebook="e8p"`: round to QuIP#'s E8P lattice
     (in its randomized-Hadamard basis) instead of the affine grid, choosing for each block of
@@ -153,7 +156,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
                       kl_weight=kl_weight, ce_weight=ce_weight, init=init,
                       gradient_checkpointing=gradient_checkpointing, finetune=finetune,
-                      finetune_steps=finetune_steps, codebook=codebook)
+                      finetune_steps=finetune_steps, codebook=codebook,
+                      hidden_weight=hidden_weight)
 
 
 def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -282,6 +286,15 @@ def forward_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     lt = F.log_softmax(teacher_logits.float(), dim=-1)
     ls = F.log_softmax(student_logits.float(), dim=-1)
     return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
+def hidden_mse(teacher_hidden, student_hidden) -> Tensor:
+    """The intermediate-layer term: relative squared error of every layer's hidden state,
+    ‖h_s − h_t‖² / ‖h_t‖², averaged over layers (the embeddings' output, identical in both,
+    is skipped). Each item: [B, S, D]."""
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp(min=1e-12)
+             for t, s in zip(teacher_hidden[1:], student_hidden[1:])]
+    return torch.stack(terms).mean()
 
 
 def next_token_ce(student_logits: Tensor, ids: Tensor) -> Tensor:

@@ -287,3 +287,19 @@ def test_lattice_codebook_arguments_are_checked():
         disc_config(2, codebook="e9")
     with pytest.raises(ValueError, match="2, 3 or 4"):
         disc_config(8, codebook="e8p")
+
+
+def test_intermediate_layer_term_alone_lowers_the_hidden_state_error(tiny_llama,
+                                                                     tiny_calibration):
+    from discq.passes.disc import hidden_mse
+    model, _ = tiny_llama
+    ids = torch.cat(tiny_calibration)[:4, :64]
+    rtn, q = copy.deepcopy(model), copy.deepcopy(model)
+    discq.quantize_(rtn, discq.rtn_config(2, 32))
+    discq.quantize_(q, disc_config(2, 32, calibration=tiny_calibration, steps=30, lr=0.05,
+                                   kl_weight=0, hidden_weight=1.0, init="rtn", **FAST))
+    with torch.no_grad():
+        t = model(ids, output_hidden_states=True).hidden_states
+        err = {name: float(hidden_mse(t, m(ids, output_hidden_states=True).hidden_states))
+               for name, m in (("rtn", rtn), ("disc", q))}
+    assert err["disc"] < err["rtn"], err

@@ -10,6 +10,7 @@ from discq.passes.disc import (
     cosine_with_warmup,
     forward_kl,
     frac_at_vertex,
+    hidden_mse,
     next_token_ce,
 )
 from torch import nn
@@ -39,23 +40,28 @@ class DiscQuantModule(L.LightningModule):
             for i, l in enumerate(self.layers):
                 l.x.copy_(state_dict[f"x.{i}"])
 
-    def _logits(self, ids: torch.Tensor, teacher: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, teacher: bool):
+        """(logits [B, S, V], hidden states per layer or None)."""
         for l in self.layers:
             l.teacher = teacher
-        return self.model(ids, use_cache=False).logits  # [B, S, V]
+        want_hidden = self.config.hidden_weight > 0
+        out = self.model(ids, use_cache=False, output_hidden_states=want_hidden)
+        return out.logits, (out.hidden_states if want_hidden else None)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if int(batch["step"]) != self.global_step:  # see discq.training.data
             raise RuntimeError(f"calibration stream at step {int(batch['step'])}, trainer at "
                                f"{self.global_step}: data order would not be reproducible")
         ids, c = batch["ids"], self.config  # ids: [B, S]
-        if c.kl_weight == 0 and c.ce_weight == 0:  # only the pull towards RTN is left
-            return sum(l.x.sum() for l in self.layers) * 0.0
+        if c.kl_weight == 0 and c.ce_weight == 0 and c.hidden_weight == 0:
+            return sum(l.x.sum() for l in self.layers) * 0.0  # only the pull to RTN is left
         with torch.no_grad():
-            teacher = self._logits(ids, teacher=True)
-        student = self._logits(ids, teacher=False)
+            teacher, t_hidden = self._forward(ids, teacher=True)
+        student, s_hidden = self._forward(ids, teacher=False)
         kl = forward_kl(teacher, student)
         loss = c.kl_weight * kl / self.noise
+        if c.hidden_weight:
+            loss = loss + c.hidden_weight * hidden_mse(t_hidden, s_hidden) / self.noise
         if c.ce_weight:
             loss = loss + c.ce_weight * next_token_ce(student, ids)
         self.log("kl", kl.detach(), prog_bar=True)
