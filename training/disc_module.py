@@ -29,7 +29,9 @@ class DiscQuantModule(L.LightningModule):
 
     # only the variables x are state: checkpoints stay small and never copy the model
     def state_dict(self, *args, **kwargs) -> dict:
-        return {f"x.{i}": l.x.detach().clone() for i, l in enumerate(self.layers)}
+        # views, not clones: the checkpoint is written before x changes again, and a clone
+        # would add 4 bytes per weight at every save
+        return {f"x.{i}": l.x.detach() for i, l in enumerate(self.layers)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if strict and len(state_dict) != len(self.layers):
