@@ -28,7 +28,8 @@ from .disc_module import DiscQuantModule
 _QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
           ".*module\\(s\\) in eval mode.*", ".*checkpoint directory .* exists and is not empty.*",
           ".*Checkpoint directory .* exists and is not empty.*",
-          ".*resuming from a checkpoint that ended before the epoch ended.*")
+          ".*resuming from a checkpoint that ended before the epoch ended.*",
+          ".*has `__len__` defined.*")
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:

@@ -39,7 +39,8 @@ Teacher = Callable[[Tensor], Tensor]  # ids [B, S] -> logits [B, S, V]
 _QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
           ".*module\\(s\\) in eval mode.*", ".*exists and is not empty.*",
           ".*val_check_interval.*", ".*The number of training batches.*",
-          ".*resuming from a checkpoint that ended before the epoch ended.*")
+          ".*resuming from a checkpoint that ended before the epoch ended.*",
+          ".*has `__len__` defined.*")
 
 
 @dataclass
