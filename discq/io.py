@@ -36,6 +36,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten the state dict: plain tensors as they are, quantized ones into their parts."""
     tensors: dict[str, torch.Tensor] = {}
     quantized, aliases, first_key = {}, {}, {}
+    storages: set[int] = set()  # data pointers already written
     for key, t in model.state_dict(keep_vars=True).items():
         if id(t) in first_key:  # tied weights are stored once
             aliases[key] = first_key[id(t)]
@@ -47,13 +48,16 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
                 v = v.detach().contiguous().cpu()
                 # layers rounded together share small parts (QuIP#'s input rotation of q/k/v);
                 # safetensors refuses shared storage, so each gets its own copy on disk
-                shared = any(v.untyped_storage().data_ptr() == o.untyped_storage().data_ptr()
-                             for o in tensors.values() if o.numel() and v.numel())
-                tensors[f"{key}.{part}"] = v.clone() if shared else v
+                ptr = v.untyped_storage().data_ptr()
+                if v.numel() and ptr in storages:
+                    v = v.clone()
+                storages.add(v.untyped_storage().data_ptr())
+                tensors[f"{key}.{part}"] = v
             quantized[key] = {"format": t.format_name, "attributes": t.attributes(),
                               "tensors": sorted(parts), "config": _layer_config(model, key)}
         else:
             tensors[key] = t.detach().contiguous().cpu()
+            storages.add(tensors[key].untyped_storage().data_ptr())
     return tensors, {"quantized": quantized, "aliases": aliases}
 
 

@@ -79,8 +79,14 @@ def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> Inputs:
     return captured
 
 
-def _hidden(out):
+def hidden_state(out) -> torch.Tensor:
+    """The hidden state in what a block returns (a tensor, or a tuple with it first)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def input_hidden(args: list, kwargs: dict) -> torch.Tensor:
+    """The hidden state among the (args, kwargs) a block receives."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _like(template, h: torch.Tensor):
@@ -88,7 +94,7 @@ def _like(template, h: torch.Tensor):
     return (h, *template[1:]) if isinstance(template, (tuple, list)) else h
 
 
-def _set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
+def set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
     if args:
         args[0] = h
     else:
@@ -110,7 +116,7 @@ def run_block(block: nn.Module, inputs: Inputs, *, update: bool,
         except _StopForward:
             continue
         if update:
-            _set_hidden(args, kwargs, _hidden(out))
+            set_hidden(args, kwargs, hidden_state(out))
     return out
 
 
@@ -147,14 +153,22 @@ def linear_groups(block: nn.Module, targets, inputs: Inputs) -> list[list[nn.Lin
     return trace_block(block, targets, inputs)[0]
 
 
-def _quantize_group(block, group, targets, inputs, quantize_layer, cache) -> None:
-    """The linears of a group read the same input, so one Hessian serves them all, and the
-    block's forward can stop as soon as that input exists (the rest of the block is skipped)."""
-    acc = HessianAccumulator(group[0], targets[group[0]], stop_after=True)
+@torch.no_grad()
+def group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs,
+                  cache: FrozenChildren | None = None) -> torch.Tensor:
+    """H of the input `first` (and every linear of its group) reads. The block's forward stops
+    as soon as that input exists (the rest of the block is skipped)."""
+    acc = HessianAccumulator(first, name, stop_after=True)
     try:
         run_block(block, inputs, update=False, cache=cache)
     finally:
         H = acc.remove()
+    return H
+
+
+def _quantize_group(block, group, targets, inputs, quantize_layer, cache) -> None:
+    """The linears of a group read the same input, so one Hessian serves them all."""
+    H = group_hessian(block, group[0], targets[group[0]], inputs, cache)
     for m in group:
         quantize_layer(targets[m], m, H)
 
@@ -229,10 +243,10 @@ class _blocks_replaced:
         if self.state["calls"] > 1:
             raise _BlocksCalledUnusually("the first block ran twice in one forward")
         args0, kwargs0 = self.inputs[self.state["batch"]]
-        return _like(self.template, args0[0] if args0 else kwargs0["hidden_states"])
+        return _like(self.template, input_hidden(args0, kwargs0))
 
     def _through(self, *args, **kwargs):
-        return _like(self.template, args[0] if args else kwargs["hidden_states"])
+        return _like(self.template, input_hidden(list(args), kwargs))
 
     def __enter__(self) -> dict:
         for i, b in enumerate(self.blocks):

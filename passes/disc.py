@@ -168,7 +168,34 @@ def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Te
     return s_in, s_out, q_in, q_out
 
 
-class RelaxedLinear(nn.Module):
+class Relaxation(nn.Module):
+    """What every relaxed layer shares: the teacher switch, the forward through Ŵ(x) (in the
+    rotated basis when `rotation` is set) and the pull term. Subclasses hold `original`, `x`,
+    `pull` and the (s_in, s_out, q_in, q_out) `rotation` or None, and define `weight_hat()`
+    and `rounded()`."""
+
+    teacher: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.teacher:
+            return F.linear(x, self.original.weight, self.original.bias)
+        if self.rotation is None:
+            return F.linear(x, self.weight_hat(), self.original.bias)
+        s_in, s_out, q_in, q_out = self.rotation
+        y = unrotate(F.linear(rotate(x, s_in, q_in), self.weight_hat()), s_out, q_out)
+        return y if self.original.bias is None else y + self.original.bias
+
+    @torch.no_grad()
+    def apply_pull(self, rho: float, clamp: float) -> None:
+        """x.grad ← (1 − 2y) + clamp(ρ·x.grad, −c, c), in place (x.grad holds ∇ₓ(loss); y is
+        the weight's position between its two candidates, 1 − 2y is stored as `pull`)."""
+        if self.x.grad is None:
+            self.x.grad = self.pull.float()
+        else:
+            self.x.grad.mul_(rho).clamp_(-clamp, clamp).add_(self.pull)
+
+
+class RelaxedLinear(Relaxation):
     """Stands in for an nn.Linear during DiscQuant. Keeps the original module (its weight is the
     teacher and is not copied), the grid fitted on it, and the variables x in row form [R, C].
 
@@ -247,23 +274,6 @@ class RelaxedLinear(nn.Module):
         lo = self._dequantize_rows(self.down.float())
         hi = self._dequantize_rows(self.down.float() + self.gap)
         return from_rows(lo, self.grid), from_rows(hi, self.grid)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.teacher:
-            return F.linear(x, self.original.weight, self.original.bias)
-        if self.rotation is None:
-            return F.linear(x, self.weight_hat(), self.original.bias)
-        s_in, s_out, q_in, q_out = self.rotation
-        y = unrotate(F.linear(rotate(x, s_in, q_in), self.weight_hat()), s_out, q_out)
-        return y if self.original.bias is None else y + self.original.bias
-
-    @torch.no_grad()
-    def apply_pull(self, rho: float, clamp: float) -> None:
-        """x.grad ← (1 − 2y) + clamp(ρ·x.grad, −c, c), in place (x.grad holds ∇ₓ(loss))."""
-        if self.x.grad is None:
-            self.x.grad = self.pull.float()
-        else:
-            self.x.grad.mul_(rho).clamp_(-clamp, clamp).add_(self.pull)
 
     @torch.no_grad()
     def codes(self) -> Tensor:

@@ -14,17 +14,18 @@ candidate codes (int32 per stage) and the fp16 pull: about 3 bytes a weight at 2
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from discq.tensors import e8p_residual
-from discq.tensors.hadamard import rotate, rotate_weight, unrotate
+from discq.tensors.hadamard import rotate_weight
 from discq.tensors.incoherent import rotation as seeded_rotation
 from discq.tensors.lattice import WEIGHT_RMS, LatticeQuantizedTensor, check_shape
+
+from .disc import Relaxation
 from torch import Tensor, nn
 
 
-class RelaxedLatticeLinear(nn.Module):
-    """Stands in for an nn.Linear during DiscQuant on the lattice (interface of RelaxedLinear:
-    `x`, `teacher`, `apply_pull`, `rounded`, `rtn_noise`). The rotation is the one
+class RelaxedLatticeLinear(Relaxation):
+    """Stands in for an nn.Linear during DiscQuant on the lattice (forward and pull term from
+    `Relaxation`, like RelaxedLinear). The rotation is the one
     `LatticeQuantizedTensor.from_hp(W, bits, seed)` uses, so zero KL weight reproduces it."""
 
     def __init__(self, linear: nn.Linear, bits: int, seed: int, init: str,
@@ -69,20 +70,9 @@ class RelaxedLatticeLinear(nn.Module):
         W = down + self.x.unsqueeze(-1) * (up - down)
         return (W.flatten(1) * self.scale).to(self.original.weight.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.teacher:
-            return F.linear(x, self.original.weight, self.original.bias)
-        y = unrotate(F.linear(rotate(x, self.s_in, self.q_in), self.weight_hat()), self.s_out,
-                     self.q_out)
-        return y if self.original.bias is None else y + self.original.bias
-
-    @torch.no_grad()
-    def apply_pull(self, rho: float, clamp: float) -> None:
-        """x.grad ← (1 − 2t) + clamp(ρ·x.grad, −c, c), as on the affine grid."""
-        if self.x.grad is None:
-            self.x.grad = self.pull.float()
-        else:
-            self.x.grad.mul_(rho).clamp_(-clamp, clamp).add_(self.pull)
+    @property
+    def rotation(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.s_in, self.s_out, self.q_in, self.q_out
 
     @torch.no_grad()
     def rounded(self) -> LatticeQuantizedTensor:

@@ -29,16 +29,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibration import as_batches
-from .capture import (
-    Inputs,
-    block_inputs,
-    find_blocks,
-    outside_hessians,
-    run_block,
-    trace_block,
-)
+from .capture import (Inputs, block_inputs, find_blocks, group_hessian, hidden_state, input_hidden,
+                      outside_hessians, run_block, set_hidden, trace_block)
 from .config import QuantConfig, register_config
-from .hessian import HessianAccumulator
 from .ldlq import ldlq
 from .quantize import check_finite, install_weight
 
@@ -207,14 +200,10 @@ def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSha
 BlockHook = Callable[[nn.Module, Inputs, list[Tensor]], None]
 
 
-def _hidden(out) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def block_outputs(block: nn.Module, inputs: Inputs) -> list[Tensor]:
     """The block's hidden-state output per batch."""
-    return [_hidden(block(*args, **kwargs)) for args, kwargs in inputs]
+    return [hidden_state(block(*args, **kwargs)) for args, kwargs in inputs]
 
 
 def _with_hidden(inputs: Inputs, hidden: list[Tensor]) -> Inputs:
@@ -222,22 +211,9 @@ def _with_hidden(inputs: Inputs, hidden: list[Tensor]) -> Inputs:
     out = []
     for (args, kwargs), h in zip(inputs, hidden):
         args, kwargs = list(args), dict(kwargs)
-        if args:
-            args[0] = h
-        else:
-            kwargs["hidden_states"] = h
+        set_hidden(args, kwargs, h)
         out.append((args, kwargs))
     return out
-
-
-@torch.no_grad()
-def _group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs) -> Tensor:
-    acc = HessianAccumulator(first, name, stop_after=True)
-    try:
-        run_block(block, inputs, update=False)
-    finally:
-        H = acc.remove()
-    return H
 
 
 def _quantize_block(block: nn.Module, inner: dict[nn.Module, str], inputs: Inputs,
@@ -250,7 +226,7 @@ def _quantize_block(block: nn.Module, inner: dict[nn.Module, str], inputs: Input
     groups, _ = trace_block(block, inner, inputs)
     done = []
     for group in groups:
-        H = _group_hessian(block, group[0], inner[group[0]], inputs)
+        H = group_hessian(block, group[0], inner[group[0]], inputs)
         qs = quantize_group([(inner[m], m.weight.detach()) for m in group], H, config)
         for m, q in zip(group, qs):
             m.weight = nn.Parameter(q.dequantize(), requires_grad=False)
@@ -277,7 +253,7 @@ def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
         check_shape(*m.weight.shape)
     _, blocks = find_blocks(model)
     inputs = block_inputs(model, blocks, batches)
-    fp_inputs = _with_hidden(inputs, [_hidden_of(a, k) for a, k in inputs])
+    fp_inputs = _with_hidden(inputs, [input_hidden(a, k) for a, k in inputs])
     last = None
     for block in tqdm(blocks, desc=f"QuIP# {config.bits}-bit", unit="block"):
         inner = {m: by_module[m] for m in block.modules() if m in by_module}
@@ -293,10 +269,6 @@ def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
         last = run_block(block, inputs, update=True)
         install(done)
     _quantize_outside(model, batches, blocks, inputs, last, by_module, config)
-
-
-def _hidden_of(args: list, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _quantize_outside(model, batches, blocks, inputs: Inputs, last, by_module: dict,

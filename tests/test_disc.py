@@ -175,7 +175,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
     out = str(tmp_path / "codes")
     subprocess.run([sys.executable, str(script), out], check=True, timeout=300,
                    capture_output=True)
-    ranks = [torch.load(f"{out}.rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in (0, 1)]
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, 320, (2, 16), generator=g) for _ in range(8)]
     single = tiny_random_llama()

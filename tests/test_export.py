@@ -77,9 +77,9 @@ def test_compile_and_save_load_in_a_fresh_process(exported, tmp_path):
     torch.save(ref, tmp_path / "ref.pt")
     # importing discq registers the op; transformers registers its output type as a pytree
     code = (f"import torch, discq, transformers.modeling_outputs; ep = torch.export.load('{tmp_path}/q.pt2'); "
-            f"x = torch.load('{tmp_path}/x.pt'); out = ep.module()(x, use_cache=False); "
+            f"x = torch.load('{tmp_path}/x.pt', weights_only=True); out = ep.module()(x, use_cache=False); "
             f"out = out[0] if isinstance(out, (tuple, list)) else out.logits; "
-            f"assert torch.equal(out, torch.load('{tmp_path}/ref.pt')); print('ok')")
+            f"assert torch.equal(out, torch.load('{tmp_path}/ref.pt', weights_only=True)); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().endswith("ok"), done.stderr[-1500:]
 
@@ -122,7 +122,7 @@ def test_aot_inductor_package_runs_in_a_fresh_process(tmp_path):
     pkg = torch._inductor.aoti_compile_and_package(qep, package_path=str(tmp_path / "q.pt2"))
     torch.save((x, qep.module()(x)), tmp_path / "io.pt")
     code = (f"import torch, discq; m = torch._inductor.aoti_load_package({pkg!r}); "
-            f"x, ref = torch.load({str(tmp_path / 'io.pt')!r}); "
+            f"x, ref = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True); "
             f"assert torch.allclose(m(x), ref, atol=1e-5), (m(x) - ref).abs().max(); print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
