@@ -2,27 +2,50 @@
 
 Each op is one node for `torch.compile(fullgraph=True)` and `torch.export` (a fake implementation
 gives shapes), and is registered on import of discq, so a saved `ExportedProgram` reloads.
-Inductor is additionally given a decomposition of the op into plain torch ops, so on CPU the
-unpack, dequantize and matmul are compiled to fused C++ instead of running as an opaque call.
+
+Where the matmul runs, by device and number of activation rows M:
+- CUDA: the fused Triton kernels (`kernels/affine_triton.py`), seen by Inductor as a triton_op.
+- CPU, M <= CPU_KERNEL_MAX_ROWS: the C++ kernel (`kernels/affine_cpu.cpp`), which reads the
+  packed codes once and never writes the dequantized weight; decode is bandwidth-bound, so this
+  is where b-bit weights beat fp32.
+- CPU, larger M (prefill): dequantize, then one fp32 GEMM (compute-bound, so the GEMM library
+  wins), written in plain ops that Inductor fuses.
+Inductor is given a decomposition that makes the same choice, so compiled programs call the
+kernels directly.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .kernels import affine_cpu
 from .kernels.affine_ref import affine_linear_ref, dequantize_packed
+
+# Above this many activation rows the dequantize-then-GEMM path is faster on CPU
+# (benchmarks/speed.py measures both sides).
+CPU_KERNEL_MAX_ROWS = 16
 
 
 @torch.library.custom_op("discq::affine_linear", mutates_args=())
 def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
                   bias: Tensor | None, bits: int, group_size: int, along_output: bool,
                   in_features: int) -> Tensor:
-    """y = x Ŵᵀ + b for the packed affine grid (see `kernels/affine_ref.py` for the layout).
-    CUDA runs the fused Triton kernels, other devices the torch reference (a device branch:
-    a triton_op with a CPU kernel would fail under compile on CPU)."""
+    """y = x Ŵᵀ + b for the packed affine grid (see `kernels/affine_ref.py` for the layout)."""
+    return _dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                     in_features)
+
+
+def _dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output, in_features):
+    """The kernel for this device and shape (a device branch: a triton_op with a CPU kernel
+    would fail under compile on CPU)."""
     if x.is_cuda and _triton_op() is not None:
         return _triton_op()(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
                             in_features)
+    if (affine_cpu.supports(x, scale, zero_point, bits, group_size, along_output,
+                            CPU_KERNEL_MAX_ROWS)
+            and affine_cpu.load()):
+        return affine_cpu.affine_gemv(x, qdata, scale, zero_point, bias, bits, group_size,
+                                      in_features)
     return affine_linear_ref(x, qdata, scale, zero_point, bias, bits, group_size,
                              along_output, in_features)
 
@@ -64,21 +87,12 @@ def _backward(ctx, grad_y):
 affine_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _inductor_decomposition(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
-                            in_features):
-    """CPU: the reference in plain ops, which Inductor fuses into C++. CUDA: the Triton
-    triton_op, whose kernels Inductor sees and schedules."""
-    if x.is_cuda and _triton_op() is not None:
-        return _triton_op()(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
-                            in_features)
-    return affine_linear_ref(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
-                             in_features)
-
-
 def _register_inductor_decomposition() -> None:
-    # Inductor's table only: torch.export keeps the op as one node, Inductor lowers it.
+    # Inductor's table only: torch.export keeps the op as one node, Inductor lowers it to the
+    # same choice as eager: the Triton triton_op, the C++ kernel (an extern call) or plain ops.
     from torch._inductor.decomposition import register_decomposition
-    register_decomposition(torch.ops.discq.affine_linear.default)(_inductor_decomposition)
+    register_decomposition(torch.ops.discq.affine_linear.default)(_dispatch)
 
 
 _register_inductor_decomposition()
+affine_cpu.load(build=False)  # an earlier build, if any: saved AOTInductor packages may call it

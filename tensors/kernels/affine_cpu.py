@@ -1,0 +1,135 @@
+"""The CPU kernel for few-row affine matmuls (`affine_cpu.cpp`): built once, loaded on demand.
+
+`discq::affine_gemv_cpu` is declared here (schema and fake, so export and compile can trace it)
+and implemented in C++. The C++ file is compiled the first time a CPU matmul wants it (about
+15 s), with the system compiler (`$CXX`, default `c++`) against torch's headers, into
+`$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the source, flags and
+torch version; later processes only load the cached library. Without a working compiler callers
+fall back to the torch reference (same values, slower) after one warning; `DISCQ_CPU_KERNEL=0`
+switches the kernel off.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("affine_cpu.cpp")
+BITS = (2, 3, 4, 8)
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_state: dict[str, bool] = {}
+
+torch.library.define(
+    "discq::affine_gemv_cpu",
+    "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int bits, "
+    "int group_size, int in_features) -> Tensor")
+
+
+@torch.library.register_fake("discq::affine_gemv_cpu")
+def _fake(x, qdata, scale, zero_point, bias, bits, group_size, in_features):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DISCQ_CACHE") or Path.home() / ".cache" / "discq"
+    return Path(root) / "kernels"
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # AVX2 or wider: x86 with FMA
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def library_path() -> Path:
+    """Where the built kernel for this source, these flags and this torch lives."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()
+                         + torch.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / f"affine_cpu_{key}.so"
+
+
+def _compile(out: Path) -> None:
+    from torch.utils.cpp_extension import include_paths, library_paths
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lib = library_paths()[0]
+    # build beside the target and rename: a crash or a concurrent build never leaves a partial .so
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [os.environ.get("CXX", "c++"), *_flags(), *(f"-I{p}" for p in include_paths()),
+           str(SOURCE), "-o", tmp, f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(build: bool = True) -> bool:
+    """Make `discq::affine_gemv_cpu` runnable on CPU; True when it is. `build=False` only loads
+    an existing build (what `import discq` does, so a saved AOTInductor package that calls the
+    op runs in a fresh process). A cached build that does not load is rebuilt."""
+    if "ok" in _state:
+        return _state["ok"]
+    if os.environ.get("DISCQ_CPU_KERNEL", "1") == "0":
+        return False
+    path = library_path()
+    if path.exists() and _try_load(path):
+        return True
+    if not build:
+        return False
+    try:
+        # once per machine and torch version: say why this call is slow
+        print("discq: building the CPU matmul kernel (once, about 15 s)", file=sys.stderr)
+        _compile(path)
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = (getattr(e, "stderr", "") or str(e)).strip()[-500:]
+        warnings.warn(f"discq: could not build or load the CPU kernel ({detail}); quantized "
+                      "matmuls use the slower torch reference", stacklevel=2)
+        _state["ok"] = False
+        return False
+    _state["ok"] = True
+    return True
+
+
+def _try_load(path: Path) -> bool:
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError):  # truncated or foreign file: drop it, build again
+        path.unlink(missing_ok=True)
+        return False
+    _state["ok"] = True
+    return True
+
+
+def supports(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, group_size: int,
+             along_output: bool, max_rows: int) -> bool:
+    """Whether the kernel serves this call: CPU, input grouping, whole runs per group, at most
+    `max_rows` activation rows (beyond that dequantize-then-GEMM wins). Symbolic row counts
+    (dynamic shapes) take the GEMM path."""
+    rows = math.prod(x.shape[:-1])
+    return (x.device.type == "cpu" and bits in BITS and not along_output
+            and group_size % 8 == 0 and isinstance(rows, int) and 0 < rows <= max_rows
+            and (bits != 8 or x.shape[-1] % 8 == 0)  # 8-bit rows are not padded to runs
+            and x.dtype in FLOATS and scale.dtype in FLOATS
+            and (zero_point is None or zero_point.dtype == torch.uint8))
+
+
+def affine_gemv(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
+                bias: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
+    """x: [..., K] -> [..., N] through the C++ kernel (call `load()` first)."""
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    y = torch.ops.discq.affine_gemv_cpu(x2, qdata, scale, zero_point, bias, bits, group_size,
+                                        in_features)
+    return y.reshape(*x.shape[:-1], qdata.shape[0])

@@ -1,0 +1,143 @@
+"""The C++ CPU kernel for few-row affine matmuls (`kernels/affine_cpu.cpp`) against the torch
+reference: a grid of bits x group size x rows x symmetry x dtypes with an SQNR floor, a
+hypothesis property over shapes, the dispatch in eager and compiled code, and the fallbacks when
+the kernel is switched off or cannot be built."""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import discq  # noqa: F401  (registers the ops)
+from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.grid import AffineGrid
+from discq.tensors.kernels import affine_cpu
+from discq.tensors.kernels.affine_ref import affine_linear_ref
+
+SQNR_FLOOR_DB = 100.0  # fp32 sums in another order; bf16 rows are compared in their own dtype
+
+pytestmark = pytest.mark.skipif(not affine_cpu.load(), reason="no C++ compiler for the kernel")
+
+
+def sqnr_db(y, ref):
+    err = (y.float() - ref.float()).pow(2).sum().clamp(min=1e-30)
+    return float(10 * torch.log10(ref.float().pow(2).sum() / err))
+
+
+def case(N, K, M, bits, g, sym, scale_dtype=torch.float16, x_dtype=torch.float32, bias=True,
+         seed=0):
+    torch.manual_seed(seed)
+    W, x = torch.randn(N, K), torch.randn(M, K).to(x_dtype)
+    b = torch.randn(N) if bias else None
+    q = AffineQuantizedTensor.from_hp(W, AffineGrid(bits, g, sym, scale_dtype=scale_dtype))
+    return x, (q.qdata, q.scale, q.zero_point, b, bits, q.group_size, K)
+
+
+def gemv_and_ref(x, args):
+    qdata, scale, zero, b, bits, g, K = args
+    y = torch.ops.discq.affine_gemv_cpu(x, *args)
+    ref = affine_linear_ref(x, qdata, scale, zero, b, bits, g, False, K)
+    return y, ref
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kernel_matches_the_reference_on_a_grid(bits):
+    # K = 136 is not a multiple of 64 or 128 (a short last group) and 100 not even of 8 (padding)
+    low = {}
+    for g, M, sym, K in itertools.product([8, 32, 64, 128], [1, 2, 3, 4, 5, 16], [False, True],
+                                          [136, 100]):
+        if bits == 8 and K % 8:
+            continue  # unpadded 8-bit rows: the op takes the reference (see the routing test)
+        x, args = case(40, K, M, bits, min(g, K // 8 * 8), sym)
+        y, ref = gemv_and_ref(x, args)
+        assert y.shape == (M, 40) and y.dtype == x.dtype
+        if (db := sqnr_db(y, ref)) < SQNR_FLOOR_DB:
+            low[(g, M, sym, K)] = db
+    assert not low, low
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_dtypes(scale_dtype, x_dtype):
+    x, args = case(24, 64, 3, 4, 32, False, scale_dtype, x_dtype)
+    y = torch.ops.discq.affine_gemv_cpu(x, *args)
+    ref = gemv_and_ref(x.float(), args)[1]  # fp32 math on the same (rounded) activations
+    assert y.dtype == x_dtype
+    floor = SQNR_FLOOR_DB if x_dtype == torch.float32 else 40.0  # one rounding of the output
+    assert sqnr_db(y, ref) > floor
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(1, 70), runs=st.integers(1, 40), tail=st.integers(0, 7),
+       M=st.integers(1, 9), bits=st.sampled_from([2, 3, 4, 8]), g_runs=st.integers(1, 8),
+       sym=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_equals_reference_for_any_shape(N, runs, tail, M, bits, g_runs, sym, bias, seed):
+    K = 8 * runs + (0 if bits == 8 else tail)
+    x, args = case(N, K, M, bits, min(8 * g_runs, 8 * runs), sym, bias=bias, seed=seed)
+    y, ref = gemv_and_ref(x, args)
+    assert sqnr_db(y, ref) > SQNR_FLOOR_DB or (ref.abs().max() < 1e-6 and y.abs().max() < 1e-6)
+
+
+def test_the_op_routes_few_rows_to_the_kernel_and_many_to_the_gemm(monkeypatch):
+    from discq.tensors import ops
+    calls = []
+    real = affine_cpu.affine_gemv
+    monkeypatch.setattr(affine_cpu, "affine_gemv", lambda *a: calls.append(1) or real(*a))
+    x, (qdata, scale, zero, b, bits, g, K) = case(24, 64, 1, 4, 32, False)
+    for M in (1, ops.CPU_KERNEL_MAX_ROWS, ops.CPU_KERNEL_MAX_ROWS + 1):
+        x = torch.randn(2, M, K)[:1]  # 3-D and not contiguous, as a batch slice is
+        y = torch.ops.discq.affine_linear(x, qdata, scale, zero, b, bits, g, False, K)
+        ref = affine_linear_ref(x, qdata, scale, zero, b, bits, g, False, K)
+        assert y.shape == (1, M, 24) and sqnr_db(y, ref) > SQNR_FLOOR_DB
+    assert len(calls) == 2
+
+
+def test_compiled_linear_calls_the_kernel():
+    from torch._inductor.utils import run_and_get_code
+    lin = discq.quantize_(torch.nn.Sequential(torch.nn.Linear(96, 40)), discq.rtn_config(3, 32))
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        eager = lin(x)
+        torch._dynamo.reset()
+        y, code = run_and_get_code(torch.compile(lin), x)
+    assert "discq.affine_gemv_cpu" in code[0]
+    assert torch.allclose(y, eager, rtol=1e-5, atol=1e-6)
+
+
+FALLBACK = textwrap.dedent("""
+    import os, warnings, torch, discq
+    from discq.tensors.kernels import affine_cpu
+    if os.environ.get("PLANT_BAD_BUILD"):  # a truncated build in the cache
+        affine_cpu.library_path().parent.mkdir(parents=True, exist_ok=True)
+        affine_cpu.library_path().write_bytes(b"not a shared library")
+    lin = discq.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 8)), discq.rtn_config(4, 32))
+    x = torch.randn(1, 64)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y = lin(x)
+    ref = x @ lin[0].weight.dequantize().t() + lin[0].bias
+    print(affine_cpu._state.get("ok"), bool(torch.allclose(y, ref, atol=1e-5)),
+          any("could not build or load the CPU kernel" in str(x.message) for x in w),
+          sorted(p.suffix for p in affine_cpu.cache_dir().glob("*")))
+""")
+
+
+@pytest.mark.parametrize("env, expect", [
+    # switched off: the reference, quietly, nothing built
+    ({"DISCQ_CPU_KERNEL": "0"}, "None True False []"),
+    # no working compiler: one warning, the reference, no partial file left behind
+    ({"CXX": "false"}, "False True True []"),
+    # a bad cached build: dropped and built again
+    ({"PLANT_BAD_BUILD": "1"}, "True True False ['.so']"),
+])
+def test_without_a_working_kernel_the_reference_answers(tmp_path, env, expect):
+    env = {**os.environ, "DISCQ_CACHE": str(tmp_path), **env}
+    done = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == expect
