@@ -5,11 +5,11 @@ gives shapes), and is registered on import of discq, so a saved `ExportedProgram
 
 Where the matmul runs, by device and number of activation rows M:
 - CUDA: the fused Triton kernels (`kernels/affine_triton.py`), seen by Inductor as a triton_op.
-- CPU, M <= CPU_KERNEL_MAX_ROWS: the C++ kernel (`kernels/affine_cpu.cpp`), which reads the
-  packed codes once and never writes the dequantized weight; decode is bandwidth-bound, so this
-  is where b-bit weights beat fp32.
-- CPU, larger M (prefill): dequantize, then one fp32 GEMM (compute-bound, so the GEMM library
-  wins), written in plain ops that Inductor fuses.
+- CPU: the C++ kernel (`kernels/affine_cpu.cpp`). Up to 64 activation rows (decode, short
+  prefill) it reads the packed codes once and never writes the dequantized weight — decode is
+  bandwidth-bound, so this is where b-bit weights beat fp32; above, it dequantizes once and
+  runs one fp32 GEMM. Where the kernel cannot serve (no compiler, output grouping, groups not
+  a multiple of 8), the torch reference in plain ops, which Inductor fuses.
 Inductor is given a decomposition that makes the same choice, so compiled programs call the
 kernels directly.
 """
@@ -20,10 +20,6 @@ from torch import Tensor
 
 from .kernels import affine_cpu
 from .kernels.affine_ref import affine_linear_ref, dequantize_packed
-
-# Above this many activation rows the dequantize-then-GEMM path is faster on CPU
-# (benchmarks/speed.py measures both sides).
-CPU_KERNEL_MAX_ROWS = 16
 
 
 @torch.library.custom_op("discq::affine_linear", mutates_args=())
@@ -41,11 +37,10 @@ def _dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
     if x.is_cuda and _triton_op() is not None:
         return _triton_op()(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
                             in_features)
-    if (affine_cpu.supports(x, scale, zero_point, bits, group_size, along_output,
-                            CPU_KERNEL_MAX_ROWS)
+    if (affine_cpu.supports(x, scale, zero_point, bits, group_size, along_output)
             and affine_cpu.load()):
-        return affine_cpu.affine_gemv(x, qdata, scale, zero_point, bias, bits, group_size,
-                                      in_features)
+        return affine_cpu.affine_linear(x, qdata, scale, zero_point, bias, bits, group_size,
+                                        in_features)
     return affine_linear_ref(x, qdata, scale, zero_point, bias, bits, group_size,
                              along_output, in_features)
 

@@ -1,7 +1,8 @@
-"""The C++ CPU kernel for few-row affine matmuls (`kernels/affine_cpu.cpp`) against the torch
-reference: a grid of bits x group size x rows x symmetry x dtypes with an SQNR floor, a
-hypothesis property over shapes, the dispatch in eager and compiled code, and the fallbacks when
-the kernel is switched off or cannot be built."""
+"""The C++ CPU kernel for affine matmuls (`kernels/affine_cpu.cpp`) against the torch reference:
+a grid of bits x group size x rows x symmetry x dtypes with an SQNR floor, both of its paths
+(fused up to 64 rows, dequantize-then-GEMM above), a hypothesis property over shapes, the
+dispatch in eager and compiled code, and the fallbacks when the kernel is switched off, cannot
+be built or its cached build is bad."""
 import itertools
 import os
 import subprocess
@@ -40,7 +41,7 @@ def case(N, K, M, bits, g, sym, scale_dtype=torch.float16, x_dtype=torch.float32
 
 def gemv_and_ref(x, args):
     qdata, scale, zero, b, bits, g, K = args
-    y = torch.ops.discq.affine_gemv_cpu(x, *args)
+    y = torch.ops.discq.affine_linear_cpu(x, *args)
     ref = affine_linear_ref(x, qdata, scale, zero, b, bits, g, False, K)
     return y, ref
 
@@ -65,7 +66,7 @@ def test_kernel_matches_the_reference_on_a_grid(bits):
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_dtypes(scale_dtype, x_dtype):
     x, args = case(24, 64, 3, 4, 32, False, scale_dtype, x_dtype)
-    y = torch.ops.discq.affine_gemv_cpu(x, *args)
+    y = torch.ops.discq.affine_linear_cpu(x, *args)
     ref = gemv_and_ref(x.float(), args)[1]  # fp32 math on the same (rounded) activations
     assert y.dtype == x_dtype
     floor = SQNR_FLOOR_DB if x_dtype == torch.float32 else 40.0  # one rounding of the output
@@ -83,18 +84,30 @@ def test_kernel_equals_reference_for_any_shape(N, runs, tail, M, bits, g_runs, s
     assert sqnr_db(y, ref) > SQNR_FLOOR_DB or (ref.abs().max() < 1e-6 and y.abs().max() < 1e-6)
 
 
-def test_the_op_routes_few_rows_to_the_kernel_and_many_to_the_gemm(monkeypatch):
-    from discq.tensors import ops
+@pytest.mark.parametrize("M", [65, 130])  # above 64 rows: dequantize once, one fp32 GEMM
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_many_rows_take_the_dequantize_and_gemm_path(bits, M):
+    x, args = case(40, 136 if bits != 8 else 128, M, bits, 32, False)
+    y, ref = gemv_and_ref(x, args)
+    assert y.shape == (M, 40) and sqnr_db(y, ref) > SQNR_FLOOR_DB
+
+
+def test_the_op_uses_the_kernel_where_it_can(monkeypatch):
     calls = []
-    real = affine_cpu.affine_gemv
-    monkeypatch.setattr(affine_cpu, "affine_gemv", lambda *a: calls.append(1) or real(*a))
-    x, (qdata, scale, zero, b, bits, g, K) = case(24, 64, 1, 4, 32, False)
-    for M in (1, ops.CPU_KERNEL_MAX_ROWS, ops.CPU_KERNEL_MAX_ROWS + 1):
+    real = affine_cpu.affine_linear
+    monkeypatch.setattr(affine_cpu, "affine_linear", lambda *a: calls.append(1) or real(*a))
+    _, (qdata, scale, zero, b, bits, g, K) = case(24, 64, 1, 4, 32, False)
+    for M in (1, 16, 100):
         x = torch.randn(2, M, K)[:1]  # 3-D and not contiguous, as a batch slice is
         y = torch.ops.discq.affine_linear(x, qdata, scale, zero, b, bits, g, False, K)
         ref = affine_linear_ref(x, qdata, scale, zero, b, bits, g, False, K)
         assert y.shape == (1, M, 24) and sqnr_db(y, ref) > SQNR_FLOOR_DB
-    assert len(calls) == 2
+    assert len(calls) == 3
+    # output grouping is not the kernel's layout: the reference answers
+    q = AffineQuantizedTensor.from_hp(torch.randn(24, 64), AffineGrid(4, 32, False, "output"))
+    x = torch.randn(3, 64)
+    y = torch.ops.discq.affine_linear(x, q.qdata, q.scale, q.zero_point, None, 4, 32, True, 64)
+    assert len(calls) == 3 and torch.allclose(y, x @ q.dequantize().t(), atol=1e-4)
 
 
 def test_compiled_linear_calls_the_kernel():
@@ -105,7 +118,7 @@ def test_compiled_linear_calls_the_kernel():
         eager = lin(x)
         torch._dynamo.reset()
         y, code = run_and_get_code(torch.compile(lin), x)
-    assert "discq.affine_gemv_cpu" in code[0]
+    assert "discq.affine_linear_cpu" in code[0]
     assert torch.allclose(y, eager, rtol=1e-5, atol=1e-6)
 
 

@@ -1,6 +1,6 @@
-"""The CPU kernel for few-row affine matmuls (`affine_cpu.cpp`): built once, loaded on demand.
+"""The CPU kernel for affine matmuls (`affine_cpu.cpp`): built once, loaded on demand.
 
-`discq::affine_gemv_cpu` is declared here (schema and fake, so export and compile can trace it)
+`discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace it)
 and implemented in C++. The C++ file is compiled the first time a CPU matmul wants it (about
 15 s), with the system compiler (`$CXX`, default `c++`) against torch's headers, into
 `$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the source, flags and
@@ -11,7 +11,6 @@ switches the kernel off.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import subprocess
 import sys
@@ -28,12 +27,12 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {}
 
 torch.library.define(
-    "discq::affine_gemv_cpu",
+    "discq::affine_linear_cpu",
     "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int bits, "
     "int group_size, int in_features) -> Tensor")
 
 
-@torch.library.register_fake("discq::affine_gemv_cpu")
+@torch.library.register_fake("discq::affine_linear_cpu")
 def _fake(x, qdata, scale, zero_point, bias, bits, group_size, in_features):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
@@ -76,7 +75,7 @@ def _compile(out: Path) -> None:
 
 
 def load(build: bool = True) -> bool:
-    """Make `discq::affine_gemv_cpu` runnable on CPU; True when it is. `build=False` only loads
+    """Make `discq::affine_linear_cpu` runnable on CPU; True when it is. `build=False` only loads
     an existing build (what `import discq` does, so a saved AOTInductor package that calls the
     op runs in a fresh process). A cached build that does not load is rebuilt."""
     if "ok" in _state:
@@ -114,22 +113,20 @@ def _try_load(path: Path) -> bool:
 
 
 def supports(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, group_size: int,
-             along_output: bool, max_rows: int) -> bool:
-    """Whether the kernel serves this call: CPU, input grouping, whole runs per group, at most
-    `max_rows` activation rows (beyond that dequantize-then-GEMM wins). Symbolic row counts
-    (dynamic shapes) take the GEMM path."""
-    rows = math.prod(x.shape[:-1])
-    return (x.device.type == "cpu" and bits in BITS and not along_output
-            and group_size % 8 == 0 and isinstance(rows, int) and 0 < rows <= max_rows
+             along_output: bool) -> bool:
+    """Whether the kernel serves this call: CPU, input grouping, whole runs per group. Any
+    number of rows, symbolic ones included (the kernel picks fused or dequantize-then-GEMM at
+    run time)."""
+    return (x.device.type == "cpu" and bits in BITS and not along_output and group_size % 8 == 0
             and (bits != 8 or x.shape[-1] % 8 == 0)  # 8-bit rows are not padded to runs
             and x.dtype in FLOATS and scale.dtype in FLOATS
             and (zero_point is None or zero_point.dtype == torch.uint8))
 
 
-def affine_gemv(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
-                bias: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
+def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
+                  bias: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
     """x: [..., K] -> [..., N] through the C++ kernel (call `load()` first)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    y = torch.ops.discq.affine_gemv_cpu(x2, qdata, scale, zero_point, bias, bits, group_size,
-                                        in_features)
+    y = torch.ops.discq.affine_linear_cpu(x2, qdata, scale, zero_point, bias, bits, group_size,
+                                          in_features)
     return y.reshape(*x.shape[:-1], qdata.shape[0])
