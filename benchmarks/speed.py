@@ -163,8 +163,8 @@ def markdown(r: dict) -> str:
              f"{m['torch']}, {m['date']}", "",
              "Time of the `torch.compile`d linear (ms; best of round-robin rounds, each the median "
              "of a 0.2 s `blocked_autorange`); speed-up vs compiled fp32 in parentheses. RTN "
-             "weights; groups of 64. discq runs its C++ kernel up to 16 rows (both batches "
-             "here).", ""]
+             "weights; groups of 64. discq runs its fused C++ kernel (up to 64 rows, so both "
+             "batches here).", ""]
     names = list(dict.fromkeys(x["variant"] for x in r["layers"]))
     lines += ["| shape | batch | " + " | ".join(names) + " |",
               "|---|---|" + "---|" * len(names)]

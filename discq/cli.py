@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode speed and memory of a (quantized) model")
     b.add_argument("model", help="a directory written by `discq quantize`, or a model name")
     b.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
-    b.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward first (decode with a static KV cache)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     return ap
 

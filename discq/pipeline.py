@@ -56,9 +56,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Tokens per second of greedy generation (one warm-up run first)."""
-    model.generate(prompt, max_new_tokens=2, do_sample=False)
+def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                        static_cache: bool = False) -> float:
+    """Tokens per second of greedy generation, after one warm-up run. With `static_cache` (what a
+    compiled forward wants: fixed shapes, so one graph for every decode step) the warm-up is the
+    same generation, so the timed one compiles nothing."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static_cache:
+        kw["cache_implementation"] = "static"
+    model.generate(prompt, **(kw if static_cache else dict(max_new_tokens=2, do_sample=False)))
     t0 = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(prompt, **kw)
     return new_tokens / (time.perf_counter() - t0)

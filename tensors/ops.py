@@ -15,6 +15,9 @@ kernels directly.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -89,5 +92,21 @@ def _register_inductor_decomposition() -> None:
     register_decomposition(torch.ops.discq.affine_linear.default)(_dispatch)
 
 
+def _tag_compile_caches() -> None:
+    """torch.compile's on-disk caches key a program by its graph, not by how discq lowers its
+    ops, so a program cached under an earlier discq could call kernels that no longer exist.
+    Key them also by a hash of the lowering code (unless the user set a tag of their own)."""
+    import torch.compiler.config as compiler_config
+    if compiler_config.cache_key_tag:
+        return
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted([*here.glob("*ops.py"), *(here / "kernels").glob("*.*")]):
+        if f.suffix in (".py", ".cpp"):
+            h.update(f.read_bytes())
+    compiler_config.cache_key_tag = f"discq-{h.hexdigest()[:12]}"
+
+
 _register_inductor_decomposition()
+_tag_compile_caches()
 affine_cpu.load(build=False)  # an earlier build, if any: saved AOTInductor packages may call it

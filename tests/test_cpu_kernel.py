@@ -154,3 +154,14 @@ def test_without_a_working_kernel_the_reference_answers(tmp_path, env, expect):
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == expect
+
+
+@pytest.mark.parametrize("user_tag", ["", "mine"])
+def test_compile_caches_are_keyed_by_the_lowering_code(user_tag):
+    # a program cached under another discq must not be reused: it may call kernels that are gone
+    env = {**os.environ, "TORCH_COMPILE_CACHE_KEY_TAG": user_tag}
+    done = subprocess.run([sys.executable, "-c", "import discq, torch.compiler.config as c; "
+                           "print(c.cache_key_tag)"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    tag = done.stdout.strip().splitlines()[-1]
+    assert tag == "mine" if user_tag else (tag.startswith("discq-") and len(tag) == 18)
