@@ -30,11 +30,11 @@ def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | 
                   bias: Tensor | None, bits: int, group_size: int, along_output: bool,
                   in_features: int) -> Tensor:
     """y = x Ŵᵀ + b for the packed affine grid (see `kernels/affine_ref.py` for the layout)."""
-    return _dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+    return dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
                      in_features)
 
 
-def _dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output, in_features):
+def dispatch(x, qdata, scale, zero_point, bias, bits, group_size, along_output, in_features):
     """The kernel for this device and shape (a device branch: a triton_op with a CPU kernel
     would fail under compile on CPU)."""
     if x.is_cuda and _triton_op() is not None:
@@ -89,7 +89,7 @@ def _register_inductor_decomposition() -> None:
     # Inductor's table only: torch.export keeps the op as one node, Inductor lowers it to the
     # same choice as eager: the Triton triton_op, the C++ kernel (an extern call) or plain ops.
     from torch._inductor.decomposition import register_decomposition
-    register_decomposition(torch.ops.discq.affine_linear.default)(_dispatch)
+    register_decomposition(torch.ops.discq.affine_linear.default)(dispatch)
 
 
 def _tag_compile_caches() -> None:

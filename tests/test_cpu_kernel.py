@@ -165,3 +165,18 @@ def test_compile_caches_are_keyed_by_the_lowering_code(user_tag):
                           timeout=120)
     tag = done.stdout.strip().splitlines()[-1]
     assert tag == "mine" if user_tag else (tag.startswith("discq-") and len(tag) == 18)
+
+
+def test_eager_inference_and_training_paths_agree():
+    # inference calls the kernel directly; anything to differentiate goes through the custom op
+    lin = discq.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 24)), discq.rtn_config(4, 32))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y0 = lin(x)
+    xg = x.clone().requires_grad_()
+    y1 = lin(xg)
+    y1.square().sum().backward()
+    W = lin[0].weight.dequantize()
+    assert torch.allclose(y0, y1.detach(), atol=1e-6)
+    assert torch.allclose(xg.grad, 2 * y1.detach() @ W, atol=1e-4)
+    assert lin[0].bias.grad is not None
