@@ -132,7 +132,7 @@ def _linear(x: Tensor, w: AffineQuantizedTensor, bias: Tensor | None) -> Tensor:
     args = (x, w.qdata, w.scale, w.zero_point, bias, w.bits, w.group_size,
             w.group_along == "output", w.shape[1])
     # plain eager inference calls the kernel directly: the custom op's Python dispatch costs
-    # more than a small layer's matmul (~45 µs on 2 CPU cores); tracing and autograd need the op
+    # more than a small layer's matmul (~35 µs on 2 CPU cores); tracing and autograd need the op
     y = ops.dispatch(*args) if _plain_eager(x, bias) else torch.ops.discq.affine_linear(*args)
     if w.lowrank_u is not None:  # LoRC correction: + (x Vᵀ) Uᵀ, rank r, two thin matmuls
         y = y + (x @ w.lowrank_v.t().to(x.dtype)) @ w.lowrank_u.t().to(x.dtype)
