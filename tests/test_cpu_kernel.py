@@ -180,3 +180,32 @@ def test_eager_inference_and_training_paths_agree():
     assert torch.allclose(y0, y1.detach(), atol=1e-6)
     assert torch.allclose(xg.grad, 2 * y1.detach() @ W, atol=1e-4)
     assert lin[0].bias.grad is not None
+
+
+PORTABLE = textwrap.dedent("""
+    import itertools, torch, discq
+    from discq.tensors.affine import AffineQuantizedTensor
+    from discq.tensors.grid import AffineGrid
+    from discq.tensors.kernels import affine_cpu
+    from discq.tensors.kernels.affine_ref import affine_linear_ref
+    assert "-mavx2" not in affine_cpu._flags() and affine_cpu.load()
+    worst = 1e9
+    for bits, M, sym in itertools.product([2, 3, 4, 8], [1, 5, 70], [False, True]):
+        K = 136 if bits != 8 else 128
+        q = AffineQuantizedTensor.from_hp(torch.randn(24, K), AffineGrid(bits, 32, sym))
+        x, b = torch.randn(M, K), torch.randn(24)
+        args = (q.qdata, q.scale, q.zero_point, b, bits, 32)
+        y = torch.ops.discq.affine_linear_cpu(x, *args, K)
+        ref = affine_linear_ref(x, *args, False, K)
+        worst = min(worst, float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())))
+    print(worst)
+""")
+
+
+def test_the_portable_build_matches_the_reference(tmp_path):
+    # the loop machines without AVX2/FMA compile (no SIMD intrinsics), built and checked here
+    env = {**os.environ, "DISCQ_CACHE": str(tmp_path), "DISCQ_CPU_KERNEL": "portable"}
+    done = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) > SQNR_FLOOR_DB

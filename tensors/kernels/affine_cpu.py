@@ -6,12 +6,13 @@ and implemented in C++. The C++ file is compiled the first time a CPU matmul wan
 `$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the source, flags and
 torch version; later processes only load the cached library. Without a working compiler callers
 fall back to the torch reference (same values, slower) after one warning; `DISCQ_CPU_KERNEL=0`
-switches the kernel off.
+switches the kernel off, `DISCQ_CPU_KERNEL=portable` builds it without SIMD intrinsics.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,11 @@ def cache_dir() -> Path:
 def _flags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":  # AVX2 or wider: x86 with FMA
+    # AVX2 or wider (x86 with FMA and F16C); elsewhere, or with DISCQ_CPU_KERNEL=portable, the
+    # portable loop
+    if (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX")
+            and os.environ.get("DISCQ_CPU_KERNEL") != "portable"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
 
