@@ -1,11 +1,12 @@
-// Fused unpack-dequantize-multiply for the packed affine grid on CPU, for a few rows of
-// activations (decode and short prefill): y = x Ŵᵀ + b without ever writing Ŵ.
+// y = x Ŵᵀ + b for the packed affine grid on CPU. Up to GEMM_ROWS activation rows (decode, short
+// prefill) a fused unpack-dequantize-multiply that never writes Ŵ; above, Ŵ is dequantized once
+// (vectorized) and one fp32 GEMM runs.
 //
 // Layout (tensors/packing.py): each weight row is runs of 8 codes; a run of b-bit codes is the
 // b-byte little-endian word Σ c_i << (b·i) (8-bit codes: one byte each). Scales and zero points
 // are per (row, group) with input grouping: scale, zero: [N, G].
 //
-// Why it is fast: per group we accumulate Σ q·x with the integer codes turned into floats in
+// Why the fused path is fast: per group we accumulate Σ q·x with the integer codes turned into floats in
 // registers (broadcast the word, shift each lane by b·i, mask, convert), then fold the group in
 // with one FMA by its scale; the zero point costs one scalar per group, z·s·Σx, with Σx per
 // group computed once per call. The weight is read once at b bits instead of 32.
@@ -109,20 +110,19 @@ template <int BITS, int MT>
 inline void group_dot(const Problem& P, const uint8_t* row, int64_t m0, int64_t r0, int64_t R,
                       __m256 (&out)[MT]) {
   constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
-  const int64_t runs = R;
   __m256 acc[MT][U];
   for (int m = 0; m < MT; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   const float* x = P.x + m0 * P.Kp + r0 * RUN;
   const uint8_t* w = row + r0 * run_bytes<BITS>();
   int64_t r = 0;
-  for (; r + U <= runs; r += U)
+  for (; r + U <= R; r += U)
     for (int u = 0; u < U; ++u) {
       const __m256 q = decode_run<BITS>(w + (r + u) * run_bytes<BITS>());
       for (int m = 0; m < MT; ++m)
         acc[m][u] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + m * P.Kp + (r + u) * RUN), acc[m][u]);
     }
-  for (; r < runs; ++r) {
+  for (; r < R; ++r) {
     const __m256 q = decode_run<BITS>(w + r * run_bytes<BITS>());
     for (int m = 0; m < MT; ++m)
       acc[m][0] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + m * P.Kp + r * RUN), acc[m][0]);
