@@ -39,7 +39,7 @@ def case(N, K, M, bits, g, sym, scale_dtype=torch.float16, x_dtype=torch.float32
     return x, (q.qdata, q.scale, q.zero_point, b, bits, q.group_size, K)
 
 
-def gemv_and_ref(x, args):
+def kernel_and_ref(x, args):
     qdata, scale, zero, b, bits, g, K = args
     y = torch.ops.discq.affine_linear_cpu(x, *args)
     ref = affine_linear_ref(x, qdata, scale, zero, b, bits, g, False, K)
@@ -55,7 +55,7 @@ def test_kernel_matches_the_reference_on_a_grid(bits):
         if bits == 8 and K % 8:
             continue  # unpadded 8-bit rows: the op takes the reference (see the routing test)
         x, args = case(40, K, M, bits, min(g, K // 8 * 8), sym)
-        y, ref = gemv_and_ref(x, args)
+        y, ref = kernel_and_ref(x, args)
         assert y.shape == (M, 40) and y.dtype == x.dtype
         if (db := sqnr_db(y, ref)) < SQNR_FLOOR_DB:
             low[(g, M, sym, K)] = db
@@ -67,7 +67,7 @@ def test_kernel_matches_the_reference_on_a_grid(bits):
 def test_kernel_dtypes(scale_dtype, x_dtype):
     x, args = case(24, 64, 3, 4, 32, False, scale_dtype, x_dtype)
     y = torch.ops.discq.affine_linear_cpu(x, *args)
-    ref = gemv_and_ref(x.float(), args)[1]  # fp32 math on the same (rounded) activations
+    ref = kernel_and_ref(x.float(), args)[1]  # fp32 math on the same (rounded) activations
     assert y.dtype == x_dtype
     floor = SQNR_FLOOR_DB if x_dtype == torch.float32 else 40.0  # one rounding of the output
     assert sqnr_db(y, ref) > floor
@@ -80,7 +80,7 @@ def test_kernel_dtypes(scale_dtype, x_dtype):
 def test_kernel_equals_reference_for_any_shape(N, runs, tail, M, bits, g_runs, sym, bias, seed):
     K = 8 * runs + (0 if bits == 8 else tail)
     x, args = case(N, K, M, bits, min(8 * g_runs, 8 * runs), sym, bias=bias, seed=seed)
-    y, ref = gemv_and_ref(x, args)
+    y, ref = kernel_and_ref(x, args)
     assert sqnr_db(y, ref) > SQNR_FLOOR_DB or (ref.abs().max() < 1e-6 and y.abs().max() < 1e-6)
 
 
@@ -88,7 +88,7 @@ def test_kernel_equals_reference_for_any_shape(N, runs, tail, M, bits, g_runs, s
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_many_rows_take_the_dequantize_and_gemm_path(bits, M):
     x, args = case(40, 136 if bits != 8 else 128, M, bits, 32, False)
-    y, ref = gemv_and_ref(x, args)
+    y, ref = kernel_and_ref(x, args)
     assert y.shape == (M, 40) and sqnr_db(y, ref) > SQNR_FLOOR_DB
 
 
@@ -103,11 +103,14 @@ def test_the_op_uses_the_kernel_where_it_can(monkeypatch):
         ref = affine_linear_ref(x, qdata, scale, zero, b, bits, g, False, K)
         assert y.shape == (1, M, 24) and sqnr_db(y, ref) > SQNR_FLOOR_DB
     assert len(calls) == 3
-    # output grouping is not the kernel's layout: the reference answers
-    q = AffineQuantizedTensor.from_hp(torch.randn(24, 64), AffineGrid(4, 32, False, "output"))
-    x = torch.randn(3, 64)
-    y = torch.ops.discq.affine_linear(x, q.qdata, q.scale, q.zero_point, None, 4, 32, True, 64)
-    assert len(calls) == 3 and torch.allclose(y, x @ q.dequantize().t(), atol=1e-4)
+    # not the kernel's layout (output grouping; unpadded 8-bit rows): the reference answers
+    for bits, K, along in ((4, 64, "output"), (8, 100, "input")):
+        q = AffineQuantizedTensor.from_hp(torch.randn(24, K), AffineGrid(bits, 32, False, along))
+        x = torch.randn(3, K)
+        y = torch.ops.discq.affine_linear(x, q.qdata, q.scale, q.zero_point, None, bits, 32,
+                                          along == "output", K)
+        assert torch.allclose(y, x @ q.dequantize().t(), atol=1e-4)
+    assert len(calls) == 3
 
 
 def test_compiled_linear_calls_the_kernel():
