@@ -17,7 +17,6 @@ import copy
 import functools
 import inspect
 import json
-import time
 import warnings
 
 import torch
@@ -115,7 +114,7 @@ def decode_rows(tokens: int, rounds: int) -> list[dict]:
     """Greedy decode tokens/s with a static KV cache and a compiled forward (one graph for the
     prefill, one for every decode step), best of `rounds` round-robin generations."""
     from discq.models import load_model
-    from discq.pipeline import keep_head_filter
+    from discq.pipeline import keep_head_filter, timed_generation
     model, tok = load_model("smollm2-135m")
     prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     models = {"fp32": model}
@@ -128,24 +127,17 @@ def decode_rows(tokens: int, rounds: int) -> list[dict]:
     with torch.no_grad():
         for name, m in models.items():
             m.forward = compiled(m.forward, name)
-            decode_speed(m, prompt, tokens)  # compiles the prefill and the decode step
-            decode_speed(m, prompt, tokens)
+            for _ in range(2):  # compiles the prefill and the decode step, then warms up
+                timed_generation(m, prompt, tokens, static_cache=True)
         best = {name: 0.0 for name in models}
         for _ in range(rounds):
             for name, m in models.items():
-                best[name] = max(best[name], decode_speed(m, prompt, tokens))
+                best[name] = max(best[name],
+                                 timed_generation(m, prompt, tokens, static_cache=True))
     rows = [{"variant": name, "tokens_per_s": v, "tokens": tokens} for name, v in best.items()]
     for r in rows:
         print(r, flush=True)
     return rows
-
-
-def decode_speed(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
-    """Greedy tokens/s of a full generation with a static cache, prefill included."""
-    t0 = time.perf_counter()
-    model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                   cache_implementation="static")
-    return tokens / (time.perf_counter() - t0)
 
 
 def _torchao_model(model: nn.Module) -> dict[str, nn.Module]:

@@ -61,7 +61,8 @@ def bench(args: argparse.Namespace) -> dict:
         model.forward = torch.compile(model.forward)
     prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     t0 = time.perf_counter()
-    speed = pipeline.greedy_decode_speed(model, prompt, args.tokens, static_cache=args.compile)
+    speed = pipeline.greedy_decode_speed(model, prompt, args.tokens,
+                                         static_cache=args.compile)
     try:
         bpw = round(bits_per_weight(model), 3)
     except ValueError:

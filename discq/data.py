@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from discq.tensors.cache import cache_dir
+
 EVAL_PLAYS = ["hamlet", "macbeth", "othello", "lear", "romeo_and_juliet"]
 CALIBRATION_PLAYS = [
     # comedies and romances
@@ -43,10 +45,6 @@ SPLITS = ("calibration", "eval")
 _HUB = {"wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "test"),
         "c4": ("allenai/c4", "en", "train", "validation")}
 _C4_DOCS = 2000  # documents read from the c4 stream: a few million characters
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISCQ_CACHE", Path.home() / ".cache" / "discq"))
 
 
 def shakespeare_dir() -> Path:

@@ -61,10 +61,18 @@ def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     """Tokens per second of greedy generation, after one warm-up run. With `static_cache` (what a
     compiled forward wants: fixed shapes, so one graph for every decode step) the warm-up is the
     same generation, so the timed one compiles nothing."""
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if static_cache:
-        kw["cache_implementation"] = "static"
-    model.generate(prompt, **(kw if static_cache else dict(max_new_tokens=2, do_sample=False)))
+        timed_generation(model, prompt, new_tokens, static_cache)
+    else:
+        model.generate(prompt, max_new_tokens=2, do_sample=False)
+    return timed_generation(model, prompt, new_tokens, static_cache)
+
+
+def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                     static_cache: bool) -> float:
+    """Tokens per second of one greedy generation of exactly `new_tokens`, prefill included."""
+    kw = {"cache_implementation": "static"} if static_cache else {}
     t0 = time.perf_counter()
-    model.generate(prompt, **kw)
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   **kw)
     return new_tokens / (time.perf_counter() - t0)

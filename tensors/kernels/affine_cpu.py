@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..cache import cache_dir
+
 SOURCE = Path(__file__).with_name("affine_cpu.cpp")
 BITS = (2, 3, 4, 8)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -36,11 +38,6 @@ torch.library.define(
 @torch.library.register_fake("discq::affine_linear_cpu")
 def _fake(x, qdata, scale, zero_point, bias, bits, group_size, in_features):
     return x.new_empty(x.shape[0], qdata.shape[0])
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DISCQ_CACHE") or Path.home() / ".cache" / "discq"
-    return Path(root) / "kernels"
 
 
 def _flags() -> list[str]:
@@ -59,7 +56,7 @@ def library_path() -> Path:
     """Where the built kernel for this source, these flags and this torch lives."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()
                          + torch.__version__.encode()).hexdigest()[:16]
-    return cache_dir() / f"affine_cpu_{key}.so"
+    return cache_dir() / "kernels" / f"affine_cpu_{key}.so"
 
 
 def _compile(out: Path) -> None:
