@@ -4,9 +4,11 @@ Per layer shape (SmolLM2-135M's and a 7B-class model's), batch 1 and 16: the tim
 `torch.compile`d layer for fp32 and bf16 `nn.Linear`, discq's packed affine grid at 4/3/2 bits
 (groups of 64, RTN), and torchao's int8 and int4 (intx, groups of 64) weight-only linears.
 Then greedy decode tokens/s of SmolLM2 (static KV cache, compiled forward) for fp32, discq
-4/3/2-bit and torchao int8 weight-only. Variants are timed round-robin and each keeps its best
-round (the median of a short `blocked_autorange` for layers), so a burst of load from a
-neighbour on a shared machine spoils one round, not one variant's number.
+4/3/2-bit and torchao int8 weight-only. Layers are timed twice: one layer called over and over
+(weight in cache) and, at batch 1, a compiled stack of distinct layers whose weights do not fit
+in cache (weights streamed from memory, as in decode). Variants are timed round-robin and each
+keeps its best sample, so a burst of load from a neighbour on a shared machine spoils one
+sample, not one variant's number.
 
 Run: python benchmarks/speed.py [--quick] [--no-decode]   (results: benchmarks/results/)
 """
@@ -32,9 +34,9 @@ SHAPES = {"smollm2 q/o (576x576)": (576, 576), "smollm2 k/v (192x576)": (192, 57
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
 
 
-def variants(N: int, K: int) -> dict[str, nn.Module]:
+def variants(N: int, K: int, seed: int = 0) -> dict[str, nn.Module]:
     """Every way of computing the same linear, each its own module."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = nn.Linear(K, N, bias=False).eval().requires_grad_(False)
     out = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
     for bits in (4, 3, 2):
@@ -77,36 +79,79 @@ def compiled(fn, name: str):
     return torch.compile(ns["call"])
 
 
-def time_ms(fn, x: torch.Tensor, min_run_time: float) -> float:
+def per_call_ms(fn, x: torch.Tensor, number: int) -> float:
+    """Mean time of `number` back-to-back calls (one sample)."""
     with torch.no_grad():
-        t = Timer("fn(x)", globals={"fn": fn, "x": x}).blocked_autorange(min_run_time=min_run_time)
-    return t.median * 1e3
+        return Timer("fn(x)", globals={"fn": fn, "x": x}).timeit(number).mean * 1e3
 
 
-def layer_rows(shapes: dict, batches: list[int], min_run_time: float, rounds: int) -> list[dict]:
-    """Per shape: compile every variant, then time them round-robin `rounds` times and keep each
-    one's best round: a burst of noise from a neighbour then hits one round, not one variant."""
+def best_ms(fns: dict, xs: dict, rounds: int, sample_s: float = 0.02) -> dict[str, float]:
+    """Each variant's best of `rounds` samples of ~`sample_s`, taken round-robin: load from a
+    neighbour on a shared machine only ever slows a sample, so the minimum over many short
+    interleaved samples is the number least spoiled by it, and no variant is favoured."""
+    number = {n: max(1, round(sample_s / (per_call_ms(f, xs[n], 3) / 1e3))) for n, f in fns.items()}
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], per_call_ms(fn, xs[name], number[name]))
+    return best
+
+
+def compiled_variants(mods: dict, B: int, K: int) -> tuple[dict, dict]:
+    """Fresh compiles (static shapes, as in a decode step) and warm inputs for batch B."""
+    torch._dynamo.reset()
+    fns = {name: compiled(mod, name) for name, mod in mods.items()}
+    xs = {name: torch.randn(B, K, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
+          for name in mods}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            for _ in range(3):
+                fn(xs[name])  # compile and warm up
+    return fns, xs
+
+
+def layer_rows(shapes: dict, batches: list[int], rounds: int) -> list[dict]:
+    """Per shape and batch: one layer, called over and over (its weight stays in cache)."""
     rows = []
     for label, (N, K) in shapes.items():
         mods = variants(N, K)
         for B in batches:
-            torch._dynamo.reset()
-            # fresh code objects per batch: static shapes, as in a decode step
-            fns = {name: compiled(mod, name) for name, mod in mods.items()}
-            xs = {name: torch.randn(B, K, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
-                  for name in mods}
-            with torch.no_grad():
-                for name, fn in fns.items():
-                    for _ in range(3):
-                        fn(xs[name])  # compile and warm up
-            best = {name: float("inf") for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    best[name] = min(best[name], time_ms(fn, xs[name], min_run_time))
+            best = best_ms(*compiled_variants(mods, B, K), rounds)
             for name, ms in best.items():
                 rows.append({"shape": label, "N": N, "K": K, "batch": B, "variant": name,
                              "ms": ms})
                 print(rows[-1], flush=True)
+    return rows
+
+
+class Stack(nn.Module):
+    """L layers of one shape applied to the same input, outputs returned as they are."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        return tuple(layer(x) for layer in self.layers)
+
+
+def streamed_rows(shapes: dict, rounds: int, stream_bytes: int = 2**26) -> list[dict]:
+    """Per shape, batch 1: time per layer in one compiled graph of L distinct layers whose fp32
+    weights total `stream_bytes` (64 MiB, beyond this CPU's caches): every call reads each
+    weight from memory, as a decode step of a whole model does. Shapes whose fp32 weight alone
+    is that large are left out (their single-layer rows already stream)."""
+    rows = []
+    for label, (N, K) in shapes.items():
+        L = -(-stream_bytes // (4 * N * K))
+        if L == 1:
+            continue
+        copies = [variants(N, K, seed) for seed in range(L)]
+        mods = {name: Stack([c[name] for c in copies]) for name in copies[0]}
+        best = best_ms(*compiled_variants(mods, 1, K), rounds)
+        for name, ms in best.items():
+            rows.append({"shape": label, "N": N, "K": K, "batch": 1, "layers": L,
+                         "variant": name, "ms": ms / L})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -149,23 +194,38 @@ def _torchao_model(model: nn.Module) -> dict[str, nn.Module]:
     return {"torchao int8-wo": q}
 
 
+def layer_table(rows: list[dict], first: str) -> list[str]:
+    """Markdown rows: ms per variant, speed-up vs fp32 in parentheses."""
+    names = list(dict.fromkeys(x["variant"] for x in rows))
+    lines = [f"| shape | {first} | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for shape, B in dict.fromkeys((x["shape"], x["batch"]) for x in rows):
+        got = {x["variant"]: x for x in rows if x["shape"] == shape and x["batch"] == B}
+        fp = got["fp32"]["ms"]
+        cells = [f"{got[n]['ms']:.3f} ({fp / got[n]['ms']:.2f}x)" if n in got else ""
+                 for n in names]
+        lead = B if first == "batch" else got["fp32"]["layers"]
+        lines.append(f"| {shape} | {lead} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Speed on CPU ({m['cpu']}, {m['cores']} cores, {m['threads']} threads), torch "
-             f"{m['torch']}, {m['date']}", "",
-             "Time of the `torch.compile`d linear (ms; best of round-robin rounds, each the median "
-             "of a 0.2 s `blocked_autorange`); speed-up vs compiled fp32 in parentheses. RTN "
-             "weights; groups of 64. discq runs its fused C++ kernel (up to 64 rows, so both "
-             "batches here).", ""]
-    names = list(dict.fromkeys(x["variant"] for x in r["layers"]))
-    lines += ["| shape | batch | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]
-    keys = list(dict.fromkeys((x["shape"], x["batch"]) for x in r["layers"]))
-    for shape, B in keys:
-        got = {x["variant"]: x["ms"] for x in r["layers"] if x["shape"] == shape and x["batch"] == B}
-        fp = got["fp32"]
-        cells = [f"{got[n]:.3f} ({fp / got[n]:.2f}x)" if n in got else "" for n in names]
-        lines.append(f"| {shape} | {B} | " + " | ".join(cells) + " |")
+    title = (f"# Speed on CPU ({m['cpu']}, {m['cores']} cores, {m['threads']} threads), torch "
+             f"{m['torch']}, {m['date']}")
+    how = ("Time of the `torch.compile`d linear (ms; each variant's best of round-robin samples "
+           "of ~20 ms); speed-up vs compiled fp32 in parentheses. RTN weights; groups of 64. "
+           "discq runs its fused C++ kernel (up to 64 rows, so both batches here).")
+    hot = ("One layer called over and over (its weight stays in the CPU's caches; each call also "
+           "pays the compiled function's fixed cost):")
+    lines = [title, "", how, "", hot, ""]
+    lines += layer_table(r["layers"], "batch")
+    if r.get("streamed"):
+        streamed = ("Per layer, batch 1, in one compiled graph of L distinct layers of the "
+                    "shape whose fp32 weights total 64 MiB, so every weight is read from memory "
+                    "on every call, as in a decode step of a whole model:")
+        lines += ["", streamed, ""]
+        lines += layer_table(r["streamed"], "L")
     if r.get("decode"):
         fp = next(x for x in r["decode"] if x["variant"] == "fp32")["tokens_per_s"]
         lines += ["", f"Greedy decode of SmolLM2-135M, {r['decode'][0]['tokens']} new tokens, "
@@ -187,11 +247,12 @@ if __name__ == "__main__":
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     name = "speed_cpu_quick" if a.quick else "speed_cpu"
+    shapes, rounds = (QUICK_SHAPES, 15) if a.quick else (SHAPES, 30)
     if a.decode_only:
-        layers = json.loads((RESULTS / f"{name}.json").read_text())["layers"]
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        layers, streamed = old["layers"], old.get("streamed")
     else:
-        layers = layer_rows(QUICK_SHAPES if a.quick else SHAPES, [1, 16], 0.2,
-                            3 if a.quick else 5)
-    result = {"machine": machine(), "layers": layers,
+        layers, streamed = layer_rows(shapes, [1, 16], rounds), streamed_rows(shapes, rounds)
+    result = {"machine": machine(), "layers": layers, "streamed": streamed,
               "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 3)}
     write(name, result, markdown(result))

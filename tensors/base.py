@@ -32,14 +32,23 @@ class QuantizedTensor(TorchAOBaseTensor):
         raise NotImplementedError
 
     def __tensor_flatten__(self):
-        """torchao's flatten, minus its cost: compiled code flattens every subclass weight on
-        every call, and reading `shape`/`dtype` of a subclass goes through __torch_function__
-        (about 6 µs a weight, a tenth of a small compiled linear) unless it is switched off."""
-        with torch._C.DisableTorchFunctionSubclass():
-            names = list(self.tensor_data_names)
-            names += [n for n in getattr(self, "optional_tensor_data_names", ())
-                      if getattr(self, n) is not None]
-            return names, {a: getattr(self, a) for a in self.tensor_attribute_names}
+        """torchao's flatten, minus its cost: compiled code flattens every subclass weight twice
+        on every call (Dynamo's metadata guard, AOTAutograd's unwrap), so the answer is computed
+        once and kept until a field is reassigned (`__setattr__`)."""
+        flat = self.__dict__.get("_flat")
+        if flat is None:
+            # reading shape/dtype of a subclass goes through __torch_function__ unless it is off
+            with torch._C.DisableTorchFunctionSubclass():
+                names = list(self.tensor_data_names)
+                names += [n for n in getattr(self, "optional_tensor_data_names", ())
+                          if getattr(self, n) is not None]
+                flat = names, {a: getattr(self, a) for a in self.tensor_attribute_names}
+            self.__dict__["_flat"] = flat
+        return flat
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__.pop("_flat", None)  # a field may have changed: flatten afresh
+        super().__setattr__(name, value)
 
     def storage_bits(self) -> int:
         """Bits this weight costs in memory and on disk (every stored tensor counted)."""

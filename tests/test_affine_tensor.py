@@ -70,3 +70,19 @@ def test_export_has_one_quantized_node_and_matches_eager(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.module()(x), lin(x), atol=1e-5)
 
+
+
+def test_flatten_and_compiled_code_follow_a_reassigned_field():
+    # __tensor_flatten__ caches its answer (compiled calls flatten every weight twice per call):
+    # a field set afterwards must show, and compiled code must see the new weight
+    lin = _quantized_linear(K=64, N=8, grid=AffineGrid(4, 16), bias=False)
+    w, x = lin.weight, torch.randn(2, 64)
+    f = torch.compile(lin)
+    with torch.no_grad():
+        y0 = f(x)
+        assert "lowrank_u" not in w.__tensor_flatten__()[0]
+        w.lowrank_u, w.lowrank_v = torch.randn(8, 2), torch.randn(2, 64)  # a LoRC correction
+        assert w.__tensor_flatten__()[0][-2:] == ["lowrank_u", "lowrank_v"]
+        y1 = f(x)
+    assert torch.allclose(y1, x @ w.dequantize().t(), atol=1e-5)
+    assert not torch.allclose(y1, y0, atol=1e-3)

@@ -9,7 +9,9 @@
 // Why the fused path is fast: per group we accumulate Σ q·x with the integer codes turned into floats in
 // registers (broadcast the word, shift each lane by b·i, mask, convert), then fold the group in
 // with one FMA by its scale; the zero point costs one scalar per group, z·s·Σx, with Σx per
-// group computed once per call. The weight is read once at b bits instead of 32.
+// group computed once per call. The weight is read once at b bits instead of 32. For one
+// activation row (decode) four output rows are done together: one load of x serves four rows
+// and their four FMA chains hide each other's latency.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -75,6 +77,28 @@ inline __m256 decode_run(const uint8_t* p) {
   }
 }
 
+// Two consecutive runs (2·BITS bytes) as floats, with whole in-bounds loads broadcast straight
+// from memory: 2-bit runs share one 4-byte word; a 3-bit pair is read as the words at bytes 0
+// and 2 (the second run starts at bit 8 of the second word).
+template <int BITS>
+inline void decode_pair(const uint8_t* p, __m256& a, __m256& b) {
+  if constexpr (BITS == 2 || BITS == 3) {
+    constexpr int OFF = BITS == 2 ? 0 : 2, SH = BITS == 2 ? 16 : 8;
+    int32_t w0, w1;
+    std::memcpy(&w0, p, 4);
+    std::memcpy(&w1, p + OFF, 4);
+    const __m256i s0 = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
+                                         6 * BITS, 7 * BITS);
+    const __m256i s1 = _mm256_add_epi32(s0, _mm256_set1_epi32(SH));
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    a = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w0), s0), mask));
+    b = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w1), s1), mask));
+  } else {
+    a = decode_run<BITS>(p);
+    b = decode_run<BITS>(p + run_bytes<BITS>());
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -116,6 +140,15 @@ inline void group_dot(const Problem& P, const uint8_t* row, int64_t m0, int64_t 
   const float* x = P.x + m0 * P.Kp + r0 * RUN;
   const uint8_t* w = row + r0 * run_bytes<BITS>();
   int64_t r = 0;
+  for (; (BITS == 2 || BITS == 3) && r + 2 <= R; r += 2) {  // see decode_pair
+    __m256 q0, q1;
+    decode_pair<BITS>(w + r * run_bytes<BITS>(), q0, q1);
+    for (int m = 0; m < MT; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + m * P.Kp + r * RUN), acc[m][0]);
+      acc[m][U - 1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x + m * P.Kp + (r + 1) * RUN),
+                                      acc[m][U - 1]);
+    }
+  }
   for (; r + U <= R; r += U)
     for (int u = 0; u < U; ++u) {
       const __m256 q = decode_run<BITS>(w + (r + u) * run_bytes<BITS>());
@@ -176,6 +209,59 @@ void block(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1)
     }
   }
 }
+
+// Σ_r q_r · x_r over runs r0..r1 for NR consecutive weight rows (one activation row): one load
+// of x serves NR rows, whose NR independent FMA chains hide each other's latency.
+template <int BITS, int NR>
+inline void rows_dot(const float* x, const uint8_t* row, int64_t Wb, int64_t r0, int64_t r1,
+                     __m256 (&acc)[NR]) {
+  constexpr int RB = run_bytes<BITS>();
+  for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t r = r0;
+  for (; (BITS == 2 || BITS == 3) && r + 2 <= r1; r += 2) {  // see decode_pair
+    const __m256 x0 = _mm256_loadu_ps(x + r * RUN), x1 = _mm256_loadu_ps(x + r * RUN + RUN);
+    for (int j = 0; j < NR; ++j) {
+      __m256 q0, q1;
+      decode_pair<BITS>(row + j * Wb + r * RB, q0, q1);
+      acc[j] = _mm256_fmadd_ps(q1, x1, _mm256_fmadd_ps(q0, x0, acc[j]));
+    }
+  }
+  for (; r < r1; ++r) {
+    const __m256 xv = _mm256_loadu_ps(x + r * RUN);
+    for (int j = 0; j < NR; ++j)
+      acc[j] = _mm256_fmadd_ps(decode_run<BITS>(row + j * Wb + r * RB), xv, acc[j]);
+  }
+}
+
+// y[m0, n0..n1] for one activation row (decode), four output rows at a time (measured against
+// one row at a time with split accumulators: 1.2-1.4x faster on SmolLM2's shapes).
+template <int BITS, typename S>
+void gemv_rows(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NR = 4;
+  const float* x = P.x + m0 * P.Kp;
+  const float* xs = P.xsum + m0 * P.G;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) {
+    __m256 tot[NR], acc[NR];
+    float zt[NR] = {};
+    for (int j = 0; j < NR; ++j) tot[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < P.G; ++g) {
+      const int64_t r0 = g * P.runs_per_group;
+      rows_dot<BITS, NR>(x, P.qdata + n * P.Wb, P.Wb, r0,
+                         std::min(P.Kp / RUN, r0 + P.runs_per_group), acc);
+      for (int j = 0; j < NR; ++j) {
+        const auto [s, z] = group_params<BITS>(P, scale, n + j, g);
+        tot[j] = _mm256_fmadd_ps(acc[j], _mm256_set1_ps(s), tot[j]);
+        zt[j] += s * z * xs[g];
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      const float v = hsum(tot[j]) - zt[j];
+      P.y[m0 * P.N + n + j] = P.bias ? v + P.bias[n + j] : v;
+    }
+  }
+  if (n < n1) block<BITS, 1, S>(P, scale, m0, n, n1);  // the last n1 - n < 4 rows
+}
 #else
 // Portable fallback (no AVX2/FMA): the same sums, one code at a time.
 template <int BITS, int MT, typename S>
@@ -197,6 +283,11 @@ void block(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1)
     for (int m = 0; m < MT; ++m)
       P.y[(m0 + m) * P.N + n] = P.bias ? acc[m] + P.bias[n] : acc[m];
   }
+}
+
+template <int BITS, typename S>
+void gemv_rows(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1) {
+  block<BITS, 1, S>(P, scale, m0, n0, n1);
 }
 #endif
 
@@ -240,7 +331,7 @@ void run(const Problem& P, const S* scale, bool dequantize) {
     switch (P.M - m0) {  // compile-time row counts keep the accumulators in registers
       case 3: block<BITS, 3, S>(P, scale, m0, n0, n1); break;
       case 2: block<BITS, 2, S>(P, scale, m0, n0, n1); break;
-      case 1: block<BITS, 1, S>(P, scale, m0, n0, n1); break;
+      case 1: gemv_rows<BITS, S>(P, scale, m0, n0, n1); break;
       default: break;
     }
   });
