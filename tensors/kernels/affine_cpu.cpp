@@ -247,6 +247,13 @@ void gemv_rows(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t
     for (int j = 0; j < NR; ++j) tot[j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < P.G; ++g) {
       const int64_t r0 = g * P.runs_per_group;
+      // fetch the next block's rows one block ahead: four interleaved row streams of a few
+      // cache lines each are too short for the hardware prefetcher (measured: 4-bit 576x1536
+      // with weights from memory, 150 -> 88 us)
+      if (n + 2 * NR <= n1)
+        for (int j = 0; j < NR; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(P.qdata + (n + NR + j) * P.Wb +
+                                                     r0 * run_bytes<BITS>()), _MM_HINT_T0);
       rows_dot<BITS, NR>(x, P.qdata + n * P.Wb, P.Wb, r0,
                          std::min(P.Kp / RUN, r0 + P.runs_per_group), acc);
       for (int j = 0; j < NR; ++j) {
