@@ -10,7 +10,12 @@ in cache (weights streamed from memory, as in decode). Variants are timed round-
 keeps its best sample, so a burst of load from a neighbour on a shared machine spoils one
 sample, not one variant's number.
 
-Run: python benchmarks/speed.py [--quick] [--no-decode]   (results: benchmarks/results/)
+With --device cuda (a GPU): the same in bf16 against a bf16 baseline, discq on its Triton
+kernels, each layer row also giving achieved memory bandwidth as a fraction of the device's peak
+(PEAK_GBPS); no streamed table (a GPU's caches are far smaller than these weights).
+
+Run: python benchmarks/speed.py [--quick] [--no-decode] [--device cuda]
+Results: benchmarks/results/speed_cpu.{json,md} or speed_cuda_<device>.{json,md}
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import copy
 import functools
 import inspect
 import json
+import re
 import warnings
 
 import torch
@@ -32,13 +38,21 @@ SHAPES = {"smollm2 q/o (576x576)": (576, 576), "smollm2 k/v (192x576)": (192, 57
           "smollm2 gate/up (1536x576)": (1536, 576), "smollm2 down (576x1536)": (576, 1536),
           "7B q/k/v/o (4096x4096)": (4096, 4096), "7B gate/up (11008x4096)": (11008, 4096)}
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
+BASELINE = {"cpu": "fp32", "cuda": "bf16"}
+# peak memory bandwidth (GB/s) by device name, first match wins (vendor data sheets)
+PEAK_GBPS = [("H200", 4800), ("H100 PCIe", 2000), ("H100", 3350), ("A100-SXM4-80GB", 2039),
+             ("A100", 1555), ("L40S", 864), ("L4", 300), ("A10G", 600), ("RTX 4090", 1008)]
 
 
-def variants(N: int, K: int, seed: int = 0) -> dict[str, nn.Module]:
-    """Every way of computing the same linear, each its own module."""
+def variants(N: int, K: int, seed: int = 0, device: str = "cpu") -> dict[str, nn.Module]:
+    """Every way of computing the same linear, each its own module. On CPU the baseline is fp32
+    (bf16 beside it); on a GPU it is bf16, and every variant takes bf16 activations."""
     torch.manual_seed(seed)
-    base = nn.Linear(K, N, bias=False).eval().requires_grad_(False)
-    out = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    base = nn.Linear(K, N, bias=False).eval().requires_grad_(False).to(device, dtype)
+    out = {BASELINE[device]: base}
+    if device == "cpu":
+        out["bf16"] = copy.deepcopy(base).to(torch.bfloat16)
     for bits in (4, 3, 2):
         out[f"discq {bits}-bit g64"] = discq.quantize_(copy.deepcopy(base),
                                                        discq.rtn_config(bits, 64))
@@ -98,11 +112,14 @@ def best_ms(fns: dict, xs: dict, rounds: int, sample_s: float = 0.02) -> dict[st
 
 
 def compiled_variants(mods: dict, B: int, K: int) -> tuple[dict, dict]:
-    """Fresh compiles (static shapes, as in a decode step) and warm inputs for batch B."""
+    """Fresh compiles (static shapes, as in a decode step) and warm inputs for batch B, in each
+    variant's own dtype and device."""
     torch._dynamo.reset()
     fns = {name: compiled(mod, name) for name, mod in mods.items()}
-    xs = {name: torch.randn(B, K, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
-          for name in mods}
+    xs = {}
+    for name, mod in mods.items():
+        w = next(mod.parameters())
+        xs[name] = torch.randn(B, K, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         for name, fn in fns.items():
             for _ in range(3):
@@ -110,16 +127,30 @@ def compiled_variants(mods: dict, B: int, K: int) -> tuple[dict, dict]:
     return fns, xs
 
 
-def layer_rows(shapes: dict, batches: list[int], rounds: int) -> list[dict]:
-    """Per shape and batch: one layer, called over and over (its weight stays in cache)."""
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a (possibly quantized, tensor-subclass) weight keeps in memory."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(stored_bytes(getattr(t, n)) for n in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
+
+
+def bytes_moved(mod: nn.Module, B: int, N: int, K: int) -> int:
+    """Weights read plus activations read and written by one call."""
+    itemsize = next(mod.parameters()).element_size()
+    return sum(stored_bytes(p) for p in mod.parameters()) + B * (N + K) * itemsize
+
+
+def layer_rows(shapes: dict, batches: list[int], rounds: int, device: str) -> list[dict]:
+    """Per shape and batch: one layer, called over and over (on CPU its weight stays in cache)."""
     rows = []
     for label, (N, K) in shapes.items():
-        mods = variants(N, K)
+        mods = variants(N, K, device=device)
         for B in batches:
             best = best_ms(*compiled_variants(mods, B, K), rounds)
             for name, ms in best.items():
+                gbps = bytes_moved(mods[name], B, N, K) / (ms * 1e6)
                 rows.append({"shape": label, "N": N, "K": K, "batch": B, "variant": name,
-                             "ms": ms})
+                             "ms": ms, "gbps": gbps})
                 print(rows[-1], flush=True)
     return rows
 
@@ -145,7 +176,7 @@ def streamed_rows(shapes: dict, rounds: int, stream_bytes: int = 2**26) -> list[
         L = -(-stream_bytes // (4 * N * K))
         if L == 1:
             continue
-        copies = [variants(N, K, seed) for seed in range(L)]
+        copies = [variants(N, K, seed) for seed in range(L)]  # CPU only: see __main__
         mods = {name: Stack([c[name] for c in copies]) for name in copies[0]}
         best = best_ms(*compiled_variants(mods, 1, K), rounds)
         for name, ms in best.items():
@@ -155,14 +186,16 @@ def streamed_rows(shapes: dict, rounds: int, stream_bytes: int = 2**26) -> list[
     return rows
 
 
-def decode_rows(tokens: int, rounds: int) -> list[dict]:
+def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
     """Greedy decode tokens/s with a static KV cache and a compiled forward (one graph for the
     prefill, one for every decode step), best of `rounds` round-robin generations."""
     from discq.models import load_model
     from discq.pipeline import keep_head_filter, timed_generation
     model, tok = load_model("smollm2-135m")
+    model.to(device, torch.float32 if device == "cpu" else torch.bfloat16)
     prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
-    models = {"fp32": model}
+    prompt = prompt.to(device)
+    models = {BASELINE[device]: model}
     for bits in (4, 3, 2):
         q = copy.deepcopy(model)
         models[f"discq {bits}-bit g64"] = discq.quantize_(q, discq.rtn_config(bits, 64),
@@ -194,65 +227,104 @@ def _torchao_model(model: nn.Module) -> dict[str, nn.Module]:
     return {"torchao int8-wo": q}
 
 
-def layer_table(rows: list[dict], first: str) -> list[str]:
-    """Markdown rows: ms per variant, speed-up vs fp32 in parentheses."""
+def layer_table(rows: list[dict], first: str, base: str, peak_gbps: float | None) -> list[str]:
+    """Markdown rows: ms per variant, speed-up vs the baseline in parentheses, and on a GPU the
+    achieved memory bandwidth as a fraction of the device's peak."""
     names = list(dict.fromkeys(x["variant"] for x in rows))
     lines = [f"| shape | {first} | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for shape, B in dict.fromkeys((x["shape"], x["batch"]) for x in rows):
         got = {x["variant"]: x for x in rows if x["shape"] == shape and x["batch"] == B}
-        fp = got["fp32"]["ms"]
-        cells = [f"{got[n]['ms']:.3f} ({fp / got[n]['ms']:.2f}x)" if n in got else ""
-                 for n in names]
-        lead = B if first == "batch" else got["fp32"]["layers"]
+        ref = got[base]["ms"]
+        cells = []
+        for n in names:
+            cell = f"{got[n]['ms']:.3f} ({ref / got[n]['ms']:.2f}x)" if n in got else ""
+            if n in got and peak_gbps:
+                cell += f", {got[n]['gbps'] / peak_gbps:.0%} of peak"
+            cells.append(cell)
+        lead = B if first == "batch" else got[base]["layers"]
         lines.append(f"| {shape} | {lead} | " + " | ".join(cells) + " |")
     return lines
 
 
-def markdown(r: dict) -> str:
+def title(r: dict) -> str:
     m = r["machine"]
-    title = (f"# Speed on CPU ({m['cpu']}, {m['cores']} cores, {m['threads']} threads), torch "
-             f"{m['torch']}, {m['date']}")
+    if r["device"] == "cpu":
+        where = f"CPU ({m['cpu']}, {m['cores']} cores, {m['threads']} threads)"
+    else:
+        peak = f"peak {r['peak_gbps']} GB/s" if r["peak_gbps"] else "peak bandwidth unknown"
+        where = f"{r['device_name']} ({peak})"
+    return f"# Speed on {where}, torch {m['torch']}, {m['date']}"
+
+
+def markdown(r: dict) -> str:
+    base, cpu = BASELINE[r["device"]], r["device"] == "cpu"
     how = ("Time of the `torch.compile`d linear (ms; each variant's best of round-robin samples "
-           "of ~20 ms); speed-up vs compiled fp32 in parentheses. RTN weights; groups of 64. "
-           "discq runs its fused C++ kernel (up to 64 rows, so both batches here).")
+           f"of ~20 ms); speed-up vs compiled {base} in parentheses. RTN weights; groups of 64. "
+           + ("discq runs its fused C++ kernel (up to 64 rows, so both batches here)." if cpu else
+              "discq runs its Triton kernels; bandwidth = weight bytes + activations in and out, "
+              "per call."))
     hot = ("One layer called over and over (its weight stays in the CPU's caches; each call also "
-           "pays the compiled function's fixed cost):")
-    lines = [title, "", how, "", hot, ""]
-    lines += layer_table(r["layers"], "batch")
+           "pays the compiled function's fixed cost):" if cpu else "One layer called over and over:")
+    lines = [title(r), "", how, "", hot, ""]
+    lines += layer_table(r["layers"], "batch", base, r.get("peak_gbps"))
     if r.get("streamed"):
         streamed = ("Per layer, batch 1, in one compiled graph of L distinct layers of the "
                     "shape whose fp32 weights total 64 MiB, so every weight is read from memory "
                     "on every call, as in a decode step of a whole model:")
         lines += ["", streamed, ""]
-        lines += layer_table(r["streamed"], "L")
+        lines += layer_table(r["streamed"], "L", base, None)
     if r.get("decode"):
-        fp = next(x for x in r["decode"] if x["variant"] == "fp32")["tokens_per_s"]
-        lines += ["", f"Greedy decode of SmolLM2-135M, {r['decode'][0]['tokens']} new tokens, "
-                  "static KV cache, compiled forward, head in fp32, best of round-robin runs:",
-                  "", "| variant | tokens/s | vs fp32 |", "|---|---|---|"]
-        lines += [f"| {x['variant']} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / fp:.2f}x |"
+        ref = next(x for x in r["decode"] if x["variant"] == base)["tokens_per_s"]
+        decode = (f"Greedy decode of SmolLM2-135M, {r['decode'][0]['tokens']} new tokens, "
+                  f"static KV cache, compiled forward, head in {base}, best of round-robin runs:")
+        lines += ["", decode, "", f"| variant | tokens/s | vs {base} |", "|---|---|---|"]
+        lines += [f"| {x['variant']} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / ref:.2f}x |"
                   for x in r["decode"]]
     return "\n".join(lines) + "\n"
+
+
+def device_info(device: str) -> dict:
+    if device == "cpu":
+        return {"device": "cpu", "device_name": None, "peak_gbps": None}
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    name = torch.cuda.get_device_name()
+    peak = next((gbps for key, gbps in PEAK_GBPS if key in name), None)
+    return {"device": "cuda", "device_name": name, "peak_gbps": peak}
+
+
+def result_name(info: dict, quick: bool) -> str:
+    """speed_cpu[_quick] or speed_cuda_<device>[_quick]."""
+    name = "speed_cpu" if info["device"] == "cpu" else (
+        "speed_cuda_" + re.sub(r"[^a-z0-9]+", "_", info["device_name"].lower()).strip("_"))
+    return name + ("_quick" if quick else "")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only, short timings")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: bf16 baseline, Triton kernels, bandwidth vs the device's peak")
     ap.add_argument("--no-decode", action="store_true", help="skip whole-model decode")
     ap.add_argument("--decode-only", action="store_true",
                     help="rerun the decode part, keeping the layer rows already in the results")
     ap.add_argument("--tokens", type=int, default=32)
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    name = "speed_cpu_quick" if a.quick else "speed_cpu"
+    info = device_info(a.device)
+    name = result_name(info, a.quick)
     shapes, rounds = (QUICK_SHAPES, 15) if a.quick else (SHAPES, 30)
     if a.decode_only:
         old = json.loads((RESULTS / f"{name}.json").read_text())
         layers, streamed = old["layers"], old.get("streamed")
     else:
-        layers, streamed = layer_rows(shapes, [1, 16], rounds), streamed_rows(shapes, rounds)
-    result = {"machine": machine(), "layers": layers, "streamed": streamed,
-              "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 3)}
+        layers = layer_rows(shapes, [1, 16], rounds, a.device)
+        # the streamed table answers a CPU question (weights beyond the caches); a GPU's
+        # caches are far smaller than these layers' weights already
+        streamed = streamed_rows(shapes, rounds) if a.device == "cpu" else None
+    result = {"machine": machine(), **info, "layers": layers, "streamed": streamed,
+              "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 3,
+                                                             a.device)}
     write(name, result, markdown(result))

@@ -75,4 +75,6 @@ def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     t0 = time.perf_counter()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    **kw)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()  # the last step may still be running
     return new_tokens / (time.perf_counter() - t0)
