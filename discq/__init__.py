@@ -5,7 +5,7 @@
 """
 from discq.io import load_quantized, save_quantized
 from discq.passes import (
-    CONFIGS,
+    METHODS,
     DiscConfig,
     GPTQConfig,
     QuantConfig,
@@ -25,7 +25,7 @@ from discq.tensors.lattice import LatticeQuantizedTensor
 __version__ = "0.1.0"
 
 __all__ = [
-    "CONFIGS",
+    "METHODS",
     "AffineGrid",
     "AffineQuantizedTensor",
     "DiscConfig",

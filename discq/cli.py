@@ -1,8 +1,9 @@
-"""The `discq` command line: quantize, eval, bench.
+"""The `discq` command line: quantize, eval, bench, methods.
 
     discq quantize smollm2-135m --method gptq --bits 3 --group-size 64 --out out/
     discq eval out/ --data shakespeare
     discq bench out/
+    discq methods                      # what is registered, one line each with its paper
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import contextlib
 import json
 import sys
 
-from discq.methods import METHODS, MethodNotAvailable
+from discq.methods import available_methods, describe
 
 
 def _add_grid_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="rtn", choices=sorted(METHODS),
-                   help="rounding method: " + "; ".join(f"{m.name}: {m.summary}"
-                                                        for m in METHODS.values()))
+    p.add_argument("--method", default="rtn", choices=available_methods(),
+                   help="rounding method (`discq methods` lists them): " + "; ".join(
+                       f"{m['name']}: {m['summary']}" for m in describe()))
     p.add_argument("--bits", type=int, default=3, help="bits per weight code (2, 3, 4 or 8)")
     p.add_argument("--group-size", type=int, default=64,
                    help="weights per scale group; 0 means one group per row (default 64)")
@@ -40,7 +41,9 @@ def _add_data_args(p: argparse.ArgumentParser, what: str, n: int, seq: int) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from discq import __version__
     ap = argparse.ArgumentParser(prog="discq", description="Quantize model weights to 2-4 bits.")
+    ap.add_argument("--version", action="version", version=f"discq {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF dir, .gguf, hub id")
@@ -61,11 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the forward first (decode with a static KV cache)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    m = sub.add_parser("methods", help="list the registered rounding methods")
+    m.add_argument("--json", action="store_true", help="print the list as JSON")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "methods":
+        return _methods(args.json)
     from discq import _commands
     run = {"quantize": _commands.quantize, "eval": _commands.evaluate,
            "bench": _commands.bench}[args.command]
@@ -74,13 +81,26 @@ def main(argv: list[str] | None = None) -> int:
         # writes to stdout) go to stderr
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
             result = run(args)
-    except (ValueError, TypeError, FileExistsError, MethodNotAvailable, ImportError) as e:
+    except (ValueError, TypeError, FileExistsError, ImportError) as e:
         print(f"discq {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         _commands.print_table(f"discq {args.command}", [result])
+    return 0
+
+
+def _methods(as_json: bool) -> int:
+    rows = describe()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        data = "calibration data" if r["data_driven"] else "data-free"
+        print(f"{r['name']:<12} {r['summary']} ({data})")
+        if r["paper"]:
+            print(f"{'':<12} {r['paper']}")
     return 0
 
 

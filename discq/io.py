@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from discq.tensors.base import QuantizedTensor
+from discq.tensors.base import QuantizedTensor, unwrap_compiled
 
 from ._load import CheckpointError, load_into
 
@@ -87,6 +87,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
     source model's name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # torch.compile(model) saves under the model's own names
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; choose another path")
@@ -150,7 +151,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, *,
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module skeleton or None, got "
                         f"{type(model).__name__}")
-    load_into(model, path / MANIFEST, path / WEIGHTS, device=torch.device(device))
+    load_into(unwrap_compiled(model), path / MANIFEST, path / WEIGHTS,
+              device=torch.device(device))
     return model.eval()
 
 

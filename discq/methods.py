@@ -1,55 +1,31 @@
-"""The rounding methods by name, for the CLI and the demo: one place that says which methods
-exist, which need calibration data, and how to build each one's config."""
+"""The rounding methods by name, for the CLI and the demo: a view of the method registry
+(`discq.passes.registry`), where every method registers its config, handler and constructor."""
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
+import discq.passes  # noqa: F401  (imports every method module, so all are registered)
+from discq.passes.registry import METHODS, Method
 
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    constructor: str  # "module:function"
-    data_driven: bool
-    summary: str
-    affine_grid: bool = True  # takes group_size / symmetric (lattice codes have neither)
-
-
-METHODS = {m.name: m for m in [
-    Method("rtn", "discq.passes.rtn:rtn_config", False, "round to nearest (data-free)"),
-    Method("gptq", "discq.passes.gptq:gptq_config", True, "GPTQ: Hessian error feedback"),
-    Method("disc", "discq.passes.disc:disc_config", True, "DiscQuant: KL distillation rounding"),
-    Method("quip-sharp", "discq.passes.quip_sharp:quip_sharp_config", True,
-           "QuIP#: E8P lattice + incoherence + fine-tuning", affine_grid=False),
-]}
-
-
-class MethodNotAvailable(NotImplementedError):
-    """The method is planned but not built in this version of discq."""
+__all__ = ["METHODS", "Method", "available_methods", "build_config", "config_constructor",
+           "describe"]
 
 
 def config_constructor(name: str):
     """The lowercase constructor of method `name` (e.g. `rtn_config`)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    module, fn = METHODS[name].constructor.split(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
-        raise MethodNotAvailable(f"method {name!r} is not built in this version of discq yet; "
-                                 f"available: {available_methods()}") from None
+    if name not in METHODS or METHODS[name].constructor is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {available_methods()}")
+    return METHODS[name].constructor
 
 
 def available_methods() -> list[str]:
-    out = []
-    for name, m in METHODS.items():
-        module, fn = m.constructor.split(":")
-        try:
-            if hasattr(importlib.import_module(module), fn):
-                out.append(name)
-        except ImportError:
-            pass
-    return out
+    """Registered methods, cheapest first (their `order`)."""
+    return [m.name for m in sorted(METHODS.values(), key=lambda m: (m.order, m.name))
+            if m.constructor is not None]
+
+
+def describe() -> list[dict]:
+    """One record per method: name, summary, paper, data-driven or not."""
+    return [{"name": m.name, "summary": m.summary, "paper": m.paper,
+             "data_driven": m.data_driven} for m in map(METHODS.get, available_methods())]
 
 
 def build_config(name: str, *, bits: int, group_size: int | None, calibration=None, **kwargs):

@@ -15,17 +15,9 @@ from discq.tensors._torchao import TorchAOBaseTensor  # noqa: F401  (quiet torch
 from discq.tensors.grid import SCALE_DTYPES, AffineGrid, check_bits, check_group_size
 from torchao.core.config import AOBaseConfig
 
-CONFIGS: dict[str, type] = {}
+from .registry import METHODS
+
 NOT_SERIALIZED = ("calibration",)
-
-
-def register_config(method: str):
-    """Class decorator: name a config class for JSON round trips (`"method": ...`)."""
-    def deco(cls):
-        cls.method = method
-        CONFIGS[method] = cls
-        return cls
-    return deco
 
 
 @dataclass
@@ -47,9 +39,9 @@ class QuantConfig(AOBaseConfig):
     def from_dict(d: dict[str, Any]) -> QuantConfig:
         d = dict(d)
         method, version = d.pop("method", None), d.pop("version", 1)
-        if method not in CONFIGS:
-            raise ValueError(f"unknown config method {method!r}; known: {sorted(CONFIGS)}")
-        cls = CONFIGS[method]
+        if method not in METHODS:
+            raise ValueError(f"unknown config method {method!r}; known: {sorted(METHODS)}")
+        cls = METHODS[method].config
         if version > cls.version:
             raise ValueError(f"config {method!r} has version {version}, newer than this discq "
                              f"understands ({cls.version}); upgrade discq")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +42,37 @@ from discq.tensors.grid import (
     to_rows,
     zero_of,
 )
-from discq.tensors.hadamard import rotate, rotate_weight, unrotate
+from discq.tensors.hadamard import layer_rotation, layer_seed, rotate, rotate_weight, unrotate
 from discq.tensors.incoherent import IncoherentQuantizedTensor
-from discq.tensors.incoherent import rotation as seeded_rotation
 from torch import Tensor, nn
 
-from .config import GridConfig, check_finetune, register_config
+from .config import GridConfig, check_finetune
+from .registry import constructs, handles, register_method
 
 
-@register_config("disc")
+@dataclass(frozen=True)
+class Codebook:
+    """How DiscQuant rounds onto one weight format: `relax(linear, config, fqn, generator)`
+    returns the `Relaxation` that stands in for the layer (its two candidates per weight or per
+    vector, the variables x, and `rounded()`: the format's tensor); `check(config)` refuses
+    settings the format cannot hold."""
+
+    relax: Any
+    check: Any = lambda config: None
+
+
+RELAXATIONS: dict[str, Codebook] = {}  # disc_config(codebook=name) -> its Codebook
+
+
+def register_codebook(name: str, relax, check=None) -> None:
+    """Make `disc_config(codebook=name)` round onto a format (see `Codebook`)."""
+    RELAXATIONS[name] = Codebook(relax, check or (lambda config: None))
+
+
+@register_method("disc",
+                 summary="DiscQuant: each weight's grid neighbour chosen by KL distillation",
+                 paper="Chee et al., DiscQuant (2025), arXiv:2501.06417",
+                 data_driven=True, order=20)
 @dataclass
 class DiscConfig(GridConfig):
     """DiscQuant on the affine grid; see `disc_config`. `calibration` and `trainer_kwargs` are
@@ -78,8 +100,6 @@ class DiscConfig(GridConfig):
     trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
                                         metadata={"serialize": False})
 
-    handler_module: ClassVar[str] = "discq.training.disc_handler"
-
     def __post_init__(self):
         super().__post_init__()
         _check_int(1, steps=self.steps, batch_size=self.batch_size)
@@ -88,12 +108,11 @@ class DiscConfig(GridConfig):
         _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
                       hidden_weight=self.hidden_weight)
         check_finetune(self)
-        if self.codebook not in ("affine", "e8p"):
-            raise ValueError(f"codebook must be 'affine' (the grid of bits/group_size) or 'e8p' "
-                             f"(QuIP#'s lattice, 2-4 bits), got {self.codebook!r}")
-        if self.codebook == "e8p" and self.bits not in (2, 3, 4):
-            raise ValueError(f"codebook='e8p' codes 2, 3 or 4 bits per weight, got "
-                             f"bits={self.bits!r}")
+        if self.codebook not in RELAXATIONS:
+            raise ValueError(f"codebook must be one of {sorted(RELAXATIONS)} ('affine': the grid "
+                             f"of bits/group_size; 'e8p': QuIP#'s lattice), got "
+                             f"{self.codebook!r}")
+        RELAXATIONS[self.codebook].check(self)
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
                              f"the RTN vertex), got {self.init!r}")
@@ -125,6 +144,7 @@ def _check_number(positive: bool, **kw) -> None:
                              f"got {v!r}")
 
 
+@constructs(DiscConfig)
 def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = False,
                 group_along: str = "input", incoherence: bool = False, calibration=None,
                 steps: int = 1024, lr: float = 0.05, batch_size: int = 8, clamp: float = 1.0,
@@ -160,12 +180,10 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       hidden_weight=hidden_weight)
 
 
-def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(s_in, s_out, q_in, q_out): the seeded rotations RTN and GPTQ use for a layer
-    (IncoherentQuantizedTensor.from_hp), so the three methods share the rotated grid."""
-    s_in, q_in = seeded_rotation(n_in, seed)
-    s_out, q_out = seeded_rotation(n_out, seed + 7919)
-    return s_in, s_out, q_in, q_out
+@handles(DiscConfig)
+def _disc_model(model: nn.Module, config: DiscConfig, targets) -> None:
+    from discq.training.disc_handler import disc_quantize  # Lightning: loaded on first use
+    disc_quantize(model, config, targets)
 
 
 class Relaxation(nn.Module):
@@ -331,3 +349,12 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _relax_affine(linear: nn.Linear, config: DiscConfig, fqn: str, generator) -> RelaxedLinear:
+    """The affine grid of `config` (in the layer's seeded rotated basis with incoherence)."""
+    rot = layer_rotation(*linear.weight.shape, layer_seed(fqn)) if config.incoherence else None
+    return RelaxedLinear(linear, config.grid(), config.init, generator, rot)
+
+
+register_codebook("affine", _relax_affine)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 from discq.tensors import e8p_residual
-from discq.tensors.hadamard import rotate_weight
-from discq.tensors.incoherent import rotation as seeded_rotation
+from discq.tensors.hadamard import layer_rotation, layer_seed, rotate_weight
 from discq.tensors.lattice import WEIGHT_RMS, LatticeQuantizedTensor, check_shape
 
-from .disc import Relaxation
+from .disc import DiscConfig, Relaxation, register_codebook
 from torch import Tensor, nn
 
 
@@ -35,9 +34,8 @@ class RelaxedLatticeLinear(Relaxation):
         W = linear.weight.detach()
         N, K = W.shape
         check_shape(N, K)
-        s_in, q_in = seeded_rotation(K, seed)
-        s_out, q_out = seeded_rotation(N, seed + 7919)
-        for name, t in (("s_in", s_in), ("s_out", s_out), ("q_in", q_in), ("q_out", q_out)):
+        rot = layer_rotation(N, K, seed)
+        for name, t in zip(("s_in", "s_out", "q_in", "q_out"), rot):
             self.register_buffer(name, t.to(W.device), persistent=False)
         Wt = rotate_weight(W.float(), self.s_out, self.s_in, self.q_out, self.q_in)
         self.scale = float(Wt.pow(2).mean().sqrt().clamp(min=1e-12) / WEIGHT_RMS[bits])
@@ -82,3 +80,19 @@ class RelaxedLatticeLinear(Relaxation):
         return LatticeQuantizedTensor.from_codes(codes, self.scale, self.s_in, self.s_out,
                                                  self.q_in, self.q_out, self.bits,
                                                  self.original.weight.dtype)
+
+
+def _check_lattice(config: DiscConfig) -> None:
+    if config.bits not in (2, 3, 4):
+        raise ValueError(f"codebook='e8p' codes 2, 3 or 4 bits per weight, got "
+                         f"bits={config.bits!r}")
+
+
+def _relax_lattice(linear: nn.Linear, config: DiscConfig, fqn: str, generator
+                   ) -> RelaxedLatticeLinear:
+    """E8P in the layer's seeded rotated basis (the rotation QuIP# gives the same layer)."""
+    return RelaxedLatticeLinear(linear, config.bits, layer_seed(fqn, config.seed), config.init,
+                                generator)
+
+
+register_codebook("e8p", _relax_lattice, _check_lattice)

@@ -7,20 +7,22 @@ from typing import Any, ClassVar
 
 import torch
 from discq.tensors.affine import AffineQuantizedTensor
-from discq.tensors.hadamard import rotate_hessian, rotate_weight
-from discq.tensors.incoherent import IncoherentQuantizedTensor, rotation
+from discq.tensors.hadamard import layer_rotation, layer_seed, rotate_hessian, rotate_weight
+from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import Tensor, nn
 
 from .calibration import as_batches
 from .capture import sequential_quantize
-from .config import GridConfig, check_finetune, register_config
+from .config import GridConfig, check_finetune
 from .gptq_core import gptq_quantize
 from .quantize import check_finite, install_weight
-from .registry import register_model_handler
-from .rtn import check_extras, finish, layer_seed
+from .registry import constructs, handles, register_method
+from .rtn import check_extras, finish
 
 
-@register_config("gptq")
+@register_method("gptq", summary="GPTQ/LDLQ: Hessian error feedback, layer by layer",
+                 paper="Frantar et al., GPTQ (ICLR 2023), arXiv:2210.17323",
+                 data_driven=True, order=10)
 @dataclass
 class GPTQConfig(GridConfig):
     """GPTQ on the affine grid. `group_along="auto"` picks input or output grouping per layer
@@ -52,6 +54,7 @@ class GPTQConfig(GridConfig):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
+@constructs(GPTQConfig)
 def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
                 group_along: str = "input", calibration=None, damp: float = 0.01,
                 act_order: bool = True, block_size: int = 128, true_sequential: bool = True,
@@ -101,16 +104,14 @@ def gptq_layer(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "") -> Affi
 
 def _gptq_incoherent(W: Tensor, H: Tensor, config: GPTQConfig, name: str):
     """GPTQ in the rotated basis: the proxy loss is invariant under the rotation."""
-    seed = layer_seed(name)
-    s_in, q_in = rotation(W.shape[1], seed)
-    s_out, q_out = rotation(W.shape[0], seed + 7919)
+    s_in, s_out, q_in, q_out = layer_rotation(*W.shape, layer_seed(name))
     Wt = rotate_weight(W.float(), s_out, s_in, q_out, q_in).to(W.dtype)
     Ht = rotate_hessian(H, s_in, q_in)
     inner = gptq_layer(Wt, Ht, dataclasses.replace(config, incoherence=False), name)
     return IncoherentQuantizedTensor.wrap(inner, s_in, s_out, q_in, q_out)
 
 
-@register_model_handler(GPTQConfig)
+@handles(GPTQConfig)
 def _gptq_model(model: nn.Module, config: GPTQConfig, targets) -> None:
     batches = as_batches(config.calibration, model)
 

@@ -1,16 +1,16 @@
 """`quantize_(model, config, *, filter_fn=None)`: the one entry point."""
 from __future__ import annotations
 
-import importlib
+import re
 import warnings
 from collections.abc import Callable
 
 import torch
-from discq.tensors.base import QuantizedTensor
+from discq.tensors.base import QuantizedTensor, unwrap_compiled
 from torch import nn
 
 from .config import QuantConfig
-from .registry import MODEL_HANDLERS, module_handler
+from .registry import method_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -25,65 +25,93 @@ def select_linears(model: nn.Module, filter_fn: FilterFn) -> list[tuple[str, nn.
             if isinstance(m, nn.Linear) and filter_fn(m, fqn)]
 
 
+DEFAULT_KEY = "_default"
+
+
 def _check_args(model, config) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a discq config such as rtn_config(bits=4), got "
-                        f"{type(config).__name__}")
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if not isinstance(key, str):
+                raise TypeError(f"config keys must be module names, 're:<regex>' or "
+                                f"{DEFAULT_KEY!r}, got {key!r}")
+            if value is not None and not isinstance(value, QuantConfig):
+                raise TypeError(f"config[{key!r}] must be a discq config or None (leave the "
+                                f"module in full precision), got {type(value).__name__}")
+    elif not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a discq config such as rtn_config(bits=4), or a dict "
+                        f"of module names/patterns to configs, got {type(config).__name__}")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer: discq quantizes the "
                          f"weights of nn.Linear modules")
 
 
-def quantize_(model: nn.Module, config: QuantConfig, *,
-              filter_fn: FilterFn | None = None) -> nn.Module:
+def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None) -> nn.Module:
     """Quantize, in place, the `nn.Linear` layers of `model` that `filter_fn(module, fqn)`
-    selects (default: all) with `config`. Returns `model`."""
+    selects (default: all) with `config`. Returns `model`.
+
+    `config` is one config, or a dict from module names to configs: an exact name
+    ("lm_head"), a regular expression matched against the whole name ("re:.*mlp.*", tried in
+    the dict's order), and "_default" for every other selected layer. An exact name wins over
+    patterns; `None` leaves the module in full precision. Each layer's config is recorded and
+    saved in the manifest. If any method fails or is interrupted, every weight is put back."""
     _check_args(model, config)
+    model = unwrap_compiled(model)  # names without `_orig_mod.`: same seeds, same manifest
     targets = select_linears(model, filter_fn or is_linear)
-    if not targets:
+    plan = _plan(model, config, targets) if isinstance(config, dict) else [(config, targets)]
+    if not any(t for _, t in plan):
         warnings.warn("quantize_: the filter selected no nn.Linear layer; nothing was quantized",
                       stacklevel=2)
         return model
-    handler = _model_handler(config)
-    if handler is not None:
-        _run_restoring_on_failure(handler, model, config, targets)
-    else:
-        transform = module_handler(type(config))
-        if transform is None:
-            raise TypeError(f"no handler is registered for {type(config).__name__}")
-        for fqn, module in targets:
-            transform(module, config, fqn=fqn)
-    _record_config(targets, config)
-    return model
-
-
-def _model_handler(config: QuantConfig):
-    """The registered model handler; configs whose handler lives in a heavier package
-    (Lightning, in discq.training) name its module in `handler_module`, imported on first use
-    so `import discq` stays fast and passes/ has no static dependency on training/."""
-    if type(config) not in MODEL_HANDLERS and getattr(config, "handler_module", None):
-        importlib.import_module(config.handler_module)
-    handler = MODEL_HANDLERS.get(type(config))
-    if handler is not None and getattr(config, "finetune", False) \
-            and not getattr(config, "FINETUNES_ITSELF", False):
-        # generic end-to-end fine-tuning after any rounding method (codes fixed)
-        handler = importlib.import_module("discq.training.finetune_after").then_finetune(handler)
-    return handler
-
-
-def _run_restoring_on_failure(handler, model, config, targets) -> None:
-    """Data-driven methods install weights as they go (later layers must see quantized earlier
-    ones); if the run fails or is interrupted, every original weight is put back, so the input
-    model is untouched. Holding the original Parameters costs no copy."""
-    originals = [(m, m.weight) for _, m in targets]
-    try:
-        handler(model, config, targets)
+    originals = [(m, m.weight) for _, group in plan for _, m in group]
+    try:  # data-driven methods install weights as they go: on failure, put every one back
+        for cfg, group in plan:
+            if group:
+                _handler(cfg)(model, cfg, group)
+                _record_config(group, cfg)
     except BaseException:
         for m, w in originals:
             m.weight = w
         raise
+    return model
+
+
+def _plan(model: nn.Module, spec: dict, targets) -> list[tuple[QuantConfig, list]]:
+    """[(config, its targets)] in the order of first appearance; None drops a layer."""
+    exact = {k: v for k, v in spec.items() if not k.startswith("re:") and k != DEFAULT_KEY}
+    patterns = []
+    for k, v in spec.items():
+        if k.startswith("re:"):
+            try:
+                patterns.append((re.compile(k[3:]), v))
+            except re.error as e:
+                raise ValueError(f"config key {k!r} is not a valid regular expression: {e}")
+    linears = {fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(exact) - linears)
+    if unknown:  # a typo would otherwise quantize a layer the user meant to skip
+        raise ValueError(f"config names {unknown[:5]} are not nn.Linear modules of "
+                         f"{type(model).__name__}; use names from model.named_modules() "
+                         f"(e.g. 'lm_head') or 're:<regex>' patterns")
+    groups: dict[int, tuple[QuantConfig, list]] = {}
+    for fqn, m in targets:
+        cfg = exact[fqn] if fqn in exact else next(
+            (v for rx, v in patterns if rx.fullmatch(fqn)), spec.get(DEFAULT_KEY))
+        if cfg is not None:
+            groups.setdefault(id(cfg), (cfg, []))[1].append((fqn, m))
+    return list(groups.values())
+
+
+def _handler(config: QuantConfig):
+    """The registered handler; with `finetune=True`, followed by end-to-end fine-tuning unless
+    the method fine-tunes as part of its own run (QuIP#)."""
+    method = method_of(config)
+    if method.handler is None:
+        raise TypeError(f"no handler is registered for {type(config).__name__}")
+    if getattr(config, "finetune", False) and not method.finetunes_itself:
+        from discq.training.finetune_after import then_finetune  # Lightning: on first use
+        return then_finetune(method.handler)
+    return method.handler
 
 
 def _record_config(targets, config: QuantConfig) -> None:

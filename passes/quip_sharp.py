@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from discq.tensors import e8p_residual
-from discq.tensors.hadamard import rotate_hessian, rotate_weight
-from discq.tensors.incoherent import rotation
+from discq.tensors.hadamard import layer_seed, rotate_hessian, rotate_weight, rotation
 from discq.tensors.lattice import WEIGHT_RMS, LatticeQuantizedTensor, check_shape
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -31,14 +29,17 @@ from tqdm.auto import tqdm
 from .calibration import as_batches
 from .capture import (Inputs, block_inputs, find_blocks, group_hessian, hidden_state, input_hidden,
                       outside_hessians, run_block, set_hidden, trace_block)
-from .config import QuantConfig, register_config
+from .config import QuantConfig
 from .ldlq import ldlq
 from .quantize import check_finite, install_weight
+from .registry import constructs, handles, register_method
 
 BLOCK = 8  # columns per lattice code
 
 
-@register_config("quip-sharp")
+@register_method("quip-sharp", summary="QuIP#: E8P lattice codes + incoherence + fine-tuning",
+                 paper="Tseng et al., QuIP# (ICML 2024), arXiv:2402.04396", data_driven=True,
+                 finetunes_itself=True, affine_grid=False, order=30)
 @dataclass
 class QuipSharpConfig(QuantConfig):
     """QuIP#; see `quip_sharp_config`. `calibration` and `trainer_kwargs` are run-time inputs
@@ -63,9 +64,6 @@ class QuipSharpConfig(QuantConfig):
     checkpoint_dir: str | None = None
     trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
                                         metadata={"serialize": False})
-
-    handler_module: ClassVar[str] = "discq.training.quip_handler"
-    FINETUNES_ITSELF: ClassVar[bool] = True  # block-wise stage first, then end to end
 
     def __post_init__(self):
         e8p_residual.check_bits(self.bits)
@@ -103,6 +101,7 @@ def _check_positive(**kw) -> None:
             raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
 
 
+@constructs(QuipSharpConfig)
 def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
                       refine_passes: int = 2, seed: int = 0, weight_rms: float | None = None,
                       group_size: int | None = None, symmetric: bool = False,
@@ -126,6 +125,16 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
                            refine_passes=refine_passes, seed=seed, weight_rms=weight_rms,
                            checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
                            **finetune_options)
+
+
+@handles(QuipSharpConfig)
+def _quip_sharp_model(model: nn.Module, config: QuipSharpConfig, targets) -> None:
+    if not config.finetune:
+        quip_sharp_quantize(model, config, targets)
+        return
+    # block-wise fine-tuning after each block, then end to end: Lightning, loaded on first use
+    from discq.training.quip_handler import quip_sharp_finetuned
+    quip_sharp_finetuned(model, config, targets)
 
 
 # ---- one group of linears ------------------------------------------------------------------
@@ -166,10 +175,6 @@ class CodeRecorder:
                 raise RuntimeError("internal error: a block of Ŵ matches no recorded code")
             out.append(codes)
         return torch.stack(out, 1)
-
-
-def layer_seed(fqn: str, seed: int) -> int:
-    return zlib.crc32(fqn.encode()) + 104729 * seed
 
 
 def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSharpConfig

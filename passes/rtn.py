@@ -1,20 +1,20 @@
 """RTN: round to nearest on the affine grid (data-free)."""
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.hadamard import layer_seed
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import nn
 
-from .config import GridConfig, register_config
+from .config import GridConfig
 from .lowrank import add_lowrank, check_rank
 from .quantize import check_finite, install_weight
-from .registry import register_module_handler
+from .registry import constructs, handles, register_method, register_module_handler
 
 
-@register_config("rtn")
+@register_method("rtn", summary="round to nearest (data-free)", data_driven=False, order=0)
 @dataclass
 class RTNConfig(GridConfig):
     """Round every weight to the nearest point of the affine grid."""
@@ -41,6 +41,7 @@ def finish(q, W, config):
     return add_lowrank(q, W, config.lowrank) if config.lowrank else q
 
 
+@constructs(RTNConfig)
 def rtn_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
                group_along: str = "input", incoherence: bool = False, lowrank: int = 0,
                scale_dtype: str = "float16") -> RTNConfig:
@@ -53,18 +54,22 @@ def rtn_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = Fa
                      scale_dtype=scale_dtype)
 
 
-def layer_seed(fqn: str) -> int:
-    """Seed of a layer's random rotations: a function of its name, so runs are reproducible."""
-    return zlib.crc32(fqn.encode())
-
-
-@register_module_handler(RTNConfig)
-def _rtn_transform(module: nn.Module, config: RTNConfig, fqn: str = "") -> nn.Module:
-    W = module.weight.detach()
+def rtn_weight(W, config: RTNConfig, fqn: str = ""):
+    """The RTN-quantized tensor of weight W: [N, K] of layer `fqn` (seeds its rotation)."""
+    W = W.detach()
     check_finite(W, fqn)
     if config.incoherence:
-        q = IncoherentQuantizedTensor.from_hp(W, config.grid(), seed=layer_seed(fqn))
-    else:
-        q = finish(AffineQuantizedTensor.from_hp(W, config.grid()), W, config)
-    install_weight(module, q)
+        return IncoherentQuantizedTensor.from_hp(W, config.grid(), seed=layer_seed(fqn))
+    return finish(AffineQuantizedTensor.from_hp(W, config.grid()), W, config)
+
+
+@register_module_handler(RTNConfig)  # torchao.quantization.quantize_ accepts RTNConfig too
+def _rtn_transform(module: nn.Module, config: RTNConfig, fqn: str = "") -> nn.Module:
+    install_weight(module, rtn_weight(module.weight, config, fqn))
     return module
+
+
+@handles(RTNConfig)
+def _rtn_model(model: nn.Module, config: RTNConfig, targets) -> None:
+    for fqn, module in targets:
+        _rtn_transform(module, config, fqn)

@@ -12,7 +12,6 @@ exported graphs see one node. Nothing is packed or fitted in forward: `from_hp` 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -29,8 +28,6 @@ from .grid import (
 )
 from .kernels.affine_ref import dequantize_packed
 from .packing import pack_codes, packed_width, unpack_codes
-
-aten = torch.ops.aten
 
 
 @register_format("affine")
@@ -117,26 +114,30 @@ class AffineQuantizedTensor(QuantizedTensor):
                 or U.shape[1] != V.shape[0])):
             raise ValueError(f"low-rank factors must be U [{N}, r] and V [r, {K}]")
 
+    # ---- F.linear --------------------------------------------------------------------------
+    def linear_call(self, x, bias, t):
+        meta = (self.bits, self.group_size, self.group_along == "output", self.shape[1])
+        if t.get("lowrank_u") is None:
+            return torch.ops.discq.affine_linear.default, (
+                x, t["qdata"], t["scale"], t.get("zero_point"), bias, *meta)
+        # LoRC: y = x Ŵᵀ + (x Vᵀ) Uᵀ + b, one composite op (ops.py)
+        return torch.ops.discq.affine_lowrank_linear.default, (
+            x, t["qdata"], t["scale"], t.get("zero_point"), t["lowrank_u"], t["lowrank_v"],
+            bias, *meta)
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self.lowrank_u is None and _plain_eager(x, bias):
+            # the custom op's Python dispatch costs more than a small layer's matmul (~35 µs
+            # on 2 CPU cores): plain eager inference calls the kernel directly
+            return ops.dispatch(x, self.qdata, self.scale, self.zero_point, bias, self.bits,
+                                self.group_size, self.group_along == "output", self.shape[1])
+        return super().linear(x, bias)
+
     def __repr__(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, bits={self.bits}, "
                 f"group_size={self.group_size}, group_along={self.group_along!r}, {sym}, "
                 f"scale_dtype={self.scale.dtype}, dtype={self.dtype}, device={self.device})")
-
-
-implements = AffineQuantizedTensor.implements
-implements_torch_function = AffineQuantizedTensor.implements_torch_function
-
-
-def _linear(x: Tensor, w: AffineQuantizedTensor, bias: Tensor | None) -> Tensor:
-    args = (x, w.qdata, w.scale, w.zero_point, bias, w.bits, w.group_size,
-            w.group_along == "output", w.shape[1])
-    # plain eager inference calls the kernel directly: the custom op's Python dispatch costs
-    # more than a small layer's matmul (~35 µs on 2 CPU cores); tracing and autograd need the op
-    y = ops.dispatch(*args) if _plain_eager(x, bias) else torch.ops.discq.affine_linear(*args)
-    if w.lowrank_u is not None:  # LoRC correction: + (x Vᵀ) Uᵀ, rank r, two thin matmuls
-        y = y + (x @ w.lowrank_v.t().to(x.dtype)) @ w.lowrank_u.t().to(x.dtype)
-    return y
 
 
 def _plain_eager(x: Tensor, bias: Tensor | None) -> bool:
@@ -145,16 +146,3 @@ def _plain_eager(x: Tensor, bias: Tensor | None) -> bool:
         x.requires_grad or (bias is not None and bias.requires_grad))
     return (type(x) is Tensor and not needs_grad and not torch.compiler.is_compiling()
             and not is_in_torch_dispatch_mode())
-
-
-@implements_torch_function(F.linear)
-def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return _linear(x, w, bias)
-
-
-@implements(aten.linear.default)
-def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    return _linear(x, w, args[2] if len(args) > 2 else None)

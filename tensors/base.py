@@ -3,10 +3,23 @@
 A format is a `TorchAOBaseTensor` subclass whose state is plain tensors (`tensor_data_names`,
 `optional_tensor_data_names`) plus JSON-able attributes (`tensor_attribute_names`). That is all
 `discq.save_quantized` needs to write it as safetensors + JSON and to rebuild it without pickle.
+
+What a format declares, and who uses it:
+  register_format(name)     the name in checkpoints (discq/io.py reads FORMATS)
+  stored_tensors/attributes how it is saved; `from_stored` rebuilds it (+ `validate`)
+  linear_call(x, bias, t)   the one op `F.linear(x, W, bias)` lowers to, and its arguments:
+                            eager and compiled code call it on the stored tensors, the export
+                            pass (passes/export.py) emits the same call on graph nodes
+  dequantize()              the reference decode every test compares against
+`F.linear` and `aten.linear` are implemented once, here, for every subclass.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._torchao import TorchAOBaseTensor, return_and_correct_aliasing
@@ -15,8 +28,13 @@ FORMATS: dict[str, type] = {}
 
 
 def register_format(name: str):
-    """Class decorator: make a quantized tensor class saveable/loadable under `name`."""
+    """Class decorator: make a quantized tensor class saveable/loadable under `name`, and
+    known to every path (save/load, compile, export, the conformance tests)."""
     def deco(cls):
+        if name in FORMATS and FORMATS[name] is not cls:
+            raise ValueError(f"format name {name!r} is taken by {FORMATS[name].__name__}")
+        if cls.linear_call is QuantizedTensor.linear_call:
+            raise TypeError(f"{cls.__name__} must define linear_call(x, bias, tensors)")
         cls.format_name = name
         FORMATS[name] = cls
         return cls
@@ -30,6 +48,18 @@ class QuantizedTensor(TorchAOBaseTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError
+
+    def linear_call(self, x: Any, bias: Any, t: Mapping[str, Any]) -> tuple[Any, tuple]:
+        """(op, args) such that op(*args) = F.linear(x, self, bias). `t` maps the names of
+        `stored_tensors()` to the tensors themselves or, in the export pass, to the graph nodes
+        standing for them: so build args from `x`, `bias`, `t` and Python attributes only, and
+        keep every tensor computation inside the op."""
+        raise NotImplementedError
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """F.linear(x, self, bias); formats may add an eager fast path."""
+        op, args = self.linear_call(x, bias, self.stored_tensors())
+        return op(*args)
 
     def __tensor_flatten__(self):
         """torchao's flatten, minus its cost: compiled code flattens every subclass weight twice
@@ -60,9 +90,12 @@ class QuantizedTensor(TorchAOBaseTensor):
 
     def _stable_hash_for_caching(self) -> str:
         """Cache key of compiled graphs: all metadata (attributes and every stored tensor's name,
-        dtype and shape), none of the data, which are graph inputs."""
+        dtype, shape and strides), none of the data, which are graph inputs. Strides belong in
+        it: compiled code asserts them (a loaded weight is contiguous where a freshly made
+        rotation factor may be a transposed view)."""
         parts = [type(self).__name__, repr(sorted(self.attributes().items()))]
-        parts += [f"{n}:{t.dtype}:{tuple(t.shape)}" for n, t in self.stored_tensors().items()]
+        parts += [f"{n}:{t.dtype}:{tuple(t.shape)}:{t.stride()}"
+                  for n, t in self.stored_tensors().items()]
         return "|".join(parts)
 
     def attributes(self) -> dict:
@@ -104,3 +137,27 @@ def _to_copy(func, types, args, kwargs):
                for n, t in self.stored_tensors().items()}
     attrs = {**self.attributes(), "dtype": str(kw["dtype"]).removeprefix("torch.")}
     return return_and_correct_aliasing(func, args, kwargs, type(self).from_stored(tensors, attrs))
+
+
+def unwrap_compiled(model):
+    """The module a `torch.compile` wrapper holds (its state dict and fqns carry `_orig_mod.`),
+    else `model`: saving, loading and quantizing see the same names compiled or not."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+# One table for every format: subclasses inherit it (torchao copies the parent's table into
+# each subclass), so a format only says what its linear lowers to (`linear_call`).
+@QuantizedTensor.implements_torch_function(F.linear)
+def _linear_torch_function(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
+    return w.linear(x, bias)
+
+
+@QuantizedTensor.implements(torch.ops.aten.linear.default)
+def _linear_aten(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    return w.linear(x, args[2] if len(args) > 2 else None)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import zlib
+
 import torch
 from torch import Tensor
 
@@ -80,3 +82,24 @@ def rotate_weight(W: Tensor, s_out: Tensor, s_in: Tensor, Q_out: Tensor, Q_in: T
 def rotate_hessian(H: Tensor, s_in: Tensor, Q_in: Tensor) -> Tensor:
     """H̃ = R_in H R_inᵀ: the Hessian of the rotated inputs."""
     return rotate(rotate(H, s_in, Q_in).t(), s_in, Q_in).t()
+
+
+# ---- seeded rotations: the one place a layer's rotation comes from ------------------------------
+
+def layer_seed(fqn: str, seed: int = 0) -> int:
+    """Seed of the rotations of layer `fqn`: a function of its name and the run's seed, so runs
+    are reproducible and every method (RTN, GPTQ, DiscQuant, QuIP#) rotates a layer alike."""
+    return zlib.crc32(fqn.encode()) + 104729 * seed
+
+
+def rotation(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(signs [n], orthogonal factor [m, m]) of a seeded randomized Hadamard transform."""
+    m, _ = split_size(n)
+    return random_signs(n, seed), random_orthogonal(m, seed + 1)
+
+
+def layer_rotation(n_out: int, n_in: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(s_in, s_out, q_in, q_out) of a layer W: [n_out, n_in] for seed `seed`."""
+    s_in, q_in = rotation(n_in, seed)
+    s_out, q_out = rotation(n_out, seed + 7919)
+    return s_in, s_out, q_in, q_out

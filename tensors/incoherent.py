@@ -8,28 +8,13 @@ y = R_outᵀ · W̃ · R_in x + b; no dense n×n rotation is ever stored or form
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .affine import AffineQuantizedTensor
-from .base import register_format
+from .base import QuantizedTensor, register_format
 from .grid import AffineGrid
-from .hadamard import (
-    random_orthogonal,
-    random_signs,
-    rotate,
-    rotate_weight,
-    split_size,
-    unrotate,
-)
-
-aten = torch.ops.aten
-
-
-def rotation(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(signs [n], orthogonal factor [m, m]) of a seeded randomized Hadamard transform."""
-    m, _ = split_size(n)
-    return random_signs(n, seed), random_orthogonal(m, seed + 1)
+from .ops import composite_op
+from .hadamard import layer_rotation, rotate, rotate_weight, split_size, unrotate
 
 
 @register_format("affine_incoherent")
@@ -51,8 +36,7 @@ class IncoherentQuantizedTensor(AffineQuantizedTensor):
 
     @classmethod
     def from_hp(cls, W: Tensor, grid: AffineGrid, seed: int = 0) -> IncoherentQuantizedTensor:
-        s_in, q_in = rotation(W.shape[1], seed)
-        s_out, q_out = rotation(W.shape[0], seed + 7919)
+        s_in, s_out, q_in, q_out = layer_rotation(*W.shape, seed)
         Wt = rotate_weight(W.detach().float(), s_out, s_in, q_out, q_in).to(W.dtype)
         inner = AffineQuantizedTensor.from_hp(Wt, grid)
         return cls.wrap(inner, s_in, s_out, q_in, q_out)
@@ -84,24 +68,26 @@ class IncoherentQuantizedTensor(AffineQuantizedTensor):
             if q.shape != (split_size(n)[0],) * 2:
                 raise ValueError(f"{name} is {tuple(q.shape)}, expected the odd factor of {n}")
 
+    def linear_call(self, x, bias, t):
+        return torch.ops.discq.incoherent_linear.default, (
+            x, t["qdata"], t["scale"], t.get("zero_point"), t["s_in"], t["s_out"], t["q_in"],
+            t["q_out"], bias, self.bits, self.group_size, self.group_along == "output",
+            self.shape[1])
+
+    linear = QuantizedTensor.linear  # not the plain-affine eager shortcut
+
     def __repr__(self) -> str:
         return super().__repr__().replace("AffineQuantizedTensor(", "IncoherentQuantizedTensor(", 1)
 
 
-def _linear(x: Tensor, w: IncoherentQuantizedTensor, bias: Tensor | None) -> Tensor:
-    xr = rotate(x, w.s_in, w.q_in)  # [..., K]
-    yr = torch.ops.discq.affine_linear(xr, w.qdata, w.scale, w.zero_point, None, w.bits,
-                                       w.group_size, w.group_along == "output", w.shape[1])
-    y = unrotate(yr, w.s_out, w.q_out)  # [..., N]
+@composite_op("incoherent_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, "
+              "Tensor s_in, Tensor s_out, Tensor q_in, Tensor q_out, Tensor? bias, int bits, "
+              "int group_size, bool along_output, int in_features) -> Tensor")
+def _incoherent_linear(x, qdata, scale, zero_point, s_in, s_out, q_in, q_out, bias, bits,
+                       group_size, along_output, in_features):
+    """y = R_outᵀ W̃ R_in x + b: the activations are rotated, never the weight."""
+    xr = rotate(x, s_in, q_in)  # [..., K]
+    yr = torch.ops.discq.affine_linear(xr, qdata, scale, zero_point, None, bits, group_size,
+                                       along_output, in_features)
+    y = unrotate(yr, s_out, q_out)  # [..., N]
     return y if bias is None else y + bias
-
-
-@IncoherentQuantizedTensor.implements_torch_function(F.linear)
-def _(func, types, args, kwargs):
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return _linear(args[0], args[1], bias)
-
-
-@IncoherentQuantizedTensor.implements(aten.linear.default)
-def _(func, types, args, kwargs):
-    return _linear(args[0], args[1], args[2] if len(args) > 2 else None)

@@ -17,16 +17,12 @@ multiplies by the decoded codes and rotates back: y = s_out ⊙ T_outᵀ(scale·
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import e8p_residual, lattice_ops  # noqa: F401  (lattice_ops registers discq::e8p_linear)
 from .base import QuantizedTensor, register_format
-from .hadamard import rotate_weight, split_size, unrotate
-from .incoherent import rotation
+from .hadamard import layer_rotation, rotate_weight, split_size, unrotate
 from .kernels.e8p_ref import decode_weight, pack_lattice_codes, unpack_lattice_codes
-
-aten = torch.ops.aten
 
 # RMS the rotated weight is scaled to before coding: the minimum of the error on Gaussian
 # blocks for 3 and 4 bits (measured, tests/test_e8p.py); 0.9 at 2 bits as in QuIP#, a little
@@ -77,8 +73,7 @@ class LatticeQuantizedTensor(QuantizedTensor):
         N, K = W.shape
         check_shape(N, K)
         e8p_residual.check_bits(bits)
-        s_in, q_in = rotation(K, seed)
-        s_out, q_out = rotation(N, seed + 7919)
+        s_in, s_out, q_in, q_out = layer_rotation(N, K, seed)
         Wt = rotate_weight(W.detach().float(), s_out, s_in, q_out, q_in)
         scale = Wt.pow(2).mean().sqrt().clamp(min=1e-12) / (weight_rms or WEIGHT_RMS[bits])
         _, codes = e8p_residual.quantize((Wt / scale).reshape(N, K // 8, 8), bits)
@@ -116,23 +111,12 @@ class LatticeQuantizedTensor(QuantizedTensor):
             if tuple(q.shape) != (split_size(n)[0],) * 2:
                 raise ValueError(f"{name} is {tuple(q.shape)}, expected the odd factor of {n}")
 
+    def linear_call(self, x, bias, t):
+        return torch.ops.discq.e8p_linear.default, (
+            x, t["qdata"], t["scale"], t["s_in"], t["s_out"], t["q_in"], t["q_out"], bias,
+            self.bits)
+
     def __repr__(self) -> str:
         return (f"LatticeQuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, "
                 f"codebook={'E8P' if self.bits == 2 else f'E8P+residual ({self.bits}-bit)'}, "
                 f"dtype={self.dtype}, device={self.device})")
-
-
-def _linear(x: Tensor, w: LatticeQuantizedTensor, bias: Tensor | None) -> Tensor:
-    return torch.ops.discq.e8p_linear(x, w.qdata, w.scale, w.s_in, w.s_out, w.q_in, w.q_out,
-                                      bias, w.bits)
-
-
-@LatticeQuantizedTensor.implements_torch_function(F.linear)
-def _(func, types, args, kwargs):
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return _linear(args[0], args[1], bias)
-
-
-@LatticeQuantizedTensor.implements(aten.linear.default)
-def _(func, types, args, kwargs):
-    return _linear(args[0], args[1], args[2] if len(args) > 2 else None)

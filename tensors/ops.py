@@ -85,6 +85,33 @@ def _backward(ctx, grad_y):
 affine_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+_LIB = torch.library.Library("discq", "FRAGMENT")
+
+
+def composite_op(schema: str):
+    """Decorator: define `discq::<schema>` with the function as its CompositeImplicitAutograd
+    kernel. For formats whose linear is a few ops around a kernel op (a rotation, a low-rank
+    term): one node in the graphs the export pass writes, decomposed by autograd, compile and
+    `run_decompositions` into ops that each have their own kernels and gradients."""
+    def deco(fn):
+        name = schema.split("(", 1)[0]
+        _LIB.define(schema)
+        _LIB.impl(name, fn, "CompositeImplicitAutograd")
+        return getattr(torch.ops.discq, name).default
+    return deco
+
+
+@composite_op("affine_lowrank_linear(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, "
+              "Tensor lowrank_u, Tensor lowrank_v, Tensor? bias, int bits, int group_size, "
+              "bool along_output, int in_features) -> Tensor")
+def _affine_lowrank_linear(x, qdata, scale, zero_point, U, V, bias, bits, group_size,
+                           along_output, in_features):
+    """y = x Ŵᵀ + (x Vᵀ) Uᵀ + b (LoRC: rank r, two thin matmuls)."""
+    y = torch.ops.discq.affine_linear(x, qdata, scale, zero_point, bias, bits, group_size,
+                                      along_output, in_features)
+    return y + (x @ V.t().to(x.dtype)) @ U.t().to(x.dtype)
+
+
 def _register_inductor_decomposition() -> None:
     # Inductor's table only: torch.export keeps the op as one node, Inductor lowers it to the
     # same choice as eager: the Triton triton_op, the C++ kernel (an extern call) or plain ops.
@@ -101,9 +128,8 @@ def _tag_compile_caches() -> None:
         return
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for f in sorted([*here.glob("*ops.py"), *(here / "kernels").glob("*.*")]):
-        if f.suffix in (".py", ".cpp"):
-            h.update(f.read_bytes())
+    for f in sorted([*here.rglob("*.py"), *here.rglob("*.cpp")]):  # every format's lowering
+        h.update(f.read_bytes())
     compiler_config.cache_key_tag = f"discq-{h.hexdigest()[:12]}"
 
 

@@ -58,13 +58,21 @@ def test_bad_bits_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "bits" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_unbuilt_method_says_so(monkeypatch):
+def test_unknown_method_is_a_clear_error():
     from discq import methods
-    monkeypatch.setitem(methods.METHODS, "magic",
-                        methods.Method("magic", "discq.passes.magic:magic_config", True, "x"))
-    with pytest.raises(methods.MethodNotAvailable, match="not built"):
+    with pytest.raises(ValueError, match="unknown method 'magic'.*rtn"):
         methods.config_constructor("magic")
-    assert "magic" not in methods.available_methods() and "rtn" in methods.available_methods()
+
+
+def test_methods_lists_every_registered_method_with_its_paper():
+    from discq.methods import METHODS
+    r = json.loads(discq("methods", "--json").stdout)
+    assert [m["name"] for m in r] == ["rtn", "gptq", "disc", "quip-sharp"]
+    assert {m["name"] for m in r} == set(METHODS)
+    assert all(m["paper"] for m in r if m["data_driven"])
+    text = discq("methods").stdout
+    assert "arXiv:2210.17323" in text and "quip-sharp" in text
+    assert discq("--version").stdout.startswith("discq ")
 
 
 def test_bench_reports_speed_and_memory():

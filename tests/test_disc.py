@@ -256,7 +256,7 @@ def test_lattice_rounding_picks_one_of_the_two_candidate_points(bits, seed):
 
 
 def test_lattice_with_zero_kl_weight_is_nearest_point_coding():
-    from discq.passes.quip_sharp import layer_seed
+    from discq.tensors.hadamard import layer_seed
     from discq.tensors.lattice import LatticeQuantizedTensor
     model = tiny_random_llama()
     ref = copy.deepcopy(model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from discq.tensors import e8p, e8p_residual
 from discq.tensors.hadamard import rotate, rotate_weight, unrotate
-from discq.tensors.incoherent import rotation
+from discq.tensors.hadamard import rotation
 from discq.tensors.kernels.e8p_ref import pack_lattice_codes, unpack_lattice_codes
 from discq.tensors.lattice import LatticeQuantizedTensor
 from hypothesis import given, settings

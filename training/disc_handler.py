@@ -12,12 +12,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from discq.passes.calibration import as_batches
-from discq.passes.disc import DiscConfig, RelaxedLinear, layer_rotation, mean_noise
-from discq.passes.disc_lattice import RelaxedLatticeLinear
+from discq.passes.disc import RELAXATIONS, DiscConfig, RelaxedLinear, mean_noise
 from discq.passes.quantize import check_finite, install_weight
-from discq.passes.quip_sharp import layer_seed as quip_seed
-from discq.passes.registry import register_model_handler
-from discq.passes.rtn import layer_seed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -43,13 +39,7 @@ def _relax(model: nn.Module, targets, config: DiscConfig) -> list[RelaxedLinear]
     layers = []
     for fqn, lin in targets:
         check_finite(lin.weight, fqn)
-        if config.codebook == "e8p":
-            layers.append(RelaxedLatticeLinear(lin, config.bits, quip_seed(fqn, config.seed),
-                                               config.init, g))
-        else:
-            rot = layer_rotation(*lin.weight.shape, layer_seed(fqn)) if config.incoherence \
-                else None
-            layers.append(RelaxedLinear(lin, config.grid(), config.init, g, rot))
+        layers.append(RELAXATIONS[config.codebook].relax(lin, config, fqn, g))
         _swap(model, fqn, layers[-1])
     return layers
 
@@ -160,8 +150,8 @@ def _frozen_eval(model: nn.Module):
         model.train(was_training)
 
 
-@register_model_handler(DiscConfig)
-def _disc_model(model: nn.Module, config: DiscConfig, targets) -> None:
+def disc_quantize(model: nn.Module, config: DiscConfig, targets) -> None:
+    """DiscQuant of `targets` (the handler registered in passes/disc.py calls this)."""
     batches = as_batches(config.calibration, model)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     layers: list[RelaxedLinear] = []

@@ -1,11 +1,10 @@
-"""Runs QuIP# inside `quantize_`: BlockLDLQ on the lattice block by block, with stage-1
+"""QuIP# with fine-tuning inside `quantize_`: BlockLDLQ on the lattice block by block, with stage-1
 fine-tuning after each block and stage-2 (end to end) fine-tuning at the end when
 `finetune=True`. On any failure the model's continuous parameters are put back too (the
 quantized weights are restored by `quantize_`)."""
 from __future__ import annotations
 
 from discq.passes.quip_sharp import QuipSharpConfig, quip_sharp_quantize
-from discq.passes.registry import register_model_handler
 from torch import nn
 
 from .finetune import FinetuneConfig, finetune_, finetune_block_
@@ -22,11 +21,8 @@ def finetune_settings(config: QuipSharpConfig) -> FinetuneConfig:
         trainer_kwargs=config.trainer_kwargs)
 
 
-@register_model_handler(QuipSharpConfig)
-def _quip_sharp_model(model: nn.Module, config: QuipSharpConfig, targets) -> None:
-    if not config.finetune:
-        quip_sharp_quantize(model, config, targets)
-        return
+def quip_sharp_finetuned(model: nn.Module, config: QuipSharpConfig, targets) -> None:
+    """QuIP# with fine-tuning (the handler registered in passes/quip_sharp.py calls this)."""
     settings = finetune_settings(config)
     teacher = FrozenReference(model, share=[m.weight for _, m in targets])
     report = {"blocks": []}

@@ -1,0 +1,187 @@
+"""The conformance base every registered weight format inherits (torchao's TorchAOBasicTestCase
+is the model). A format gets every test here by subclassing, with no test code of its own:
+
+    class TestMyFormat(FormatConformance):
+        max_relative_error = 0.3            # ‖W − Ŵ‖ / ‖W‖ on a Gaussian W: its bound
+        def make(self, W):                  # W: [N, K] fp32 -> the format's tensor
+            return MyQuantizedTensor.from_hp(W, ...)
+
+What it checks, on every path a quantized weight takes: it is registered; dequantize is within
+the bound; F.linear (eager, with and without bias, 2-D and 3-D activations) equals the dense
+product; compile(fullgraph) and torch.export equal eager; an exported program saves and
+reloads in a fresh process; the export graph pass emits it from `quantized_state`;
+save_quantized/load_quantized is bit-exact, also from and into a compiled model; .to, clone
+and detach keep it; the bytes on disk are what `bits_per_weight` claims; corrupted stored
+tensors or attributes raise ValueError. `slow`: an AOTInductor package of it runs in a fresh
+process (make test-all).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from discq.passes.export import quantize_exported
+from discq.tensors.base import FORMATS, QuantizedTensor
+from torch import nn
+
+import discq
+
+ATOL = 1e-4  # fp32 products summed in another order (rotations, kernels)
+
+
+class FormatConformance:
+    """Subclasses define `make(W)` and `max_relative_error`; N, K may be overridden."""
+
+    N, K = 40, 96
+    max_relative_error: float = 1.0
+
+    def make(self, W: torch.Tensor) -> QuantizedTensor:
+        raise NotImplementedError
+
+    # ---- fixtures -------------------------------------------------------------------------
+    @pytest.fixture(scope="class")
+    def W(self):
+        return torch.randn(self.N, self.K, generator=torch.Generator().manual_seed(0))
+
+    @pytest.fixture(scope="class")
+    def q(self, W):
+        return self.make(W)
+
+    def linear(self, q, bias: bool = True) -> nn.Linear:
+        lin = nn.Linear(self.K, self.N, bias=bias)
+        with torch.no_grad():
+            if bias:
+                lin.bias.copy_(torch.linspace(-1, 1, self.N))
+        lin.weight = nn.Parameter(q, requires_grad=False)
+        return lin.eval()
+
+    def x(self, *lead):
+        return torch.randn(*lead, self.K, generator=torch.Generator().manual_seed(1))
+
+    # ---- the format ----------------------------------------------------------------------
+    def test_is_registered_under_its_name(self, q):
+        assert isinstance(q, QuantizedTensor) and FORMATS[q.format_name] is type(q)
+        assert q.shape == (self.N, self.K) and q.dtype == torch.float32
+
+    def test_dequantize_is_within_the_bound(self, W, q):
+        What = q.dequantize()
+        assert What.shape == W.shape and What.dtype == W.dtype
+        assert float((What - W).norm() / W.norm()) <= self.max_relative_error
+
+    @pytest.mark.parametrize("bias", [True, False])
+    @pytest.mark.parametrize("lead", [(3,), (2, 5)])
+    def test_linear_equals_the_dense_product(self, q, bias, lead):
+        lin, x = self.linear(q, bias), self.x(*lead)
+        dense = x @ q.dequantize().t() + (lin.bias if bias else 0)
+        with torch.no_grad():
+            assert torch.allclose(lin(x), dense, atol=ATOL)
+        assert torch.allclose(torch.nn.functional.linear(x, q, lin.bias if bias else None),
+                              dense, atol=ATOL)
+
+    def test_activations_get_gradients(self, q):
+        lin, x = self.linear(q), self.x(3).requires_grad_()
+        lin(x).sum().backward()
+        assert torch.allclose(x.grad, torch.ones(3, self.N) @ q.dequantize(), atol=ATOL)
+
+    def test_to_clone_detach_keep_it(self, q):
+        for t in (q.detach(), q.clone(), q.to("cpu")):
+            assert type(t) is type(q) and torch.equal(t.dequantize(), q.dequantize())
+
+    def test_corrupted_parts_or_attributes_raise_value_error(self, q):
+        parts, attrs = q.stored_tensors(), q.attributes()
+        for name, t in parts.items():
+            bad = torch.zeros(*(s + 1 for s in t.shape), dtype=t.dtype) if t.dim() else \
+                torch.zeros(2, dtype=t.dtype)
+            with pytest.raises(ValueError):
+                type(q).from_stored({**parts, name: bad}, attrs)
+        with pytest.raises(ValueError):
+            type(q).from_stored(parts, {**attrs, "shape": [self.N + 1, self.K]})
+
+    # ---- compile and export --------------------------------------------------------------
+    def test_compile_fullgraph_equals_eager(self, q):
+        torch._dynamo.reset()
+        lin, x = self.linear(q), self.x(3)
+        with torch.no_grad():
+            assert torch.allclose(torch.compile(lin, fullgraph=True)(x), lin(x), atol=ATOL)
+
+    def test_export_equals_eager_and_reloads_in_a_fresh_process(self, q, tmp_path):
+        lin, x = self.linear(q), self.x(4)
+        ep = torch.export.export(lin, (x,))
+        assert torch.ops.aten.linear.default not in [n.target for n in ep.graph.nodes]
+        with torch.no_grad():
+            expected = lin(x)
+            assert torch.allclose(ep.module()(x), expected, atol=ATOL)
+        torch.export.save(ep, tmp_path / "p.pt2")
+        torch.save({"x": x, "y": expected}, tmp_path / "io.pt")
+        _fresh_process(f"""
+            ep = torch.export.load({str(tmp_path / 'p.pt2')!r})
+            io = torch.load({str(tmp_path / 'io.pt')!r})
+            assert torch.allclose(ep.module()(io["x"]), io["y"], atol={ATOL})
+        """)
+
+    def test_export_pass_emits_it_from_quantized_state(self, q):
+        fp, x = nn.Linear(self.K, self.N).eval(), self.x(3)
+        ep = torch.export.export(fp, (x,))
+        qep = quantize_exported(ep, None, quantized_state={"weight": q})
+        qep.validate()
+        op, _ = q.linear_call(x, None, q.stored_tensors())
+        assert op in [n.target for n in qep.graph.nodes]
+        with torch.no_grad():
+            want = x @ q.dequantize().t() + fp.bias
+            assert torch.allclose(qep.module()(x), want, atol=ATOL)
+            assert torch.allclose(qep.run_decompositions().module()(x), want, atol=ATOL)
+
+    @pytest.mark.slow
+    def test_aoti_package_runs_in_a_fresh_process(self, q, tmp_path):
+        lin, x = self.linear(q), self.x(2)
+        ep = torch.export.export(lin, (x,))
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "p.pt2"))
+        with torch.no_grad():
+            torch.save({"x": x, "y": lin(x)}, tmp_path / "io.pt")
+        _fresh_process(f"""
+            f = torch._inductor.aoti_load_package({path!r})
+            io = torch.load({str(tmp_path / 'io.pt')!r})
+            assert torch.allclose(f(io["x"]), io["y"], atol={ATOL})
+        """)
+
+    # ---- save and load -------------------------------------------------------------------
+    @pytest.mark.parametrize("compiled", [False, True])
+    def test_save_load_is_bit_exact(self, q, tmp_path, compiled):
+        model, x = nn.Sequential(self.linear(q)), self.x(3)
+        if compiled:  # the README's order: quantize, compile, save; load into a compiled model
+            model = torch.compile(model)
+            with torch.no_grad():
+                model(x)
+        discq.save_quantized(model, tmp_path / "m")
+        skeleton = nn.Sequential(nn.Linear(self.K, self.N))
+        loaded = discq.load_quantized(tmp_path / "m", model=torch.compile(skeleton)
+                                      if compiled else skeleton)
+        w = skeleton[0].weight
+        assert type(w) is type(q) and w.attributes() == q.attributes()
+        for name, t in q.stored_tensors().items():
+            assert torch.equal(getattr(w, name), t), name
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+
+    def test_bytes_on_disk_are_what_bits_per_weight_claims(self, q, tmp_path):
+        model = nn.Sequential(self.linear(q, bias=False))
+        discq.save_quantized(model, tmp_path / "m")
+        data = (tmp_path / "m" / "model.safetensors").read_bytes()
+        header = struct.unpack("<Q", data[:8])[0]
+        tensor_bytes = len(data) - 8 - header
+        assert tensor_bytes * 8 == q.storage_bits()
+        assert discq.bits_per_weight(model) == pytest.approx(tensor_bytes * 8 / q.numel())
+        spec = json.loads((tmp_path / "m" / "discq.json").read_text())["quantized"]["0.weight"]
+        assert spec["format"] == q.format_name
+
+
+def _fresh_process(body: str) -> None:
+    code = "import torch, discq\n" + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
