@@ -73,7 +73,7 @@ def markdown(r: dict) -> str:
     rows = {x["method"]: x for x in r["rows"]}
     gptq = rows.get("gptq 2-bit g64", {}).get("perplexity")
     m = r["machine"]
-    lines = [f"# QuIP# vs GPTQ/RTN, SmolLM2-135M, 2 bits (head in fp32)", "",
+    lines = ["# QuIP# vs GPTQ/RTN, SmolLM2-135M, 2 bits (head in fp32)", "",
              f"Machine: {m['cpu']} ({m['cores']} cores, shared), torch {m['torch']}, "
              f"{m['date']}. Calibration: {r['n_calib']}x512 tokens of the calibration plays; "
              f"eval: 8x512 tokens of hamlet (held out). Load = runnable processes on the 2 "

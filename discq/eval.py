@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from discq.passes.kl import token_kl
+
 
 @contextlib.contextmanager
 def _eval_mode(*models: nn.Module) -> Iterator[None]:
@@ -100,7 +102,7 @@ def compare(reference: nn.Module, model: nn.Module, windows: Iterable[torch.Tens
             target = ids[:, 1:].to(lp_r.device).unsqueeze(-1)  # [B, S-1, 1]
             nll_r -= lp_r.gather(-1, target).sum().item()
             nll_m -= lp_m.gather(-1, target).sum().item()
-            kl += (lp_r.exp() * (lp_r - lp_m)).sum().item()  # Σ_positions Σ_v p_r log(p_r/p_m)
+            kl += token_kl(lp_r, lp_m).sum().item()  # Σ over positions
             agree += (lp_r.argmax(-1) == lp_m.argmax(-1)).sum().item()
             count += target.numel()
     return {"perplexity": math.exp(nll_m / count), "reference_perplexity": math.exp(nll_r / count),

@@ -16,6 +16,7 @@ from discq.tensors.grid import SCALE_DTYPES, AffineGrid, check_bits, check_group
 from torchao.core.config import AOBaseConfig
 
 from .registry import METHODS
+from .validate import check_bool, check_int
 
 NOT_SERIALIZED = ("calibration",)
 
@@ -67,8 +68,7 @@ class GridConfig(QuantConfig):
     def __post_init__(self):
         check_bits(self.bits)
         check_group_size(self.group_size)
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(f"symmetric must be True or False, got {self.symmetric!r}")
+        check_bool(symmetric=self.symmetric)
         if self.group_along not in self.ALLOWED_GROUP_ALONG:
             raise ValueError(f"group_along must be one of {self.ALLOWED_GROUP_ALONG}, "
                              f"got {self.group_along!r}")
@@ -86,8 +86,5 @@ def check_finetune(config) -> None:
     """The fine-tuning switch shared by data-driven configs (`finetune`, `finetune_steps`):
     after rounding, what stays continuous (norms, biases, sign vectors, head) is tuned end to
     end against the original model, codes fixed (discq.training.finetune)."""
-    if not isinstance(config.finetune, bool):
-        raise TypeError(f"finetune must be True or False, got {config.finetune!r}")
-    n = config.finetune_steps
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"finetune_steps must be an integer >= 0, got {n!r}")
+    check_bool(finetune=config.finetune)
+    check_int(0, finetune_steps=config.finetune_steps)

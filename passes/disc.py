@@ -42,12 +42,19 @@ from discq.tensors.grid import (
     to_rows,
     zero_of,
 )
-from discq.tensors.hadamard import layer_rotation, layer_seed, rotate, rotate_weight, unrotate
+from discq.tensors.hadamard import (
+    layer_rotation,
+    layer_seed,
+    rotate,
+    rotate_weight,
+    unrotate,
+)
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import Tensor, nn
 
 from .config import GridConfig, check_finetune
 from .registry import constructs, handles, register_method
+from .validate import check_bool, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -102,10 +109,10 @@ class DiscConfig(GridConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int(1, steps=self.steps, batch_size=self.batch_size)
-        _check_int(0, warmup=self.warmup, seed=self.seed)
-        _check_number(True, lr=self.lr, clamp=self.clamp, rho=self.rho)
-        _check_number(False, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
+        check_int(1, steps=self.steps, batch_size=self.batch_size)
+        check_int(0, warmup=self.warmup, seed=self.seed)
+        check_number(positive=True, lr=self.lr, clamp=self.clamp, rho=self.rho)
+        check_number(positive=False, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
                       hidden_weight=self.hidden_weight)
         check_finetune(self)
         if self.codebook not in RELAXATIONS:
@@ -116,9 +123,8 @@ class DiscConfig(GridConfig):
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
                              f"the RTN vertex), got {self.init!r}")
-        for name in ("gradient_checkpointing", "incoherence"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool(gradient_checkpointing=self.gradient_checkpointing,
+                   incoherence=self.incoherence)
         if isinstance(self.checkpoint_dir, os.PathLike):
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
@@ -128,20 +134,6 @@ class DiscConfig(GridConfig):
             raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments "
                             f"(e.g. dict(devices=2, strategy='ddp')), got "
                             f"{type(self.trainer_kwargs).__name__}")
-
-
-def _check_int(minimum: int, **kw) -> None:
-    for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"{k} must be an integer >= {minimum}, got {v!r}")
-
-
-def _check_number(positive: bool, **kw) -> None:
-    for k, v in kw.items():
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        if not ok or (v <= 0 if positive else v < 0):
-            raise ValueError(f"{k} must be a finite number {'> 0' if positive else '>= 0'}, "
-                             f"got {v!r}")
 
 
 @constructs(DiscConfig)
@@ -182,7 +174,9 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
 
 @handles(DiscConfig)
 def _disc_model(model: nn.Module, config: DiscConfig, targets) -> None:
-    from discq.training.disc_handler import disc_quantize  # Lightning: loaded on first use
+    from discq.training.disc_handler import (
+        disc_quantize,  # Lightning: loaded on first use
+    )
     disc_quantize(model, config, targets)
 
 
@@ -307,13 +301,6 @@ class RelaxedLinear(Relaxation):
         if self.rotation is None:
             return q
         return IncoherentQuantizedTensor.wrap(q, *self.rotation)
-
-
-def forward_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """Σ_v p_t (log p_t − log p_s), averaged over all positions. logits: [B, S, V]."""
-    lt = F.log_softmax(teacher_logits.float(), dim=-1)
-    ls = F.log_softmax(student_logits.float(), dim=-1)
-    return (lt.exp() * (lt - ls)).sum(-1).mean()
 
 
 def hidden_mse(teacher_hidden, student_hidden) -> Tensor:

@@ -7,7 +7,12 @@ from typing import Any, ClassVar
 
 import torch
 from discq.tensors.affine import AffineQuantizedTensor
-from discq.tensors.hadamard import layer_rotation, layer_seed, rotate_hessian, rotate_weight
+from discq.tensors.hadamard import (
+    layer_rotation,
+    layer_seed,
+    rotate_hessian,
+    rotate_weight,
+)
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import Tensor, nn
 
@@ -18,6 +23,7 @@ from .gptq_core import gptq_quantize
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
 from .rtn import check_extras, finish
+from .validate import check_bool, check_int, check_number
 
 
 @register_method("gptq", summary="GPTQ/LDLQ: Hessian error feedback, layer by layer",
@@ -42,16 +48,11 @@ class GPTQConfig(GridConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        damp, block = self.damp, self.block_size
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 10:
-            raise ValueError(f"damp must be a number in (0, 10) (0.01 in the paper), got {damp!r}")
-        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
-            raise ValueError(f"block_size must be a positive integer (128), got {block!r}")
+        check_number(positive=True, below=10, damp=self.damp)  # 0.01 in the paper
+        check_int(1, block_size=self.block_size)                 # 128 in the paper
         check_extras(self)
         check_finetune(self)
-        for name in ("act_order", "true_sequential"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool(act_order=self.act_order, true_sequential=self.true_sequential)
 
 
 @constructs(GPTQConfig)

@@ -11,12 +11,6 @@ from discq.tensors.affine import AffineQuantizedTensor
 from torch import Tensor
 
 
-def check_rank(rank) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"lowrank must be an integer rank >= 0 (e.g. 8; 0 disables LoRC), "
-                         f"got {rank!r}")
-
-
 def add_lowrank(q: AffineQuantizedTensor, W: Tensor, rank: int) -> AffineQuantizedTensor:
     """q with the rank-`rank` correction of W − q attached (q itself is not modified)."""
     E = W.detach().float() - q.dequantize(torch.float32)  # [N, K]

@@ -13,7 +13,6 @@ stacked matrix (rows are independent in LDLQ), each with its own rotation and sc
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,23 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .calibration import as_batches
-from .capture import (Inputs, block_inputs, find_blocks, group_hessian, hidden_state, input_hidden,
-                      outside_hessians, run_block, set_hidden, trace_block)
+from .capture import (
+    Inputs,
+    block_inputs,
+    find_blocks,
+    group_hessian,
+    hidden_state,
+    input_hidden,
+    outside_hessians,
+    run_block,
+    set_hidden,
+    trace_block,
+)
 from .config import QuantConfig
 from .ldlq import ldlq
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
+from .validate import check_bool, check_int, check_number
 
 BLOCK = 8  # columns per lattice code
 
@@ -67,18 +77,16 @@ class QuipSharpConfig(QuantConfig):
 
     def __post_init__(self):
         e8p_residual.check_bits(self.bits)
-        _check_ints(refine_passes=(self.refine_passes, 0), seed=(self.seed, 0),
-                    ft_block_epochs=(self.ft_block_epochs, 0), ft_steps=(self.ft_steps, 0),
-                    ft_batch_size=(self.ft_batch_size, 1), ft_patience=(self.ft_patience, 1))
-        _check_positive(sigma_reg=self.sigma_reg, ft_block_lr=self.ft_block_lr,
-                        ft_lr=self.ft_lr, ft_sign_lr=self.ft_sign_lr)
+        check_int(0, refine_passes=self.refine_passes, seed=self.seed,
+                  ft_block_epochs=self.ft_block_epochs, ft_steps=self.ft_steps)
+        check_int(1, ft_batch_size=self.ft_batch_size, ft_patience=self.ft_patience)
+        check_number(positive=True, sigma_reg=self.sigma_reg, ft_block_lr=self.ft_block_lr,
+                     ft_lr=self.ft_lr, ft_sign_lr=self.ft_sign_lr)
         if self.weight_rms is not None:
-            _check_positive(weight_rms=self.weight_rms)
+            check_number(positive=True, weight_rms=self.weight_rms)
         if not 0 <= self.ft_valid_fraction < 1:
             raise ValueError(f"ft_valid_fraction must be in [0, 1), got {self.ft_valid_fraction!r}")
-        for name in ("finetune", "ft_tune_head"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool(finetune=self.finetune, ft_tune_head=self.ft_tune_head)
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
             raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments, got "
                             f"{type(self.trainer_kwargs).__name__}")
@@ -86,19 +94,6 @@ class QuipSharpConfig(QuantConfig):
     @property
     def rms(self) -> float:
         return self.weight_rms or WEIGHT_RMS[self.bits]
-
-
-def _check_ints(**kw) -> None:
-    for k, (v, lo) in kw.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{k} must be an integer >= {lo}, got {v!r}")
-
-
-def _check_positive(**kw) -> None:
-    for k, v in kw.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or v <= 0:
-            raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
 
 
 @constructs(QuipSharpConfig)

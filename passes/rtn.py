@@ -9,9 +9,10 @@ from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import nn
 
 from .config import GridConfig
-from .lowrank import add_lowrank, check_rank
+from .lowrank import add_lowrank
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method, register_module_handler
+from .validate import check_bool, check_int
 
 
 @register_method("rtn", summary="round to nearest (data-free)", data_driven=False, order=0)
@@ -29,9 +30,8 @@ class RTNConfig(GridConfig):
 
 def check_extras(config) -> None:
     """incoherence / lowrank options shared by RTN and GPTQ."""
-    if not isinstance(config.incoherence, bool):
-        raise TypeError(f"incoherence must be True or False, got {config.incoherence!r}")
-    check_rank(config.lowrank)
+    check_bool(incoherence=config.incoherence)
+    check_int(0, lowrank=config.lowrank)  # a rank; 0 disables LoRC
     if config.lowrank and config.incoherence:
         raise ValueError("lowrank and incoherence cannot be combined yet; choose one")
 

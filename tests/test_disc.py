@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from discq.passes import QuantConfig, disc_config
-from discq.passes.disc import RelaxedLinear, cosine_with_warmup, forward_kl
+from discq.passes.disc import RelaxedLinear, cosine_with_warmup
+from discq.passes.kl import forward_kl
 from discq.tensors.grid import AffineGrid, from_rows, step_size
 from discq.training.data import step_indices
 from hypothesis import given, settings

@@ -4,9 +4,9 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+from triton_support import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 SCRIPT = textwrap.dedent("""
     import os

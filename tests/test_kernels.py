@@ -8,8 +8,9 @@ import sys
 import textwrap
 
 import pytest
+from triton_support import require_triton
 
-pytest.importorskip("triton")
+require_triton()
 
 SQNR_FLOOR_DB = 100.0  # fp32 accumulation in another order: ~135 dB measured
 

@@ -118,3 +118,61 @@ def test_quantizing_twice_skips_already_quantized_layers():
     with warnings.catch_warnings(record=True):
         quantize_(model, rtn_config(bits=2))
     assert model.model.layers[0].self_attn.q_proj.weight is q
+
+
+# ---- per-module configs -----------------------------------------------------------------------
+
+def _layer_formats(model):
+    return {fqn: (m.weight.bits if isinstance(m.weight, AffineQuantizedTensor) else None)
+            for fqn, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_per_module_configs_exact_names_patterns_default_and_skips(tmp_path):
+    import discq
+    model = tiny_random_llama(tie=False)
+    mlp, rest = rtn_config(bits=2, group_size=32), rtn_config(bits=4, group_size=32)
+    quantize_(model, {"re:.*mlp.*": mlp, "lm_head": None, "model.layers.0.mlp.down_proj": None,
+                      "_default": rest})
+    bits = _layer_formats(model)
+    assert bits["lm_head"] is None and bits["model.layers.0.mlp.down_proj"] is None
+    assert bits["model.layers.1.mlp.down_proj"] == 2 and bits["model.layers.0.mlp.up_proj"] == 2
+    assert bits["model.layers.0.self_attn.q_proj"] == 4
+    assert sum(b is None for b in bits.values()) == 2  # nothing else skipped
+    discq.save_quantized(model, tmp_path / "m")  # each layer's config in the manifest
+    spec = json.loads((tmp_path / "m" / "discq.json").read_text())["quantized"]
+    assert spec["model.layers.1.mlp.gate_proj.weight"]["config"]["bits"] == 2
+    assert spec["model.layers.1.self_attn.o_proj.weight"]["config"]["bits"] == 4
+    assert "lm_head.weight" not in spec
+
+
+def test_per_module_configs_without_default_leave_the_rest_alone():
+    model = tiny_random_llama(tie=False)
+    quantize_(model, {"re:.*q_proj": rtn_config(bits=3, group_size=32)})
+    quantized = {f for f, b in _layer_formats(model).items() if b is not None}
+    assert quantized == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ({"lm_haed": None}, ValueError, "lm_haed"),            # a typo must not be ignored
+    ({"re:([": rtn_config()}, ValueError, "regular expression"),
+    ({"_default": "rtn"}, TypeError, "discq config or None"),
+    ({3: rtn_config()}, TypeError, "module names"),
+])
+def test_bad_per_module_configs_are_clear_errors(spec, error, match):
+    model = tiny_random_llama(tie=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        quantize_(model, spec)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_failing_second_method_restores_the_first_ones_weights():
+    model = tiny_random_llama(tie=False)
+    originals = {f: m.weight for f, m in model.named_modules() if isinstance(m, nn.Linear)}
+    bad = rtn_config(bits=4, group_size=32)
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")  # fails its method
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_(model, {"re:model.layers.0.*": rtn_config(bits=2, group_size=32),
+                          "_default": bad})
+    assert all(m.weight is originals[f] for f, m in model.named_modules()
+               if isinstance(m, nn.Linear))

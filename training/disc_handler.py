@@ -5,8 +5,6 @@ interruption the original linears, parameter flags and train/eval mode are put b
 from __future__ import annotations
 
 import contextlib
-import logging
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -19,13 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import CalibrationDataModule
 from .disc_module import DiscQuantModule
-
-# resuming mid-epoch is exact here: the stream is a function of the step (training/data.py)
-_QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
-          ".*module\\(s\\) in eval mode.*", ".*checkpoint directory .* exists and is not empty.*",
-          ".*Checkpoint directory .* exists and is not empty.*",
-          ".*resuming from a checkpoint that ended before the epoch ended.*",
-          ".*has `__len__` defined.*")
+from .trainer import build_trainer, quiet_lightning
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -94,43 +86,20 @@ def _precision(kwargs: dict) -> str:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
-def _strategy(strategy):
-    """A "ddp…" strategy name becomes the same DDPStrategy without DDP's buffer broadcast before
-    every forward: every rank builds identical grid buffers (2 bytes per weight), synced once."""
-    if not isinstance(strategy, str) or not strategy.startswith("ddp"):
-        return strategy
-    from lightning.pytorch.strategies import StrategyRegistry
-    entry = StrategyRegistry[strategy]
-    return entry["strategy"](**entry["init_params"], forward_sync_buffers=False)
-
-
 def _trainer(config: DiscConfig) -> L.Trainer:
-    extra = dict(config.trainer_kwargs or {})
-    kw = dict(max_steps=config.steps, accelerator="auto", devices=1, logger=False,
-              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-              precision=_precision(extra))
-    callbacks = list(extra.pop("callbacks", []))
-    if config.checkpoint_dir:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-        kw["enable_checkpointing"] = True
-        every = min(50, max(1, config.steps // 4))
-        callbacks.append(ModelCheckpoint(dirpath=config.checkpoint_dir, save_last=True,
-                                         every_n_train_steps=every, save_top_k=1,
-                                         enable_version_counter=False))
-    if "strategy" in extra:
-        extra["strategy"] = _strategy(extra["strategy"])
-    kw.update(extra, callbacks=callbacks)
-    return L.Trainer(**kw)
+    # a checkpoint at most every 50 steps, and at least four in a run
+    return build_trainer(config.trainer_kwargs, max_steps=config.steps, accelerator="auto",
+                         precision=_precision(config.trainer_kwargs or {}),
+                         checkpoint_dir=config.checkpoint_dir,
+                         checkpoint_every=min(50, max(1, config.steps // 4)), keep_top=1)
 
 
 def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:
     module = DiscQuantModule(model, layers, config, mean_noise(layers))
     data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
-    with warnings.catch_warnings(), checkpointed(decoder_blocks(model, layers),
-                                                 config.gradient_checkpointing):
-        for pattern in _QUIET:  # eval mode is deliberate: no dropout in teacher or student
-            warnings.filterwarnings("ignore", pattern)
+    with quiet_lightning(), checkpointed(decoder_blocks(model, layers),
+                                         config.gradient_checkpointing):
         _trainer(config).fit(module, datamodule=data,
                              ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
 
@@ -153,7 +122,6 @@ def _frozen_eval(model: nn.Module):
 def disc_quantize(model: nn.Module, config: DiscConfig, targets) -> None:
     """DiscQuant of `targets` (the handler registered in passes/disc.py calls this)."""
     batches = as_batches(config.calibration, model)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     layers: list[RelaxedLinear] = []
     with _frozen_eval(model):
         try:

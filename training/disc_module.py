@@ -8,11 +8,11 @@ from discq.passes.disc import (
     DiscConfig,
     RelaxedLinear,
     cosine_with_warmup,
-    forward_kl,
     frac_at_vertex,
     hidden_mse,
     next_token_ce,
 )
+from discq.passes.kl import forward_kl
 from torch import nn
 
 

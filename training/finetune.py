@@ -17,30 +17,23 @@ original model, or `FrozenReference(model)` taken before quantizing (no model co
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from discq.passes.calibration import as_batches
+from discq.passes.kl import soft_cross_entropy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import CalibrationDataModule
+from .trainer import build_trainer, quiet_lightning
 from .tunable import FrozenReference, Tunables
 
 Teacher = Callable[[Tensor], Tensor]  # ids [B, S] -> logits [B, S, V]
-# resuming mid-epoch is exact here: the stream is a function of the step (training/data.py)
-_QUIET = (".*does not have many workers.*", ".*GPU available but not used.*",
-          ".*module\\(s\\) in eval mode.*", ".*exists and is not empty.*",
-          ".*val_check_interval.*", ".*The number of training batches.*",
-          ".*resuming from a checkpoint that ended before the epoch ended.*",
-          ".*has `__len__` defined.*")
 
 
 @dataclass
@@ -159,14 +152,10 @@ def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - k)), list(range(n - k, n))
 
 
-def _trainer(config: FinetuneConfig, callbacks: list, **kw) -> L.Trainer:
+def _trainer(config: FinetuneConfig, **kw) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping
-    extra = dict(config.trainer_kwargs or {})
-    callbacks = [EarlyStopping("val_loss", patience=config.patience, mode="min",
-                               check_finite=True), *callbacks, *extra.pop("callbacks", [])]
-    base = dict(accelerator="cpu", devices=1, logger=False, enable_model_summary=False,
-                enable_checkpointing=False, num_sanity_val_steps=0, precision="32-true")
-    return L.Trainer(**{**base, **kw, **extra, "callbacks": callbacks})
+    stop = EarlyStopping("val_loss", patience=config.patience, mode="min", check_finite=True)
+    return build_trainer(config.trainer_kwargs, callbacks=[stop], precision="32-true", **kw)
 
 
 def _accelerator(module: nn.Module) -> str:
@@ -183,11 +172,8 @@ def _only_tunables_trainable(model: nn.Module, tunables: Tunables):
     model.requires_grad_(False).eval()
     for p in tunables.parameters():
         p.requires_grad_(True)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            for pattern in _QUIET:
-                warnings.filterwarnings("ignore", pattern)
+        with quiet_lightning():
             yield
     finally:
         for p, flag in flags:
@@ -209,22 +195,13 @@ def finetune_block_(block: nn.Module, inputs: list, targets: list[Tensor],
         g = torch.Generator().manual_seed(config.seed)
         loaders = (DataLoader(train, batch_size=None, shuffle=True, generator=g),
                    DataLoader(valid, batch_size=None))
-        _trainer(config, [], max_epochs=config.block_epochs, enable_progress_bar=False,
+        _trainer(config, max_epochs=config.block_epochs, enable_progress_bar=False,
                  accelerator=_accelerator(block)).fit(module, *loaders)
         module.restore_best()
     return {"before": module.history[0], "after": module.best_loss}
 
 
 # ---- stage 2: end to end ------------------------------------------------------------------
-
-def soft_cross_entropy(teacher_logits: Tensor, student_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """(−Σ p_t log p_s, KL(p_t ‖ p_s)), both averaged over positions. logits: [B, S, V]."""
-    lt = F.log_softmax(teacher_logits.float(), dim=-1)
-    ls = F.log_softmax(student_logits.float(), dim=-1)
-    pt = lt.exp()
-    ce = -(pt * ls).sum(-1).mean()
-    return ce, ce + (pt * lt).sum(-1).mean()
-
 
 class FinetuneModule(_TunedModule):
     """Stage 2: the model's next-token distribution against the teacher's."""
@@ -306,16 +283,9 @@ def _resuming(config: FinetuneConfig) -> bool:
 
 
 def _fit_end_to_end(module: FinetuneModule, data: _Data, config: FinetuneConfig) -> None:
-    callbacks = []
-    if config.checkpoint_dir:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-        callbacks.append(ModelCheckpoint(dirpath=config.checkpoint_dir, save_last=True,
-                                         every_n_train_steps=config.val_every, save_top_k=0,
-                                         enable_version_counter=False))
-    trainer = _trainer(config, callbacks, max_steps=config.steps,
+    trainer = _trainer(config, max_steps=config.steps,
                        val_check_interval=min(config.val_every, config.steps),
-                       check_val_every_n_epoch=None,
-                       enable_checkpointing=bool(config.checkpoint_dir),
-                       accelerator=_accelerator(module.model))
+                       check_val_every_n_epoch=None, checkpoint_dir=config.checkpoint_dir,
+                       checkpoint_every=config.val_every, accelerator=_accelerator(module.model))
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if _resuming(config) else None
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
