@@ -73,7 +73,9 @@ def test_finetuning_changes_signs_and_norms_but_never_codes(tiny_llama, tiny_cal
     after = dict(model.named_modules())
     assert all(torch.equal(after[n].weight.qdata, q) for n, q in before.items())
     assert any(not torch.equal(after[n].weight.s_in, s) for n, s in signs.items())
-    assert report["kl_after"] <= report["kl_before"]  # the best state seen is kept
+    # held-out KL to the original: measured 0.138 -> 0.058 (the start is a candidate for the
+    # best state, so only a real improvement passes this bound)
+    assert report["kl_after"] < 0.7 * report["kl_before"]
 
 
 def test_finetune_true_after_gptq_tunes_norms_keeps_codes(tiny_llama, tiny_calibration):
@@ -86,11 +88,12 @@ def test_finetune_true_after_gptq_tunes_norms_keeps_codes(tiny_llama, tiny_calib
         if isinstance(a, torch.nn.Linear) and hasattr(a.weight, "qdata"):
             assert torch.equal(a.weight.qdata, b.weight.qdata), n
     report = tuned.discq_finetune["end_to_end"]
-    assert report["kl_after"] <= report["kl_before"]
+    # 6 steps at the default lr 1e-5 improve little (measured 0.016401 -> 0.016395), but they
+    # must improve: a state equal to the start would mean nothing was tuned
+    assert report["kl_after"] < report["kl_before"]
     norms = [(a, b) for (n, a), (_, b) in zip(model.named_parameters(),
                                               tuned.named_parameters()) if "norm" in n]
-    if report["kl_after"] < report["kl_before"]:
-        assert any(not torch.equal(a, b) for a, b in norms)
+    assert any(not torch.equal(a, b) for a, b in norms)
 
 
 def test_config_json_round_trip_and_bad_arguments():
