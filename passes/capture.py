@@ -166,17 +166,35 @@ def group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs,
     return H
 
 
-def _quantize_group(block, group, targets, inputs, quantize_layer, cache) -> None:
-    """The linears of a group read the same input, so one Hessian serves them all."""
-    H = group_hessian(block, group[0], targets[group[0]], inputs, cache)
-    for m in group:
-        quantize_layer(targets[m], m, H)
+QuantizeGroup = Callable[[list[tuple[str, nn.Linear]], torch.Tensor], None]
 
 
-def _quantize_block(block, inner: dict, inputs: Inputs, quantize_layer,
-                    true_sequential: bool) -> Any:
-    """Quantize the block's targets group by group, then replace `inputs` by its outputs."""
+class BlockHooks:
+    """Steps a method may add around each block of `sequential_quantize`: `before(block,
+    inputs)` with the block still in full precision, `after(block, inputs)` once its layers are
+    rounded and before its outputs become the next block's inputs, `finish(block)` after that
+    (`block` is None after the layers outside the blocks). `changes_block`: `after` modifies
+    the block (fine-tuning), so outputs memoized during rounding are not reused."""
+
+    changes_block = False
+
+    def before(self, block: nn.Module, inputs: Inputs) -> None:
+        pass
+
+    def after(self, block: nn.Module, inputs: Inputs) -> None:
+        pass
+
+    def finish(self, block: nn.Module | None) -> None:
+        pass
+
+
+def _quantize_block(block, inner: dict, inputs: Inputs, quantize_group: QuantizeGroup,
+                    true_sequential: bool, hooks: BlockHooks) -> Any:
+    """Round the block's targets group by group (the linears of a group read the same input,
+    so one Hessian serves them all), then replace `inputs` by the block's outputs."""
+    hooks.before(block, inputs)
     if not inner:
+        hooks.after(block, inputs)
         return run_block(block, inputs, update=True)
     groups, events = trace_block(block, inner, inputs)
     if not true_sequential:
@@ -184,32 +202,57 @@ def _quantize_block(block, inner: dict, inputs: Inputs, quantize_layer,
     cache, done = FrozenChildren(block, set(inner), events), set()
     try:
         for i, group in enumerate(groups):
-            _quantize_group(block, group, inner, inputs, quantize_layer, cache)
+            H = group_hessian(block, group[0], inner[group[0]], inputs, cache)
+            quantize_group([(inner[m], m) for m in group], H)
             done.update(group)
             if i + 1 < len(groups):  # memoize only what a later group's pass will reuse
                 cache.freeze(done)
-        return run_block(block, inputs, update=True, cache=cache)
+        if hooks.changes_block:
+            cache.close()
+        hooks.after(block, inputs)
+        return run_block(block, inputs, update=True,
+                         cache=None if hooks.changes_block else cache)
     finally:
         cache.close()
 
 
+def per_layer(quantize_layer: QuantizeLayer) -> QuantizeGroup:
+    """A group quantizer that rounds the group's layers one by one with the shared H."""
+    def quantize_group(group, H):
+        for fqn, m in group:
+            quantize_layer(fqn, m, H)
+    return quantize_group
+
+
 @torch.no_grad()
 def sequential_quantize(model: nn.Module, batches, targets: list[tuple[str, nn.Linear]],
-                        quantize_layer: QuantizeLayer, *, true_sequential: bool = True,
-                        desc: str = "quantizing") -> None:
-    """Call `quantize_layer(fqn, linear, H)` for every target, block by block."""
+                        quantize_layer: QuantizeLayer | None = None, *,
+                        quantize_group: QuantizeGroup | None = None,
+                        true_sequential: bool = True, desc: str = "quantizing",
+                        hooks: BlockHooks | None = None) -> None:
+    """The block driver of every Hessian-based method: block by block, with each block's
+    inputs the outputs of the already-quantized blocks before it, call
+    `quantize_layer(fqn, linear, H)` per target (GPTQ) or `quantize_group([(fqn, linear)],
+    H)` per group of targets reading the same input (QuIP# rounds a group as one stacked
+    matrix); targets outside the blocks (an untied head) come last, one group each."""
+    if (quantize_layer is None) == (quantize_group is None):
+        raise TypeError("pass exactly one of quantize_layer and quantize_group")
+    quantize_group = quantize_group or per_layer(quantize_layer)
+    hooks = hooks or BlockHooks()
     by_module = {m: fqn for fqn, m in targets}
     _, blocks = find_blocks(model)
     inputs = block_inputs(model, blocks, batches)
     last = None
     for block in tqdm(blocks, desc=desc, unit="block"):
         inner = {m: by_module[m] for m in block.modules() if m in by_module}
-        last = _quantize_block(block, inner, inputs, quantize_layer, true_sequential)
+        last = _quantize_block(block, inner, inputs, quantize_group, true_sequential, hooks)
+        hooks.finish(block)
     in_blocks = {m for b in blocks for m in b.modules()}
     rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
     if rest:
         for m, H in zip(rest, outside_hessians(model, blocks, inputs, last, batches, rest)):
-            quantize_layer(rest[m], m, H)
+            quantize_group([(rest[m], m)], H)
+        hooks.finish(None)
 
 
 def outside_hessians(model, blocks, inputs: Inputs, template, batches, rest: dict

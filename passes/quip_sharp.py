@@ -1,7 +1,8 @@
 """QuIP# (Tseng et al., 2024): incoherence processing, BlockLDLQ on the E8P lattice codebook,
 then (optionally) fine-tuning of what stays continuous. This file holds the config, the
 per-layer rounding and the block-by-block driver; the fine-tuning runs with Lightning in
-`discq.training` (whose handler calls `quip_sharp_quantize` with a per-block hook).
+`discq.training` (which calls `quip_sharp_quantize` with a per-block hook). Blocks are walked by
+the shared block driver (`capture.sequential_quantize`).
 
 Per layer (W: [N, K], Hessian H of its inputs):
   H ← H / mean(diag H) + σ·I                       (σ = 0.01)
@@ -23,20 +24,15 @@ from discq.tensors import e8p_residual
 from discq.tensors.hadamard import layer_seed, rotate_hessian, rotate_weight, rotation
 from discq.tensors.lattice import WEIGHT_RMS, LatticeQuantizedTensor, check_shape
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .calibration import as_batches
 from .capture import (
+    BlockHooks,
     Inputs,
-    block_inputs,
-    find_blocks,
-    group_hessian,
     hidden_state,
     input_hidden,
-    outside_hessians,
-    run_block,
+    sequential_quantize,
     set_hidden,
-    trace_block,
 )
 from .config import QuantConfig
 from .ldlq import ldlq
@@ -195,7 +191,7 @@ def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSha
             for c, scale, (s_out, q_out), (_, W) in zip(codes, scales, outs, weights)]
 
 
-# ---- the model, block by block ---------------------------------------------------------------
+# ---- the model, block by block (through the shared block driver) ---------------------------
 
 BlockHook = Callable[[nn.Module, Inputs, list[Tensor]], None]
 
@@ -216,68 +212,60 @@ def _with_hidden(inputs: Inputs, hidden: list[Tensor]) -> Inputs:
     return out
 
 
-def _quantize_block(block: nn.Module, inner: dict[nn.Module, str], inputs: Inputs,
-                    config: QuipSharpConfig) -> list[tuple[nn.Linear, LatticeQuantizedTensor]]:
-    """Quantize the block's target linears group by group (true sequential). Returns the
-    lattice weights; meanwhile each layer holds its dequantized weight as a dense fp tensor:
-    the block's remaining calibration passes only need the layer's function, and a dense
-    matmul computes it without decoding codes and rotating activations on every batch
-    (3-4x faster on CPU). `install` puts the lattice tensors in."""
-    groups, _ = trace_block(block, inner, inputs)
-    done = []
-    for group in groups:
-        H = group_hessian(block, group[0], inner[group[0]], inputs)
-        qs = quantize_group([(inner[m], m.weight.detach()) for m in group], H, config)
-        for m, q in zip(group, qs):
+class _LatticeBlocks(BlockHooks):
+    """QuIP#'s part of the block driver. A rounded layer holds its dequantized weight as a dense
+    fp tensor while the block's remaining calibration passes run (they only need the layer's
+    function, and a dense matmul computes it without decoding codes and rotating activations
+    on every batch: 3-4x faster on CPU); `finish` installs the lattice weights. With
+    `after_block`, the original model's output of each block is tracked (from the original
+    model's inputs) and `after_block(block, inputs, fp_outputs)` fine-tunes the rounded block
+    against it."""
+
+    def __init__(self, config: QuipSharpConfig, after_block: BlockHook | None):
+        self.config, self.after_block = config, after_block
+        self.changes_block = after_block is not None
+        self.done: list[tuple[nn.Linear, LatticeQuantizedTensor]] = []
+        self.fp_inputs: Inputs | None = None
+
+    def quantize_group(self, group: list[tuple[str, nn.Linear]], H: Tensor) -> None:
+        qs = quantize_group([(fqn, m.weight.detach()) for fqn, m in group], H, self.config)
+        for (_, m), q in zip(group, qs):
             m.weight = nn.Parameter(q.dequantize(), requires_grad=False)
-            done.append((m, q))
-    return done
+            self.done.append((m, q))
 
+    def before(self, block: nn.Module, inputs: Inputs) -> None:
+        if self.after_block:
+            if self.fp_inputs is None:
+                self.fp_inputs = _with_hidden(inputs, [input_hidden(a, k) for a, k in inputs])
+            self.fp_out = block_outputs(block, self.fp_inputs)
 
-def install(done: list[tuple[nn.Linear, LatticeQuantizedTensor]]) -> None:
-    for m, q in done:
-        install_weight(m, q)
+    def after(self, block: nn.Module, inputs: Inputs) -> None:
+        if not self.after_block:
+            return
+        if self.done:
+            self.finish(block)  # fine-tuning trains the lattice weights' sign vectors
+            with torch.enable_grad():
+                self.after_block(block, inputs, self.fp_out)
+        self.fp_inputs = _with_hidden(self.fp_inputs, self.fp_out)
+
+    def finish(self, block: nn.Module | None) -> None:
+        for m, q in self.done:
+            install_weight(m, q)
+        self.done = []
 
 
 @torch.no_grad()
 def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
                         after_block: BlockHook | None = None) -> None:
-    """Quantize `targets` block by block; each block's Hessians come from the outputs of the
-    already-quantized blocks before it. With `after_block`, it is called after each block is
-    quantized as after_block(block, inputs, fp_outputs): its inputs (from the quantized
-    model) and the original model's outputs of that block, the fine-tuning target."""
+    """Quantize `targets` block by block (the shared driver, `capture.sequential_quantize`):
+    each block's Hessians come from the outputs of the already-quantized blocks before it.
+    With `after_block`, it is called after each block is quantized as
+    after_block(block, inputs, fp_outputs): its inputs (from the quantized model) and the
+    original model's outputs of that block, the fine-tuning target."""
     batches = as_batches(config.calibration, model)
-    by_module = {m: fqn for fqn, m in targets}
     for fqn, m in targets:  # refuse bad layers before any work, naming them
         check_finite(m.weight, fqn)
         check_shape(*m.weight.shape)
-    _, blocks = find_blocks(model)
-    inputs = block_inputs(model, blocks, batches)
-    fp_inputs = _with_hidden(inputs, [input_hidden(a, k) for a, k in inputs])
-    last = None
-    for block in tqdm(blocks, desc=f"QuIP# {config.bits}-bit", unit="block"):
-        inner = {m: by_module[m] for m in block.modules() if m in by_module}
-        fp_out = block_outputs(block, fp_inputs) if after_block and inner else None
-        done = _quantize_block(block, inner, inputs, config) if inner else []
-        if fp_out is not None:
-            install(done)  # fine-tuning trains the lattice weights' sign vectors
-            with torch.enable_grad():
-                after_block(block, inputs, fp_out)
-            fp_inputs = _with_hidden(fp_inputs, fp_out)
-        elif after_block:
-            fp_inputs = _with_hidden(fp_inputs, block_outputs(block, fp_inputs))
-        last = run_block(block, inputs, update=True)
-        install(done)
-    _quantize_outside(model, batches, blocks, inputs, last, by_module, config)
-
-
-def _quantize_outside(model, batches, blocks, inputs: Inputs, last, by_module: dict,
-                      config) -> None:
-    """Targets outside the blocks (e.g. a quantized head), with Hessians from a forward in
-    which the blocks return their stored (quantized) outputs instead of running again."""
-    in_blocks = {m for b in blocks for m in b.modules()}
-    rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
-    if not rest:
-        return
-    for m, H in zip(rest, outside_hessians(model, blocks, inputs, last, batches, rest)):
-        install_weight(m, quantize_group([(rest[m], m.weight.detach())], H, config)[0])
+    lattice = _LatticeBlocks(config, after_block)
+    sequential_quantize(model, batches, targets, quantize_group=lattice.quantize_group,
+                        desc=f"QuIP# {config.bits}-bit", hooks=lattice)

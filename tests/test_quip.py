@@ -160,3 +160,16 @@ def test_finetuning_resumes_from_its_checkpoint_to_the_uninterrupted_result(
     norms = [(a, b) for (n, a), (_, b) in zip(full.named_parameters(), part.named_parameters())
              if "norm" in n]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in norms)
+
+
+def test_blockwise_sign_tuning_is_kept(tiny_llama, tiny_calibration):
+    """Stage 1 tunes each block's sign vectors right after rounding it; they must survive to the
+    final model (an earlier driver re-installed the untuned lattice weights after the block's
+    output pass, losing every stage-1 sign update: 0 of 28 weights kept them)."""
+    model = copy.deepcopy(tiny_llama[0])
+    discq.quantize_(model, quip_sharp_config(2, calibration=tiny_calibration, finetune=True,
+                                             steps=0, ft_block_epochs=1),
+                    filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "head" not in fqn)
+    weights = [w for _, w in discq.quantized_weights(model)]
+    tuned = [w for w in weights if not torch.all(w.s_in.abs() == 1)]
+    assert weights and len(tuned) == len(weights)
