@@ -80,7 +80,7 @@ def test_more_bits_code_gaussian_blocks_more_accurately():
         v, codes = e8p_residual.quantize(y, bits)
         assert torch.equal(e8p_residual.decode(codes, bits), v)
         mse[bits] = (v - y).pow(2).mean().item()
-    # E8P alone: ~0.09 per coordinate at unit variance (ALGORITHMS.md); each stage cuts it
+    # E8P alone: ~0.09 per coordinate at unit variance (QuIP# paper); each stage cuts it
     assert 0.07 < mse[2] < 0.11 and mse[3] < 0.5 * mse[2] and mse[4] < 0.5 * mse[3], mse
 
 
