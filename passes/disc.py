@@ -65,7 +65,7 @@ class Codebook:
     settings the format cannot hold."""
 
     relax: Any
-    check: Any = lambda config: None
+    check: Any = None
 
 
 RELAXATIONS: dict[str, Codebook] = {}  # disc_config(codebook=name) -> its Codebook
@@ -73,7 +73,7 @@ RELAXATIONS: dict[str, Codebook] = {}  # disc_config(codebook=name) -> its Codeb
 
 def register_codebook(name: str, relax, check=None) -> None:
     """Make `disc_config(codebook=name)` round onto a format (see `Codebook`)."""
-    RELAXATIONS[name] = Codebook(relax, check or (lambda config: None))
+    RELAXATIONS[name] = Codebook(relax, check)
 
 
 @register_method("disc",
@@ -119,7 +119,8 @@ class DiscConfig(GridConfig):
             raise ValueError(f"codebook must be one of {sorted(RELAXATIONS)} ('affine': the grid "
                              f"of bits/group_size; 'e8p': QuIP#'s lattice), got "
                              f"{self.codebook!r}")
-        RELAXATIONS[self.codebook].check(self)
+        if RELAXATIONS[self.codebook].check:
+            RELAXATIONS[self.codebook].check(self)
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
                              f"the RTN vertex), got {self.init!r}")

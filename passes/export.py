@@ -4,9 +4,9 @@
 op its quantized format lowers to (`QuantizedTensor.linear_call`: `discq::affine_linear`,
 `discq::incoherent_linear`, `discq::e8p_linear`, ...) fed by new constant placeholders (the
 format's stored tensors), drops the fp weight from the program, and rewrites the graph
-signature. Every registered format goes through the same code: nothing here names one. The result validates, survives
-`run_decompositions()`, `torch.export.save/load` (the op is registered on `import discq`) and
-`torch.compile(ep.module())`. The other path — `quantize_` on the eager model, then export — is
+signature. Every registered format goes through the same code: nothing here names one. The
+result validates, survives `run_decompositions()`, `torch.export.save/load` (the op is
+registered on `import discq`) and `torch.compile(ep.module())`. The other path — `quantize_` on the eager model, then export — is
 equally supported: the tensor subclass exports as the same op.
 """
 from __future__ import annotations

@@ -225,7 +225,8 @@ class _LatticeBlocks(BlockHooks):
         self.config, self.after_block = config, after_block
         self.changes_block = after_block is not None
         self.done: list[tuple[nn.Linear, LatticeQuantizedTensor]] = []
-        self.fp_inputs: Inputs | None = None
+        self.fp_inputs: Inputs | None = None  # the original model's inputs of the next block
+        self.fp_out: list[Tensor] | None = None  # and its outputs of the current one
 
     def quantize_group(self, group: list[tuple[str, nn.Linear]], H: Tensor) -> None:
         qs = quantize_group([(fqn, m.weight.detach()) for fqn, m in group], H, self.config)

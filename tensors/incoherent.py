@@ -13,8 +13,8 @@ from torch import Tensor
 from .affine import AffineQuantizedTensor
 from .base import QuantizedTensor, register_format
 from .grid import AffineGrid
-from .ops import composite_op
 from .hadamard import layer_rotation, rotate, rotate_weight, split_size, unrotate
+from .ops import composite_op
 
 
 @register_format("affine_incoherent")

@@ -120,7 +120,7 @@ class FormatConformance:
         torch.save({"x": x, "y": expected}, tmp_path / "io.pt")
         _fresh_process(f"""
             ep = torch.export.load({str(tmp_path / 'p.pt2')!r})
-            io = torch.load({str(tmp_path / 'io.pt')!r})
+            io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
             assert torch.allclose(ep.module()(io["x"]), io["y"], atol={ATOL})
         """)
 
@@ -145,7 +145,7 @@ class FormatConformance:
             torch.save({"x": x, "y": lin(x)}, tmp_path / "io.pt")
         _fresh_process(f"""
             f = torch._inductor.aoti_load_package({path!r})
-            io = torch.load({str(tmp_path / 'io.pt')!r})
+            io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
             assert torch.allclose(f(io["x"]), io["y"], atol={ATOL})
         """)
 
