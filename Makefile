@@ -2,6 +2,8 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# containers run pip as root; its warning about that is not for a demo's reader
+export PIP_ROOT_USER_ACTION=ignore
 
 .PHONY: install install-test test test-all demo bench fixture clean
 

@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "methods":
         return _methods(args.json)
+    from discq.interrupt import exit_on_signals
+    # Ctrl-C or SIGTERM: 130/143; an interrupted quantize wrote nothing (save_quantized is atomic)
+    return exit_on_signals(lambda: _run(args), f"discq {args.command}",
+                           "nothing was written; checkpoints written so far are kept")
+
+
+def _run(args: argparse.Namespace) -> int:
     from discq import _commands
     run = {"quantize": _commands.quantize, "eval": _commands.evaluate,
            "bench": _commands.bench}[args.command]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from discq.quiet import quiet_dependencies
 from discq.tensors.cache import cache_dir
 
 EVAL_PLAYS = ["hamlet", "macbeth", "othello", "lear", "romeo_and_juliet"]
@@ -178,9 +179,10 @@ def token_stream(tokenizer, source="shakespeare", split: str = "calibration") ->
         raise TypeError(f"tokenizer must be a transformers tokenizer (callable on text), got "
                         f"{type(tokenizer).__name__}")
     ds = _dataset(source, split)
-    ds = ds.map(lambda b: {"ids": [tokenizer(t, add_special_tokens=False, verbose=False).input_ids
-                                   for t in b["text"]]},
-                batched=True, remove_columns=ds.column_names, desc="tokenizing")
+    with quiet_dependencies():  # seconds of work: no bar
+        ds = ds.map(lambda b: {"ids": [tokenizer(t, add_special_tokens=False,
+                                                 verbose=False).input_ids for t in b["text"]]},
+                    batched=True, remove_columns=ds.column_names)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = [i for doc in ds["ids"] if doc for i in doc + eos]
     return torch.tensor(ids, dtype=torch.long)

@@ -11,6 +11,8 @@ the model discq quantizes is the dequantized one.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import re
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from discq.quiet import quiet_dependencies
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,17 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
     name = str(name_or_path)
+    import transformers  # noqa: F401  (first, so that quiet_dependencies turns its bars off)
+    with quiet_dependencies():
+        model, tok = _load(name_or_path, name, dtype)
+    if not getattr(model.config, "architectures", None):  # GGUF configs lack it; io needs it
+        model.config.architectures = [type(model).__name__]
+    _check_tied(model)
+    model.requires_grad_(False)
+    return model.to(device).eval(), tok
+
+
+def _load(name_or_path, name: str, dtype: torch.dtype):
     if name in _BUNDLED:
         model, tok = _load_local(bundled_path(name), dtype, causal=_BUNDLED[name].causal)
     elif Path(name).expanduser().exists():
@@ -94,11 +109,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
     else:
         raise ValueError(f"unknown model {name!r}: use a bundled name ({', '.join(_BUNDLED)}), "
                          f"a local directory or .gguf file, or an HF hub id like 'org/name'")
-    if not getattr(model.config, "architectures", None):  # GGUF configs lack it; io needs it
-        model.config.architectures = [type(model).__name__]
-    _check_tied(model)
-    model.requires_grad_(False)
-    return model.to(device).eval(), tok
+    return model, tok
 
 
 def _local_parent(name: str) -> bool:
@@ -129,7 +140,17 @@ def _load_local(path: Path, dtype: torch.dtype, causal: bool | None):
     cls = _auto_class(None if causal is not None else AutoConfig.from_pretrained(src, **kw),
                       causal)
     tok = AutoTokenizer.from_pretrained(src, **kw)
-    return cls.from_pretrained(src, dtype=dtype, **kw), tok
+    with _no_gguf_bar() if "gguf_file" in kw else contextlib.nullcontext():
+        return cls.from_pretrained(src, dtype=dtype, **kw), tok
+
+
+def _no_gguf_bar():
+    """transformers draws a bar for the seconds it takes to dequantize a GGUF file, with a plain
+    tqdm that its progress-bar switch does not reach: silenced for this call only."""
+    from unittest import mock
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    return mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))
 
 
 def _load_hub(name: str, dtype: torch.dtype):

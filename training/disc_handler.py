@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import CalibrationDataModule
 from .disc_module import DiscQuantModule
-from .trainer import build_trainer, quiet_lightning
+from .trainer import build_trainer, fit
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -91,17 +91,17 @@ def _trainer(config: DiscConfig) -> L.Trainer:
     return build_trainer(config.trainer_kwargs, max_steps=config.steps, accelerator="auto",
                          precision=_precision(config.trainer_kwargs or {}),
                          checkpoint_dir=config.checkpoint_dir,
-                         checkpoint_every=min(50, max(1, config.steps // 4)), keep_top=1)
+                         checkpoint_every=min(50, max(1, config.steps // 4)), keep_top=1,
+                         title=f"DiscQuant {config.bits}-bit")
 
 
 def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:
     module = DiscQuantModule(model, layers, config, mean_noise(layers))
     data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
-    with quiet_lightning(), checkpointed(decoder_blocks(model, layers),
-                                         config.gradient_checkpointing):
-        _trainer(config).fit(module, datamodule=data,
-                             ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
+    with checkpointed(decoder_blocks(model, layers), config.gradient_checkpointing):
+        fit(_trainer(config), module, datamodule=data,
+            ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import CalibrationDataModule
-from .trainer import build_trainer, quiet_lightning
+from .trainer import build_trainer, fit
 from .tunable import FrozenReference, Tunables
 
 Teacher = Callable[[Tensor], Tensor]  # ids [B, S] -> logits [B, S, V]
@@ -173,8 +173,7 @@ def _only_tunables_trainable(model: nn.Module, tunables: Tunables):
     for p in tunables.parameters():
         p.requires_grad_(True)
     try:
-        with quiet_lightning():
-            yield
+        yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -195,8 +194,8 @@ def finetune_block_(block: nn.Module, inputs: list, targets: list[Tensor],
         g = torch.Generator().manual_seed(config.seed)
         loaders = (DataLoader(train, batch_size=None, shuffle=True, generator=g),
                    DataLoader(valid, batch_size=None))
-        _trainer(config, max_epochs=config.block_epochs, enable_progress_bar=False,
-                 accelerator=_accelerator(block)).fit(module, *loaders)
+        fit(_trainer(config, max_epochs=config.block_epochs, enable_progress_bar=False,
+                     accelerator=_accelerator(block)), module, *loaders)
         module.restore_best()
     return {"before": module.history[0], "after": module.best_loss}
 
@@ -286,6 +285,7 @@ def _fit_end_to_end(module: FinetuneModule, data: _Data, config: FinetuneConfig)
     trainer = _trainer(config, max_steps=config.steps,
                        val_check_interval=min(config.val_every, config.steps),
                        check_val_every_n_epoch=None, checkpoint_dir=config.checkpoint_dir,
-                       checkpoint_every=config.val_every, accelerator=_accelerator(module.model))
+                       checkpoint_every=config.val_every, accelerator=_accelerator(module.model),
+                       title="fine-tuning")
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if _resuming(config) else None
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
+    fit(trainer, module, datamodule=data, ckpt_path=str(ckpt) if ckpt else None)
