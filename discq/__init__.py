@@ -3,6 +3,8 @@
     from discq import quantize_, rtn_config
     quantize_(model, rtn_config(bits=3, group_size=64))
 """
+import importlib.metadata
+
 from discq.io import load_quantized, save_quantized
 from discq.passes import (
     METHODS,
@@ -23,6 +25,13 @@ from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
 
 __version__ = "0.1.0"
+
+# registers quant_method "discq" with transformers (save_pretrained / from_pretrained); it builds
+# on the quantizer load operations of transformers 5; with an older one, save_quantized only
+if int(importlib.metadata.version("transformers").split(".")[0]) >= 5:
+    from discq import hf  # noqa: F401
+else:
+    hf = None
 
 __all__ = [
     "METHODS",

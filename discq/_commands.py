@@ -39,9 +39,49 @@ def quantize(args: argparse.Namespace) -> dict:
     qmodel, summary = pipeline.quantize_copy(
         model, args.method, bits=args.bits, group_size=args.group_size or None,
         calibration=calib, quantize_head=args.quantize_head, symmetric=args.symmetric, **extra)
-    save_quantized(qmodel, out, tokenizer=tok, overwrite=args.overwrite,
-                   metadata={"source": args.model, **summary})
-    return {"model": args.model, **summary, "out": str(out)}
+    evaluation = _card_evaluation(qmodel, model, tok, args)
+    metadata = {"source": args.model, **summary,
+                "calibration": _calibration_name(args) if calib is not None else None,
+                "evaluation": evaluation}
+    _save(qmodel, out, tok, args, metadata)
+    return {"model": args.model, **summary, **_headline(evaluation), "out": str(out)}
+
+
+def _card_evaluation(qmodel, model, tok, args: argparse.Namespace) -> dict | None:
+    """Perplexity, KL and top-1 of the quantized model against the original, for the card."""
+    if args.eval_windows <= 0:
+        return None
+    from discq.data import eval_windows
+    windows = eval_windows(tok, args.eval_data, n_windows=args.eval_windows, seq_len=args.seq_len)
+    ours = pipeline.evaluate(qmodel, model, windows)
+    reference = pipeline.evaluate(model, None, windows, progress=False)
+    return {"data": str(args.eval_data), "windows": args.eval_windows, "seq_len": args.seq_len,
+            **{k: round(v, 4) for k, v in ours.items()},
+            "reference_perplexity": round(reference["perplexity"], 4)}
+
+
+def _headline(evaluation: dict | None) -> dict:
+    return {} if not evaluation else {k: evaluation[k] for k in ("perplexity", "kl", "top1")}
+
+
+def _calibration_name(args: argparse.Namespace) -> str:
+    return f"{args.n_calib} windows of {args.seq_len} tokens of {args.calib}"
+
+
+def _save(qmodel, out: Path, tok, args: argparse.Namespace, metadata: dict) -> None:
+    """A transformers model directory with a model card; other models: save_quantized."""
+    if not hasattr(qmodel, "save_pretrained"):
+        save_quantized(qmodel, out, tokenizer=tok, overwrite=args.overwrite, metadata=metadata)
+        return
+    from discq.card import model_card
+    from discq.hf import save_pretrained
+    config = next((getattr(m, "discq_config", None) for m in qmodel.modules()
+                   if getattr(m, "discq_config", None)), None)
+    summary = {"model": args.model, **metadata}
+    card = model_card(summary, calibration=metadata["calibration"],
+                      evaluation=metadata["evaluation"], config=config)
+    save_pretrained(qmodel, out, tokenizer=tok, overwrite=args.overwrite, metadata=metadata,
+                    card=card)
 
 
 def evaluate(args: argparse.Namespace) -> dict:

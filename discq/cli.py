@@ -49,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF dir, .gguf, hub id")
     _add_grid_args(q)
     _add_data_args(q, "calib", 128, 512)
-    q.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    q.add_argument("--eval-data", default="shakespeare",
+                   help="held-out text for the evaluation written into the model card")
+    q.add_argument("--eval-windows", type=int, default=4,
+                   help="windows of --seq-len tokens to evaluate on after quantizing (perplexity,"
+                        " KL, top-1 vs the original; default 4); 0 skips it")
+    q.add_argument("--out", required=True,
+                   help="output directory (must be new or empty): a transformers model "
+                        "directory (from_pretrained after `import discq`) with a model card")
     q.add_argument("--overwrite", action="store_true", help="replace discq files in --out")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement vs the original model")

@@ -88,17 +88,24 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_compiled(model)  # torch.compile(model) saves under the model's own names
+    return write_atomically(path, overwrite,
+                            lambda tmp: _write(tmp, model, *_collect(model), tokenizer, metadata))
+
+
+def write_atomically(path: str | os.PathLike, overwrite: bool, write) -> Path:
+    """`write(tmp)` fills a temporary sibling directory, which then replaces `path` (an existing
+    non-empty `path` only with `overwrite`, keeping the files of it that `write` did not make).
+    A failure or an interrupt leaves `path` as it was."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory; choose another path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} is not empty; choose a new directory or pass "
                               f"overwrite=True to replace the discq files in it")
-    tensors, meta = _collect(model)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        _write(tmp, model, tensors, meta, tokenizer, metadata)
+        write(tmp)
         _swap_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,11 +139,27 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
 def read_metadata(path: str | os.PathLike) -> dict:
     """The `metadata` a directory was saved with (e.g. {"source": "smollm2-135m"})."""
     from ._load import read_manifest
+    hf = hf_quantization_config(path)
+    if hf is not None:
+        return hf.get("metadata", {})
     return read_manifest(Path(path) / MANIFEST).get("metadata", {})
 
 
+def hf_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The discq `quantization_config` of a `save_pretrained` directory, else None."""
+    cfg = Path(path) / "config.json"
+    if (Path(path) / MANIFEST).is_file() or not cfg.is_file():
+        return None
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return q if isinstance(q, dict) and q.get("quant_method") == "discq" else None
+
+
 def is_quantized_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A directory of `save_quantized` or of `save_pretrained` on a discq model."""
+    return (Path(path) / MANIFEST).is_file() or hf_quantization_config(path) is not None
 
 
 def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, *,
@@ -144,8 +167,16 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, *,
     """Load a directory written by `save_quantized`. With `model` (a skeleton of the same
     architecture, possibly on the meta device) its tensors are replaced; without it, a
     transformers model is rebuilt from the saved config.json. Reads only safetensors and JSON;
-    any mismatch raises `CheckpointError` before the model is touched."""
+    any mismatch raises `CheckpointError` before the model is touched. A directory written by
+    `save_pretrained` (transformers layout) loads through transformers' `from_pretrained`."""
     path = Path(path)
+    if hf_quantization_config(path) is not None:
+        if model is not None:
+            raise ValueError(f"{path} was written by save_pretrained: transformers rebuilds the "
+                             f"model from its config.json; call load_quantized(path) without "
+                             f"model=")
+        from discq.hf import from_pretrained
+        return from_pretrained(path, device=device)
     if model is None:
         model = _skeleton_from_config(path)
     elif not isinstance(model, nn.Module):

@@ -27,6 +27,16 @@ def select_linears(model: nn.Module, filter_fn: FilterFn) -> list[tuple[str, nn.
 
 DEFAULT_KEY = "_default"
 
+# called with the model after every successful quantize_ (discq.hf registers the one that makes
+# a transformers model save with save_pretrained); passes/ knows nothing of transformers
+AFTER_QUANTIZE: list[Callable[[nn.Module], None]] = []
+
+
+def after_quantize(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Decorator: run `fn(model)` after every successful `quantize_`."""
+    AFTER_QUANTIZE.append(fn)
+    return fn
+
 
 def _check_args(model, config) -> None:
     if not isinstance(model, nn.Module):
@@ -74,6 +84,8 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None) ->
         for m, w in originals:
             m.weight = w
         raise
+    for fn in AFTER_QUANTIZE:
+        fn(model)
     return model
 
 

@@ -10,8 +10,9 @@ What it checks, on every path a quantized weight takes: it is registered; dequan
 the bound; F.linear (eager, with and without bias, 2-D and 3-D activations) equals the dense
 product; compile(fullgraph) and torch.export equal eager; an exported program saves and
 reloads in a fresh process; the export graph pass emits it from `quantized_state`;
-save_quantized/load_quantized is bit-exact, also from and into a compiled model; .to, clone
-and detach keep it; the bytes on disk are what `bits_per_weight` claims; corrupted stored
+save_quantized/load_quantized is bit-exact, also from and into a compiled model; transformers'
+save_pretrained/from_pretrained is bit-exact and stores no more bytes than the format's own;
+.to, clone and detach keep it; the bytes on disk are what `bits_per_weight` claims; corrupted stored
 tensors or attributes raise ValueError. `slow`: an AOTInductor package of it runs in a fresh
 process (make test-all).
 """
@@ -27,7 +28,9 @@ import pytest
 import torch
 from discq.passes.export import quantize_exported
 from discq.tensors.base import FORMATS, QuantizedTensor
+from safetensors import safe_open
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 import discq
 
@@ -178,6 +181,46 @@ class FormatConformance:
         assert discq.bits_per_weight(model) == pytest.approx(tensor_bytes * 8 / q.numel())
         spec = json.loads((tmp_path / "m" / "discq.json").read_text())["quantized"]["0.weight"]
         assert spec["format"] == q.format_name
+
+    # ---- transformers: save_pretrained / from_pretrained ------------------------------------
+    def test_save_pretrained_from_pretrained_is_bit_exact(self, q, tmp_path):
+        model = OneLinear(OneLinearConfig(n_in=self.K, n_out=self.N))
+        model.proj.weight = nn.Parameter(q, requires_grad=False)
+        discq.hf.attach(model)  # what quantize_ does for a transformers model
+        model.save_pretrained(tmp_path)
+        loaded = OneLinear.from_pretrained(tmp_path)
+        w = loaded.proj.weight
+        assert type(w) is type(q) and w.attributes() == q.attributes() and not w.requires_grad
+        for name, t in q.stored_tensors().items():
+            assert torch.equal(getattr(w, name), t), name
+        x = self.x(3)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+        with safe_open(tmp_path / "model.safetensors", "pt") as f:  # parts + 1-byte placeholder
+            stored = sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith("proj.weight"))
+        assert stored * 8 == q.storage_bits() + 8
+
+
+class OneLinearConfig(PretrainedConfig):
+    """The smallest transformers model: one nn.Linear, for the save_pretrained round trip."""
+
+    model_type = "discq_one_linear"
+
+    def __init__(self, n_in: int = 8, n_out: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        self.n_in, self.n_out = n_in, n_out
+
+
+class OneLinear(PreTrainedModel):
+    config_class = OneLinearConfig
+
+    def __init__(self, config: OneLinearConfig):
+        super().__init__(config)
+        self.proj = nn.Linear(config.n_in, config.n_out)
+        self.post_init()
+
+    def forward(self, x):
+        return self.proj(x)
 
 
 def _fresh_process(body: str) -> None:

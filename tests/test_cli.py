@@ -25,8 +25,15 @@ def test_quantize_then_eval_with_json(tmp_path):
     out = tmp_path / "q"
     q = json.loads(discq("quantize", TINY_LLAMA, "--method", "gptq", "--bits", "3",
                          "--group-size", "32", "--calib", CALIB_TEXT, "--n-calib", "8",
-                         "--seq-len", "64", "--out", out, "--json").stdout)
+                         "--seq-len", "64", "--eval-data", HELDOUT_TEXT, "--out", out,
+                         "--json").stdout)
     assert q["method"] == "gptq" and q["bits_per_weight"] == pytest.approx(3 + 24 / 32, abs=0.01)
+    assert 0 < q["kl"] < 1  # the evaluation it ran for the model card (--eval-windows 4)
+    # a transformers model directory: from_pretrained after `import discq`, with a model card
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "discq" and config["metadata"]["source"] == str(TINY_LLAMA)
+    card = (out / "README.md").read_text()
+    assert "gptq" in card and "calibration data" in card and f"{q['kl']:.4f}" in card
     e = json.loads(discq("eval", out, "--data", HELDOUT_TEXT, "--n-windows", "2",
                          "--seq-len", "128", "--json").stdout)
     assert e["reference"] == str(TINY_LLAMA)  # the original model, from the manifest
@@ -37,7 +44,7 @@ def test_quip_sharp_two_bits_from_the_command_line(tmp_path):
     out = tmp_path / "q"
     done = discq("quantize", TINY_LLAMA, "--method", "quip-sharp", "--bits", "2", "--calib",
                  CALIB_TEXT, "--n-calib", "8", "--seq-len", "64", "--steps", "2", "--out", out,
-                 "--json")
+                 "--eval-windows", "0", "--json")
     q = json.loads(done.stdout)
     assert q["method"] == "quip-sharp" and 2 < q["bits_per_weight"] < 2.3
     assert "no scale groups" not in done.stderr  # the CLI's default group size is not passed

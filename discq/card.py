@@ -1,0 +1,41 @@
+"""The model card (`README.md`) that `discq quantize` writes next to a quantized model: what it
+is, how it was made, what it measured, and how to load it."""
+from __future__ import annotations
+
+
+def model_card(summary: dict, *, calibration: str | None, evaluation: dict | None,
+               config: dict | None) -> str:
+    """Markdown for a model quantized from `summary["model"]` with `summary["method"]`.
+    `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"}."""
+    name = summary.get("model", "a model")
+    lines = ["---", "library_name: transformers", "tags: [discq, quantized, "
+             f"{summary.get('method', 'quantized')}]", "---", "",
+             f"# {name}, {summary.get('bits')}-bit {summary.get('method')} (discq)", "",
+             f"Weights of `{name}` rounded by discq with "
+             f"**{summary.get('method')}**: {summary.get('bits_per_weight')} bits per weight on "
+             f"average over the quantized layers (codes, scales and zero points counted).", "",
+             "| setting | value |", "|---|---|"]
+    config = dict(config or {})
+    tuned = config.get("finetune", False)
+    for key, value in config.items():
+        skip = key == "version" or (not tuned and key.startswith(("finetune_", "ft_")))
+        if not skip and value not in (None, False, 0, ""):
+            lines.append(f"| {key} | {value} |")
+    lines.append(f"| calibration data | {calibration or 'none (data-free)'} |")
+    lines += ["", *_evaluation(evaluation), "## Use", "", "```python",
+              "import discq  # registers the \"discq\" quantization method with transformers",
+              "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")", "```", "",
+              "Without `import discq`, transformers refuses the checkpoint (the quantized "
+              "layers hold no full-precision weights).", ""]
+    return "\n".join(lines)
+
+
+def _evaluation(ev: dict | None) -> list[str]:
+    if not ev:
+        return ["No evaluation was run (`--eval-windows 0`).", ""]
+    return [f"## Evaluation ({ev['windows']} windows of {ev['seq_len']} tokens of "
+            f"{ev['data']}, held out from calibration)", "",
+            "| model | perplexity | KL to the original | top-1 agreement |", "|---|---|---|---|",
+            f"| original | {ev['reference_perplexity']:.2f} | 0 | 1 |",
+            f"| this | {ev['perplexity']:.2f} | {ev['kl']:.4f} | {ev['top1']:.3f} |", ""]
