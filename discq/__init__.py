@@ -5,6 +5,7 @@
 """
 import importlib.metadata
 
+from discq import export  # noqa: F401  (discq.export.to_gguf)
 from discq.io import load_quantized, save_quantized
 from discq.passes import (
     METHODS,

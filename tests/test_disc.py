@@ -50,10 +50,11 @@ def test_rounded_weights_sit_on_one_of_their_two_neighbours(bits, g, sym, along,
     lin = nn.Linear(24, 10)
     layer = RelaxedLinear(lin, AffineGrid(bits, g, sym, along), "uniform",
                           torch.Generator().manual_seed(seed))
-    lo, hi = layer.neighbour_values()
+    lo, hi = layer.neighbour_values()  # the values of the codes below and above
     W = lin.weight.detach()
     clipped = lo == hi  # on a grid point or outside the grid's range: one neighbour
-    assert (((lo <= W + 1e-5) & (W <= hi + 1e-5)) | clipped).all()  # they bracket W
+    a, b = torch.minimum(lo, hi), torch.maximum(lo, hi)  # a symmetric scale may be negative
+    assert (((a <= W + 1e-5) & (W <= b + 1e-5)) | clipped).all()  # they bracket W
     grid = layer.grid
     step = from_rows(step_size(layer.scale, grid, layer.x.shape[1]), grid)
     assert (torch.isclose(hi - lo, step) | clipped).all()  # adjacent grid points

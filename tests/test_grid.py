@@ -8,6 +8,7 @@ from discq.tensors.grid import (
     AffineGrid,
     expand_groups,
     fit_groups,
+    min_scale,
     neighbours,
     quantize_rows,
     resolved_group_size,
@@ -76,11 +77,36 @@ def test_at_most_2_to_bits_values_per_group_and_codes_in_range(case):
 def test_rtn_error_at_most_half_a_step(case):
     grid, W = case
     q = AffineQuantizedTensor.from_hp(W, grid)
-    s, _ = _row_params(q, grid)
-    err = (to_rows(q.dequantize(), grid) - to_rows(W, grid)).abs()
-    # scales are rounded up when stored in fp16, so even the clipped ends stay within half a step
-    tol = 0.5 * s * (1 + 1e-5) + 1e-7 * to_rows(W, grid).abs().amax()
-    assert (err <= tol).all(), (err / s).max()
+    s, z = _row_params(q, grid)
+    Wr = to_rows(W, grid)
+    err = (to_rows(q.dequantize(), grid) - Wr).abs()
+    # a symmetric grid has one level more on the extreme's side: weights beyond the short end
+    # (at most the extreme's magnitude) are clipped to it, at most one step away
+    k = Wr / s + z
+    step = torch.where((k >= -0.5) & (k <= grid.qmax + 0.5), 0.5, 1.0) * s.abs()
+    # scales are rounded up when stored in fp16, so even the clipped ends stay within the bound
+    tol = step * (1 + 1e-5) + 1e-7 * Wr.abs().amax()
+    assert (err <= tol).all(), (err / s.abs()).max()
+
+
+@SETTINGS
+@given(grids_and_weights())
+def test_symmetric_grid_puts_each_groups_signed_extreme_on_its_far_level(case):
+    """llama.cpp's rule: all 2^bits levels are used and the extreme is represented, exactly
+    with fp32 scales, to the scale's own rounding otherwise (no level lies beyond it)."""
+    grid, W = case
+    grid = AffineGrid(grid.bits, grid.group_size, True, grid.group_along, grid.scale_dtype)
+    q = AffineQuantizedTensor.from_hp(W, grid)
+    Wr, Wq, codes = (to_rows(t, grid) for t in (W, q.dequantize(), q.codes()))
+    g = q.group_size
+    for start in range(0, Wr.shape[1], g):
+        i = Wr[:, start:start + g].abs().argmax(dim=1, keepdim=True) + start  # [R, 1]
+        extreme, decoded = Wr.gather(1, i), Wq.gather(1, i)
+        # groups whose scale is above the smallest normal of the scale dtype (else clamped)
+        nonzero = extreme.abs() / grid.zero_sym >= min_scale(grid.scale_dtype or W.dtype)
+        assert (codes.gather(1, i)[nonzero] == 0).all()  # the level -2^(bits-1)
+        rel = 0 if grid.scale_dtype in (torch.float32, None) else 2.0**-10
+        assert ((decoded - extreme).abs() <= rel * extreme.abs() + 1e-30)[nonzero].all()
 
 
 @SETTINGS
