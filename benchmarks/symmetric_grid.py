@@ -5,9 +5,9 @@ codes, blocks of 32, one fp16 scale, no zero point; head in fp32):
 - discq RTN with the rule before issue 17 (scale = 2·absmax / 15: the positive extreme
   clipped, the far negative level beyond every weight) — reproduced here only;
 - discq RTN with the current rule (the signed extreme on the level -8, as llama.cpp does);
-- discq GPTQ on the current rule.
+- discq GPTQ and DiscQuant on the current rule.
 
-    python benchmarks/symmetric_grid.py [--n-calib 64]
+    python benchmarks/symmetric_grid.py [--n-calib 64] [--disc-steps 100]
 """
 from __future__ import annotations
 
@@ -67,10 +67,12 @@ def discq_copy(model, config, old_rule: bool = False):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--disc-steps", type=int, default=100)
     a = ap.parse_args()
     model, tok = load_model("smollm2-135m")
     windows = eval_windows(tok, "shakespeare", n_windows=8, seq_len=512)
     calib = calibration_batches(tok, "shakespeare", n_samples=a.n_calib, seq_len=512, seed=0)
+    disc_calib = calibration_batches(tok, "shakespeare", n_samples=64, seq_len=128, seed=0)
     runs = {
         "fp32": lambda: model,
         "llama.cpp Q4_0 (gguf reference quantizer)": lambda: llama_cpp_q4_0(model),
@@ -79,6 +81,9 @@ def main() -> None:
         "discq RTN, extreme on level -8": lambda: discq_copy(model, discq.rtn_config(**CONFIG)),
         f"discq GPTQ ({a.n_calib}x512 tokens), extreme on level -8": lambda: discq_copy(
             model, discq.gptq_config(**CONFIG, calibration=calib)),
+        f"discq DiscQuant ({a.disc_steps} steps of 2x128 tokens, from RTN)": lambda: discq_copy(
+            model, discq.disc_config(**CONFIG, calibration=disc_calib, steps=a.disc_steps,
+                                     batch_size=2, init="rtn", warmup=a.disc_steps // 10)),
     }
     rows = []
     for name, make in runs.items():
@@ -89,10 +94,11 @@ def main() -> None:
         rows.append({"method": name, **m, "seconds": round(seconds, 1)})
         print(rows[-1], flush=True)
     info = machine()
-    md = [f"# Symmetric 4-bit blocks of 32 (llama.cpp's Q4_0 grid), SmolLM2-135M, head fp32",
+    md = ["# Symmetric 4-bit blocks of 32 (llama.cpp's Q4_0 grid), SmolLM2-135M, head fp32",
           "", f"Machine: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
           f"{info['date']}. Eval: 8x512 tokens of hamlet (held out). Command: "
-          f"`python benchmarks/symmetric_grid.py --n-calib {a.n_calib}`.", "",
+          f"`python benchmarks/symmetric_grid.py --n-calib {a.n_calib} --disc-steps "
+          f"{a.disc_steps}`.", "",
           "| method | perplexity | KL | top-1 | time (s) |", "|---|---|---|---|---|"]
     md += [f"| {r['method']} | {r['perplexity']:.2f} | {r.get('kl', 0):.4f} | "
            f"{r.get('top1', 1):.3f} | {r['seconds']:.0f} |" for r in rows]

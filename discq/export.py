@@ -1,5 +1,6 @@
-"""Files for the engines people deploy. `to_gguf`: a discq-rounded Llama-family model as a GGUF
-file that llama.cpp (and transformers' GGUF loader) reads.
+"""Files for the engines people deploy: `to_gguf`, a discq-rounded Llama-family model as a GGUF
+file that llama.cpp (and transformers' GGUF loader) reads; `to_compressed_tensors`, a
+`pack-quantized` directory for vLLM and transformers.
 
     model, tok = discq.models.load_model("smollm2-135m")          # from its .gguf file
     quantize_(model, gptq_config(bits=4, group_size=32, symmetric=True, calibration=batches),
@@ -10,13 +11,14 @@ Quantized linears are written in their llama.cpp block twin (`discq.gguf_blocks`
 Q4_0, 8-bit -> Q8_0; symmetric, groups of 32, fp16 scales), so llama.cpp runs exactly the
 values discq rounded; every other tensor (embeddings, a tied head, norms) goes as F32, exactly
 the model's values (a smaller type for the embeddings, as llama.cpp's mixtures choose, is still
-to come). The metadata and the
-tokenizer come from `source`, the GGUF file the model was loaded from (this version does not
-write them from a transformers config).
+to come). The metadata and the tokenizer come from `source`, the GGUF file the model was loaded
+from (this version does not write them from a transformers config).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -119,3 +121,85 @@ def _copy_metadata(writer, reader, kinds: list[str]) -> None:
             value = int(gguf.LlamaFileType[FILE_TYPES[max(set(kinds), key=kinds.count)]])
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
+
+
+# ---- compressed-tensors (vLLM, transformers) ------------------------------------------------
+
+def to_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
+                          overwrite: bool = False) -> Path:
+    """Write a transformers model whose quantized linears are symmetric affine 4- or 8-bit
+    weights grouped along the input dimension as a `pack-quantized` compressed-tensors
+    directory, which vLLM and transformers (with `compressed-tensors` installed) load. Written
+    atomically."""
+    from discq.io import write_atomically
+    model = unwrap_compiled(model)
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} is not a transformers model")
+    tensors, schemes = _ct_tensors(model)
+    if not schemes:
+        raise ValueError("the model has no quantized weight to export; run discq.quantize_ first")
+    config = model.config.to_dict()
+    config["quantization_config"] = _ct_config(model, schemes)
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return write_atomically(path, overwrite, write)
+
+
+def _ct_tensors(model: nn.Module) -> tuple[dict, dict]:
+    """The state dict in compressed-tensors' names, and {scheme: [module names]}."""
+    from discq.tensors.affine import AffineQuantizedTensor
+    tensors, schemes, seen = {}, {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue  # tied: stored once, transformers ties it again on load
+        seen[id(t)] = name
+        if not isinstance(t, QuantizedTensor):
+            tensors[name] = t.detach().contiguous()
+            continue
+        module = name.removesuffix(".weight")
+        _check_ct(name, t)
+        assert isinstance(t, AffineQuantizedTensor)
+        # discq's packing is the same dense little-endian bit stream of the codes (stored
+        # unsigned, i.e. signed value + 2^(bits-1), as compressed-tensors offsets them)
+        tensors[f"{module}.weight_packed"] = t.qdata.contiguous().view(torch.int32)
+        tensors[f"{module}.weight_scale"] = t.scale.contiguous()
+        tensors[f"{module}.weight_shape"] = torch.tensor(list(t.shape))
+        key = (t.bits, t.group_size, True)
+        schemes.setdefault(key, []).append(module)
+    return tensors, schemes
+
+
+def _check_ct(name: str, t) -> None:
+    from discq.tensors.affine import AffineQuantizedTensor
+    K = t.shape[1]
+    ok = (isinstance(t, AffineQuantizedTensor) and t.bits in (4, 8) and t.group_along == "input"
+          and t.zero_point is None and t.lowrank_u is None and K % t.group_size == 0
+          and K * t.bits % 32 == 0)
+    if not ok:
+        # asymmetric grids too, once their packed zero points load in transformers (5.24 with
+        # compressed-tensors 0.20.1 expects the zero points of a packed checkpoint unpacked)
+        raise ValueError(f"{name}: the compressed-tensors export takes symmetric affine 4- or "
+                         f"8-bit weights grouped along the input dimension (symmetric=True, a "
+                         f"group size dividing {K}); got {t.format_name} {t.attributes()}")
+
+
+def _ct_config(model: nn.Module, schemes: dict) -> dict:
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
+                                                 QuantizationScheme)
+    groups = {}
+    for i, ((bits, g, symmetric), modules) in enumerate(sorted(schemes.items())):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="group", group_size=g)
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=[f"re:^{re.escape(m)}$" for m in modules], weights=args)
+    quantized = {m for ms in schemes.values() for m in ms}
+    ignore = sorted(n for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n not in quantized)
+    config = QuantizationConfig(config_groups=groups, format="pack-quantized",
+                                quantization_status="compressed", ignore=ignore)
+    return {"quant_method": "compressed-tensors", **config.model_dump(mode="json")}

@@ -62,10 +62,12 @@ class DiscqHfConfig(QuantizationConfigMixin):
                              f"pip install -U discq")
 
     @classmethod
-    def of_model(cls, model: nn.Module, metadata: dict | None = None) -> DiscqHfConfig:
-        """The config describing `model`'s quantized weights as they are now."""
+    def of_model(cls, model: nn.Module, metadata: dict | None = None,
+                 meta: dict | None = None) -> DiscqHfConfig:
+        """The config describing `model`'s quantized weights as they are now (`meta`: what
+        `discq.io._collect(model)` returned, if the caller has it)."""
         from discq.io import _collect
-        _, meta = _collect(model)
+        meta = meta if meta is not None else _collect(model)[1]
         plain = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                        and not isinstance(m.weight, QuantizedTensor))
         return cls(layers=meta["quantized"], aliases=meta["aliases"],
@@ -140,10 +142,10 @@ class DiscqHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model: nn.Module):
         from discq.io import _collect
-        model.config.quantization_config = DiscqHfConfig.of_model(
-            model, self.quantization_config.metadata)  # written next, by save_pretrained
-        self.quantization_config = model.config.quantization_config
         tensors, meta = _collect(model)
+        model.config.quantization_config = DiscqHfConfig.of_model(
+            model, self.quantization_config.metadata, meta)  # written next, by save_pretrained
+        self.quantization_config = model.config.quantization_config
         for name in meta["quantized"]:
             tensors[name] = PLACEHOLDER.clone()
         return tensors, {}

@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY_LLAMA
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel
 

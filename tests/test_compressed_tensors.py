@@ -1,0 +1,66 @@
+"""compressed-tensors export (vLLM's and transformers' `pack-quantized`), checked with the real
+readers: the `compressed-tensors` package unpacks discq's words to discq's codes, and
+transformers loads the directory (compressed-tensors installed) with discq's weights."""
+import copy
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import discq
+from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.grid import AffineGrid
+
+IDS = torch.arange(7, 7 + 48).reshape(2, 24)
+
+
+def _not_head(m, fqn):
+    return isinstance(m, nn.Linear) and fqn != "lm_head"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([4, 8]), st.integers(1, 9), st.sampled_from([32, 64, 96]),
+       st.sampled_from([16, 32]), st.integers(0, 999))
+def test_packed_words_unpack_in_compressed_tensors_to_discqs_codes(bits, N, K, g, seed):
+    from discq.export import _ct_tensors
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    w = AffineQuantizedTensor.from_hp(W, AffineGrid(bits, g, symmetric=True))
+    model = nn.Sequential(nn.Linear(K, N, bias=False))
+    model[0].weight = nn.Parameter(w, requires_grad=False)
+    tensors, _ = _ct_tensors(model)
+    theirs = unpack_from_int32(tensors["0.weight_packed"], bits, torch.Size([N, K]))
+    assert torch.equal(theirs.int(), w.codes().int() - 2 ** (bits - 1))  # signed, as they store
+    assert torch.equal(tensors["0.weight_scale"], w.scale)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_loads_it_with_discqs_weights(tiny_llama, tmp_path, bits):
+    model = copy.deepcopy(tiny_llama[0])
+    discq.quantize_(model, discq.rtn_config(bits=bits, group_size=32, symmetric=True),
+                    filter_fn=_not_head)
+    out = discq.export.to_compressed_tensors(model, tmp_path / "ct", tokenizer=tiny_llama[1])
+    assert not any(k.endswith(".weight") and "layers" in k and "norm" not in k
+                   for k in load_file(out / "model.safetensors"))  # only packed linears
+    back = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        theirs, ours = back(IDS).logits, model(IDS).logits  # decompressed on the first forward
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    down = model.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(back.model.layers[1].mlp.down_proj.weight, down.dequantize())
+
+
+@pytest.mark.parametrize("config", [discq.rtn_config(bits=4, group_size=32),  # asymmetric
+                                    discq.rtn_config(bits=3, group_size=32, symmetric=True),
+                                    discq.rtn_config(bits=4, group_size=32, symmetric=True,
+                                                     group_along="output")])
+def test_weights_it_cannot_hold_are_refused_with_the_fix(tiny_llama, tmp_path, config):
+    model = copy.deepcopy(tiny_llama[0])
+    discq.quantize_(model, config, filter_fn=_not_head)
+    with pytest.raises(ValueError, match="symmetric=True"):
+        discq.export.to_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
