@@ -29,6 +29,7 @@ def quantize(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the long work
         raise FileExistsError(f"{out} is not empty; choose a new --out or pass --overwrite")
+    _check_format(args)
     model, tok = load_model(args.model)
     calib = None
     if METHODS[args.method].data_driven:
@@ -68,20 +69,71 @@ def _calibration_name(args: argparse.Namespace) -> str:
     return f"{args.n_calib} windows of {args.seq_len} tokens of {args.calib}"
 
 
+def _check_format(args: argparse.Namespace) -> None:
+    """--format's needs, checked before any work."""
+    from discq.methods import METHODS
+    if args.format != "hf" and not METHODS[args.method].affine_grid:
+        affine = [m for m, v in METHODS.items() if v.affine_grid]
+        raise ValueError(f"--format {args.format} stores affine grids ({', '.join(affine)}), "
+                         f"not {args.method}'s codes")
+    if args.format.startswith("gguf:"):
+        from discq.cli import OUTPUT_FORMATS
+        bits = OUTPUT_FORMATS[args.format]
+        if (args.bits, args.group_size, args.symmetric) != (bits, 32, True):
+            raise ValueError(f"--format {args.format} stores symmetric {bits}-bit groups of 32: "
+                             f"add --bits {bits} --group-size 32 --symmetric")
+        if _gguf_source(args.model) is None:
+            raise ValueError(f"--format {args.format} copies the metadata and tokenizer of the "
+                             f".gguf file the model comes from; {args.model!r} is not one (use a "
+                             f".gguf file or the bundled smollm2-135m)")
+    if args.format == "compressed-tensors" and not args.symmetric:
+        raise ValueError("--format compressed-tensors stores symmetric grids: add --symmetric")
+
+
+def _gguf_source(model: str) -> Path | None:
+    from discq.models import BUNDLED_MODELS, bundled_path
+    path = bundled_path(model) if model in BUNDLED_MODELS else Path(model)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _save(qmodel, out: Path, tok, args: argparse.Namespace, metadata: dict) -> None:
-    """A transformers model directory with a model card; other models: save_quantized."""
+    """A transformers model directory with a model card (or, with --format, a GGUF file or a
+    compressed-tensors directory); models transformers does not know: save_quantized."""
+    card = _card(qmodel, args, metadata)
+    if args.format.startswith("gguf:"):
+        _save_gguf(qmodel, out, args, card)
+        return
+    if args.format == "compressed-tensors":
+        from discq.export import to_compressed_tensors
+        to_compressed_tensors(qmodel, out, tokenizer=tok, card=card, overwrite=args.overwrite)
+        return
     if not hasattr(qmodel, "save_pretrained"):
         save_quantized(qmodel, out, tokenizer=tok, overwrite=args.overwrite, metadata=metadata)
         return
-    from discq.card import model_card
     from discq.hf import save_pretrained
-    config = next((getattr(m, "discq_config", None) for m in qmodel.modules()
-                   if getattr(m, "discq_config", None)), None)
-    summary = {"model": args.model, **metadata}
-    card = model_card(summary, calibration=metadata["calibration"],
-                      evaluation=metadata["evaluation"], config=config)
     save_pretrained(qmodel, out, tokenizer=tok, overwrite=args.overwrite, metadata=metadata,
                     card=card)
+
+
+def _card(qmodel, args: argparse.Namespace, metadata: dict) -> str:
+    from discq.card import model_card
+    config = next((getattr(m, "discq_config", None) for m in qmodel.modules()
+                   if getattr(m, "discq_config", None)), None)
+    return model_card({"model": args.model, **metadata}, calibration=metadata["calibration"],
+                      evaluation=metadata["evaluation"], config=config, fmt=args.format)
+
+
+def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str) -> None:
+    """out/<name>-<type>.gguf and the model card, written together."""
+    from discq.export import to_gguf
+    from discq.io import write_atomically
+    kind = args.format.split(":")[1]
+
+    def write(tmp: Path) -> None:
+        to_gguf(qmodel, tmp / f"{Path(args.model).stem}-{kind}.gguf",
+                source=_gguf_source(args.model))
+        (tmp / "README.md").write_text(card)
+    write_atomically(out, args.overwrite, write)
 
 
 def evaluate(args: argparse.Namespace) -> dict:

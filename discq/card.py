@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 def model_card(summary: dict, *, calibration: str | None, evaluation: dict | None,
-               config: dict | None) -> str:
-    """Markdown for a model quantized from `summary["model"]` with `summary["method"]`.
+               config: dict | None, fmt: str = "hf") -> str:
+    """Markdown for a model quantized from `summary["model"]` with `summary["method"]`, saved
+    as `fmt` ("hf", "gguf:<type>", "compressed-tensors").
     `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"}."""
     name = summary.get("model", "a model")
     lines = ["---", "library_name: transformers", "tags: [discq, quantized, "
@@ -22,13 +23,24 @@ def model_card(summary: dict, *, calibration: str | None, evaluation: dict | Non
         if not skip and value not in (None, False, 0, ""):
             lines.append(f"| {key} | {value} |")
     lines.append(f"| calibration data | {calibration or 'none (data-free)'} |")
-    lines += ["", *_evaluation(evaluation), "## Use", "", "```python",
-              "import discq  # registers the \"discq\" quantization method with transformers",
-              "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")", "```", "",
-              "Without `import discq`, transformers refuses the checkpoint (the quantized "
-              "layers hold no full-precision weights).", ""]
+    lines += ["", *_evaluation(evaluation), "## Use", "", *USAGE[fmt.split(":")[0]], ""]
     return "\n".join(lines)
+
+
+USAGE = {
+    "hf": ["```python",
+           "import discq  # registers the \"discq\" quantization method with transformers",
+           "from transformers import AutoModelForCausalLM",
+           "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")", "```", "",
+           "Without `import discq`, transformers refuses the checkpoint (the quantized layers "
+           "hold no full-precision weights)."],
+    "gguf": ["The `.gguf` file here runs in llama.cpp and the tools built on it, e.g. "
+             "`llama-cli -m <file>.gguf`; its quantized tensors are llama.cpp's own block types "
+             "holding discq's rounding."],
+    "compressed-tensors": ["`pack-quantized` compressed-tensors: vLLM (`vllm.LLM(\"<this "
+                           "directory>\")`) and transformers with `compressed-tensors` "
+                           "installed (`AutoModelForCausalLM.from_pretrained`) load it."],
+}
 
 
 def _evaluation(ev: dict | None) -> list[str]:

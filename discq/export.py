@@ -126,11 +126,11 @@ def _copy_metadata(writer, reader, kinds: list[str]) -> None:
 # ---- compressed-tensors (vLLM, transformers) ------------------------------------------------
 
 def to_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
-                          overwrite: bool = False) -> Path:
+                          card: str | None = None, overwrite: bool = False) -> Path:
     """Write a transformers model whose quantized linears are symmetric affine 4- or 8-bit
     weights grouped along the input dimension as a `pack-quantized` compressed-tensors
     directory, which vLLM and transformers (with `compressed-tensors` installed) load. Written
-    atomically."""
+    atomically, with `card` as its README.md if given."""
     from discq.io import write_atomically
     model = unwrap_compiled(model)
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
@@ -147,6 +147,8 @@ def to_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, tokenize
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
     return write_atomically(path, overwrite, write)
 
 

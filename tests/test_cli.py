@@ -85,3 +85,37 @@ def test_methods_lists_every_registered_method_with_its_paper():
 def test_bench_reports_speed_and_memory():
     r = json.loads(discq("bench", TINY_LLAMA, "--tokens", "4", "--json").stdout)
     assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["bits_per_weight"] is None
+
+
+def test_compressed_tensors_output_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "ct"
+    discq("quantize", TINY_LLAMA, "--method", "rtn", "--bits", "4", "--group-size", "32",
+          "--symmetric", "--format", "compressed-tensors", "--eval-windows", "0", "--out", out)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert "vllm" in (out / "README.md").read_text()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "gguf:Q4_0", "--bits", "4", "--group-size", "32"], "--symmetric"),
+    (["--format", "gguf:Q4_0", "--bits", "4", "--group-size", "32", "--symmetric"], ".gguf file"),
+    (["--format", "compressed-tensors"], "--symmetric")])
+def test_output_formats_say_what_they_need_before_any_work(tmp_path, args, message):
+    done = discq("quantize", TINY_LLAMA, *args, "--out", tmp_path / "x", check=False)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_gguf_output_of_the_bundled_model_reads_back_in_gguf(tmp_path):
+    import gguf
+    out = tmp_path / "g"
+    discq("quantize", "smollm2-135m", "--method", "rtn", "--bits", "4", "--group-size", "32",
+          "--symmetric", "--format", "gguf:Q4_0", "--eval-windows", "0", "--out", out)
+    (file,) = out.glob("*.gguf")
+    reader = gguf.GGUFReader(str(file))
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert "Q4_0" in types and "tokenizer.ggml.tokens" in reader.fields
+    assert "llama-cli" in (out / "README.md").read_text()
