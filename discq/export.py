@@ -90,7 +90,8 @@ def _add_tensors(writer, model: nn.Module, config) -> list[str]:
                               raw_dtype=gguf.GGMLQuantizationType[kind])
             kinds.append(kind)
         else:
-            w = t.detach().float()[rows] if rows is not None else t.detach().float()
+            w = t.detach().float().cpu()
+            w = w[rows] if rows is not None else w
             writer.add_tensor(gguf_name, w.numpy())  # F32: exactly the model's values
     return kinds
 
@@ -154,22 +155,20 @@ def to_compressed_tensors(model: nn.Module, path: str | os.PathLike, *, tokenize
 
 def _ct_tensors(model: nn.Module) -> tuple[dict, dict]:
     """The state dict in compressed-tensors' names, and {scheme: [module names]}."""
-    from discq.tensors.affine import AffineQuantizedTensor
     tensors, schemes, seen = {}, {}, {}
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) in seen:
             continue  # tied: stored once, transformers ties it again on load
         seen[id(t)] = name
         if not isinstance(t, QuantizedTensor):
-            tensors[name] = t.detach().contiguous()
+            tensors[name] = t.detach().contiguous().cpu()
             continue
         module = name.removesuffix(".weight")
         _check_ct(name, t)
-        assert isinstance(t, AffineQuantizedTensor)
         # discq's packing is the same dense little-endian bit stream of the codes (stored
         # unsigned, i.e. signed value + 2^(bits-1), as compressed-tensors offsets them)
-        tensors[f"{module}.weight_packed"] = t.qdata.contiguous().view(torch.int32)
-        tensors[f"{module}.weight_scale"] = t.scale.contiguous()
+        tensors[f"{module}.weight_packed"] = t.qdata.contiguous().cpu().view(torch.int32)
+        tensors[f"{module}.weight_scale"] = t.scale.contiguous().cpu()
         tensors[f"{module}.weight_shape"] = torch.tensor(list(t.shape))
         key = (t.bits, t.group_size, True)
         schemes.setdefault(key, []).append(module)

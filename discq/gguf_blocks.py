@@ -41,7 +41,7 @@ def to_blocks(w: AffineQuantizedTensor, rows: Tensor | None = None) -> np.ndarra
         raise ValueError("only symmetric 4- or 8-bit weights with fp16 scales in groups of 32 "
                          "along the input dimension have a llama.cpp block twin (Q4_0, Q8_0); "
                          "quantize with group_size=32, symmetric=True, bits=4 or 8")
-    q, d = w.codes(), w.scale  # q: [N, K] uint8, d: [N, K/32] fp16
+    q, d = w.codes().cpu(), w.scale.cpu()  # q: [N, K] uint8, d: [N, K/32] fp16
     if rows is not None:
         q, d = q[rows], d[rows]
     N, K = q.shape
