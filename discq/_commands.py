@@ -54,11 +54,9 @@ def _card_evaluation(qmodel, model, tok, args: argparse.Namespace) -> dict | Non
         return None
     from discq.data import eval_windows
     windows = eval_windows(tok, args.eval_data, n_windows=args.eval_windows, seq_len=args.seq_len)
-    ours = pipeline.evaluate(qmodel, model, windows)
-    reference = pipeline.evaluate(model, None, windows, progress=False)
+    ours = pipeline.evaluate(qmodel, model, windows)  # reference_perplexity included
     return {"data": str(args.eval_data), "windows": args.eval_windows, "seq_len": args.seq_len,
-            **{k: round(v, 4) for k, v in ours.items()},
-            "reference_perplexity": round(reference["perplexity"], 4)}
+            **{k: round(v, 4) for k, v in ours.items()}}
 
 
 def _headline(evaluation: dict | None) -> dict:

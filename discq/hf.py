@@ -12,6 +12,8 @@ allocated, and nothing is unpickled.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -67,7 +69,7 @@ class DiscqHfConfig(QuantizationConfigMixin):
         """The config describing `model`'s quantized weights as they are now (`meta`: what
         `discq.io._collect(model)` returned, if the caller has it)."""
         from discq.io import _collect
-        meta = meta if meta is not None else _collect(model)[1]
+        meta = meta if meta is not None else _collect(model, with_tensors=False)[1]
         plain = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                        and not isinstance(m.weight, QuantizedTensor))
         return cls(layers=meta["quantized"], aliases=meta["aliases"],
@@ -207,13 +209,8 @@ def save_pretrained(model: nn.Module, path, *, tokenizer=None, overwrite: bool =
 def from_pretrained(path, device: str | torch.device = "cpu") -> nn.Module:
     """The model of a directory written by `save_pretrained` on a discq model, through the
     transformers class its config.json names (any architecture transformers has)."""
-    import transformers
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ValueError(f"{path}/config.json names architecture {arch!r}, which this "
-                         f"transformers does not have")
+    from discq.io import model_class
+    cls, _ = model_class(Path(path))
     with quiet_dependencies():
         model = cls.from_pretrained(path, local_files_only=True)
     return model.to(device).eval()

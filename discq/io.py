@@ -32,8 +32,10 @@ MANIFEST = "discq.json"
 WEIGHTS = "model.safetensors"
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten the state dict: plain tensors as they are, quantized ones into their parts."""
+def _collect(model: nn.Module, with_tensors: bool = True
+             ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten the state dict: plain tensors as they are, quantized ones into their parts.
+    `with_tensors=False`: only the description (nothing copied), e.g. for a config."""
     tensors: dict[str, torch.Tensor] = {}
     quantized, aliases, first_key = {}, {}, {}
     storages: set[int] = set()  # data pointers already written
@@ -44,7 +46,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         first_key[id(t)] = key
         if isinstance(t, QuantizedTensor):
             parts = t.stored_tensors()
-            for part, v in parts.items():
+            for part, v in parts.items() if with_tensors else ():
                 v = v.detach().contiguous().cpu()
                 # layers rounded together share small parts (QuIP#'s input rotation of q/k/v);
                 # safetensors refuses shared storage, so each gets its own copy on disk
@@ -55,7 +57,7 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"{key}.{part}"] = v
             quantized[key] = {"format": t.format_name, "attributes": t.attributes(),
                               "tensors": sorted(parts), "config": _layer_config(model, key)}
-        else:
+        elif with_tensors:
             tensors[key] = t.detach().contiguous().cpu()
             storages.add(tensors[key].untyped_storage().data_ptr())
     return tensors, {"quantized": quantized, "aliases": aliases}
@@ -192,12 +194,19 @@ def _skeleton_from_config(path: Path) -> nn.Module:
     if not cfg.is_file():
         raise CheckpointError(f"{path} has no config.json, so the model cannot be rebuilt; pass "
                               f"a skeleton: load_quantized(path, model=MyModel(...))")
-    import transformers
     from accelerate import init_empty_weights
-    config = transformers.AutoConfig.from_pretrained(path)
+    cls, config = model_class(path)
+    with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
+        return cls(config)
+
+
+def model_class(path: Path):
+    """(transformers class, config) named by the config.json in `path`."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        raise CheckpointError(f"{cfg}: unknown architecture {arch!r}; pass a skeleton model")
-    with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
-        return cls(config)
+        raise CheckpointError(f"{path / 'config.json'}: architecture {arch!r} is not one this "
+                              f"transformers has; pass a skeleton model")
+    return cls, config

@@ -43,12 +43,13 @@ def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int |
 
 def evaluate(model: nn.Module, reference: nn.Module | None, windows, *,
              progress: bool = True) -> dict:
-    """Perplexity on `windows`, and KL / top-1 agreement against `reference` when given."""
+    """Perplexity on `windows`; against `reference` also its perplexity on the same windows
+    (`reference_perplexity`), KL and top-1 agreement."""
     from discq import eval as ev
     if reference is None:
         return {"perplexity": ev.perplexity(model, windows, progress=progress)}
     out = ev.compare(reference, model, windows, progress=progress)
-    return {k: out[k] for k in ("perplexity", "kl", "top1") if k in out}
+    return {k: out[k] for k in ("perplexity", "reference_perplexity", "kl", "top1") if k in out}
 
 
 def peak_rss_gib() -> float:

@@ -16,14 +16,24 @@ NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 @contextlib.contextmanager
+def quiet_loggers(names, level: int = logging.ERROR):
+    """Inside: the loggers `names` log at `level` and above only; their levels come back."""
+    logs = [logging.getLogger(n) for n in names]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(level)
+    try:
+        yield
+    finally:
+        for log, old in zip(logs, levels):
+            log.setLevel(old)
+
+
+@contextlib.contextmanager
 def quiet_dependencies(progress_bars: bool = False):
     """Inside: NOISY_LOGGERS log errors only, and the progress bars of transformers and datasets
     are off unless `progress_bars` (those imported by then: importing them costs seconds)."""
     import sys
-    logs = [logging.getLogger(n) for n in NOISY_LOGGERS]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
     # both libraries have the same switch in their utils.logging
     switches = [sys.modules[m].utils.logging for m in ("transformers", "datasets")
                 if m in sys.modules and not progress_bars]
@@ -31,9 +41,8 @@ def quiet_dependencies(progress_bars: bool = False):
     for s in switches:
         s.disable_progress_bar()
     try:
-        yield
+        with quiet_loggers(NOISY_LOGGERS):
+            yield
     finally:
-        for log, level in zip(logs, levels):
-            log.setLevel(level)
         for s in switches:
             s.enable_progress_bar()

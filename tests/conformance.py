@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_python
 from discq.passes.export import quantize_exported
 from discq.tensors.base import FORMATS, QuantizedTensor
 from safetensors import safe_open
@@ -224,7 +223,4 @@ class OneLinear(PreTrainedModel):
 
 
 def _fresh_process(body: str) -> None:
-    code = "import torch, discq\n" + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_python("import torch, discq\n" + textwrap.dedent(body))

@@ -4,6 +4,9 @@ The model is trained by scripts/train_tiny.py (see tests/fixtures/tiny_llama/REA
 text samples are excerpts of the calibration plays and of hamlet (held out), so no test reaches
 the network. Session-scoped objects are shared: deep-copy a model before modifying it.
 """
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TINY_LLAMA = FIXTURES / "tiny_llama"             # LlamaForCausalLM dir, ByT5 tokenizer, vocab 384
 CALIB_TEXT = FIXTURES / "calib_plays.txt"        # 40 kB of comedies and histories
 HELDOUT_TEXT = FIXTURES / "heldout_hamlet.txt"   # the first 24 kB of hamlet
+
+
+def run_python(body: str, timeout: float = 600) -> str:
+    """Run `body` (dedented) in a fresh Python process; its stdout, or fail with its stderr."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ def _tree_with_example(tmp: Path) -> tuple[Path, Path]:
         shutil.copytree(ROOT / folder, src / target,
                         ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     tests.mkdir()
-    shutil.copy(ROOT / "tests" / "conformance.py", tests)
+    for support in ("conformance.py", "conftest.py"):  # the suite and its helpers
+        shutil.copy(ROOT / "tests" / support, tests)
     for path, code in _example_files().items():
         folder, name = path.split("/")
         dest = tests / name if folder == "tests" else src / PACKAGES[folder] / name

@@ -4,12 +4,10 @@ sharded, also saved again), the refusals without discq or from a newer discq, an
 `discq.load_quantized` on the same directory."""
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import run_python
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel
 
@@ -82,13 +80,14 @@ def test_fresh_process_from_safetensors_only(quantized, tmp_path):
         [".safetensors"]
     with torch.no_grad():
         torch.save(model(IDS).logits, tmp_path.parent / "expected.pt")
-    _run(f"""
+    run_python(f"""
         import torch, discq
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
         ids = torch.arange(7, 7 + 48).reshape(2, 24)
+        expected = torch.load({str(tmp_path.parent / 'expected.pt')!r}, weights_only=True)
         with torch.no_grad():
-            assert torch.equal(model(ids).logits, torch.load({str(tmp_path.parent / 'expected.pt')!r}))
+            assert torch.equal(model(ids).logits, expected)
     """)
 
 
@@ -119,7 +118,7 @@ def test_discq_load_quantized_reads_a_save_pretrained_directory(quantized, tmp_p
 
 def test_without_import_discq_loading_fails_instead_of_random_weights(quantized, tmp_path):
     quantized["rtn"].save_pretrained(tmp_path)
-    out = _run(f"""
+    out = run_python(f"""
         from transformers import AutoModelForCausalLM
         try:
             AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
@@ -172,9 +171,3 @@ def test_encoder_round_trip_through_automodel(tmp_path):
         assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
     assert isinstance(loaded.encoder.layer[0].attention.self.query.weight, discq.QuantizedTensor)
 
-
-def _run(body: str) -> str:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout

@@ -3,12 +3,10 @@ GGUF file, so transformers first marks it GGUF-quantized) quantized with every m
 `save_pretrained` and reloads with `from_pretrained` in a fresh process with bit-identical logits,
 from safetensors only, in the bytes `bits_per_weight` promises; MiniLM does the same through
 `AutoModel`."""
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import run_python
 from safetensors import safe_open
 from torch import nn
 
@@ -49,13 +47,14 @@ def test_smollm2_round_trip_in_a_fresh_process(smollm2, method, tmp_path):
     with torch.no_grad():
         torch.save(model(ids).logits, tmp_path / "expected.pt")
     torch.save(ids, tmp_path / "ids.pt")
-    _run(f"""
+    run_python(f"""
         import torch, discq
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})
         with torch.no_grad():
-            logits = model(torch.load({str(tmp_path / 'ids.pt')!r})).logits
-        assert torch.equal(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+            logits = model(torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)).logits
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        assert torch.equal(logits, expected)
     """)
 
 
@@ -79,8 +78,3 @@ def test_minilm_encoder_round_trip_through_automodel(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(**ids).last_hidden_state, model(**ids).last_hidden_state)
 
-
-def _run(body: str) -> None:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]

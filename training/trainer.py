@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from discq.interrupt import Interrupted, as_interrupted
+from discq.quiet import quiet_loggers
 
 # each is about how discq drives Lightning, not about the user's setup: eval mode is deliberate
 # (no dropout in teacher or student); resuming mid-epoch is exact (the stream is a function of
@@ -33,18 +34,10 @@ def quiet_lightning():
     """Inside: the warnings in QUIET are ignored and Lightning's info lines (rank zero, and
     "Received SIGTERM" before we report the stop ourselves) are off; the caller's warning
     filters and log levels are restored on exit."""
-    logs = [logging.getLogger(n) for n in QUIET_LOGS]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            for pattern in QUIET:
-                warnings.filterwarnings("ignore", pattern)
-            yield
-    finally:
-        for log, level in zip(logs, levels):
-            log.setLevel(level)
+    with quiet_loggers(QUIET_LOGS, logging.WARNING), warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", pattern)
+        yield
 
 
 class _SeenException(Callback):
