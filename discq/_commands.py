@@ -37,6 +37,8 @@ def quantize(args: argparse.Namespace) -> dict:
     extra = {} if args.steps is None else {"steps": args.steps}
     if args.group_along != "input":
         extra["group_along"] = args.group_along
+    if args.format.startswith("gguf:"):  # the mixture decides every layer's grid
+        extra["gguf"] = args.format.split(":", 1)[1]
     qmodel, summary = pipeline.quantize_copy(
         model, args.method, bits=args.bits, group_size=args.group_size or None,
         calibration=calib, quantize_head=args.quantize_head, symmetric=args.symmetric, **extra)
@@ -75,17 +77,13 @@ def _check_format(args: argparse.Namespace) -> None:
         raise ValueError(f"--format {args.format} stores affine grids ({', '.join(affine)}), "
                          f"not {args.method}'s codes")
     if args.format.startswith("gguf:"):
-        from discq.cli import OUTPUT_FORMATS
-        bits = OUTPUT_FORMATS[args.format]
-        if (args.bits, args.group_size, args.symmetric) != (bits, 32, True):
-            raise ValueError(f"--format {args.format} stores symmetric {bits}-bit groups of 32: "
-                             f"add --bits {bits} --group-size 32 --symmetric")
+        if args.group_along != "input":
+            raise ValueError(f"--format {args.format}: llama.cpp's blocks run along the input "
+                             f"dimension; drop --group-along")
         if _gguf_source(args.model) is None:
             raise ValueError(f"--format {args.format} copies the metadata and tokenizer of the "
                              f".gguf file the model comes from; {args.model!r} is not one (use a "
                              f".gguf file or the bundled smollm2-135m)")
-    if args.format == "compressed-tensors" and not args.symmetric:
-        raise ValueError("--format compressed-tensors stores symmetric grids: add --symmetric")
 
 
 def _gguf_source(model: str) -> Path | None:
@@ -129,7 +127,7 @@ def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str) -> None:
 
     def write(tmp: Path) -> None:
         to_gguf(qmodel, tmp / f"{Path(args.model).stem}-{kind}.gguf",
-                source=_gguf_source(args.model))
+                source=_gguf_source(args.model), type=kind)
         (tmp / "README.md").write_text(card)
     write_atomically(out, args.overwrite, write)
 

@@ -11,15 +11,19 @@ def model_card(summary: dict, *, calibration: str | None, evaluation: dict | Non
     name = summary.get("model", "a model")
     lines = ["---", "library_name: transformers", "tags: [discq, quantized, "
              f"{summary.get('method', 'quantized')}]", "---", "",
-             f"# {name}, {summary.get('bits')}-bit {summary.get('method')} (discq)", "",
+             f"# {name}, {summary.get('gguf') or str(summary.get('bits')) + '-bit'} "
+             f"{summary.get('method')} (discq)", "",
              f"Weights of `{name}` rounded by discq with "
              f"**{summary.get('method')}**: {summary.get('bits_per_weight')} bits per weight on "
              f"average over the quantized layers (codes, scales and zero points counted).", "",
              "| setting | value |", "|---|---|"]
     config = dict(config or {})
     tuned = config.get("finetune", False)
+    # a GGUF mixture decides the grid: the affine grid's fields do not apply
+    grid_keys = ("bits", "group_size", "symmetric", "group_along", "scale_dtype")
     for key, value in config.items():
-        skip = key == "version" or (not tuned and key.startswith(("finetune_", "ft_")))
+        skip = key == "version" or (not tuned and key.startswith(("finetune_", "ft_"))) \
+            or (config.get("gguf") and key in grid_keys)
         if not skip and value not in (None, False, 0, ""):
             lines.append(f"| {key} | {value} |")
     lines.append(f"| calibration data | {calibration or 'none (data-free)'} |")

@@ -13,8 +13,9 @@ import json
 import sys
 
 from discq.methods import available_methods, describe
+from discq.passes.gguf_mixture import MIXTURES as GGUF_MIXTURES
 
-OUTPUT_FORMATS = {"hf": None, "gguf:Q4_0": 4, "gguf:Q8_0": 8, "compressed-tensors": None}
+OUTPUT_FORMATS = ["hf", *(f"gguf:{m}" for m in GGUF_MIXTURES), "compressed-tensors"]
 
 
 def _add_grid_args(p: argparse.ArgumentParser) -> None:
@@ -59,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True,
                    help="output directory (must be new or empty): a transformers model "
                         "directory (from_pretrained after `import discq`) with a model card")
-    q.add_argument("--format", default="hf", choices=list(OUTPUT_FORMATS),
+    q.add_argument("--format", default="hf", choices=OUTPUT_FORMATS, metavar="FORMAT",
                    help="what --out holds: hf (default: transformers layout, discq weights), "
-                        "gguf:Q4_0 / gguf:Q8_0 (a .gguf file for llama.cpp; needs --bits 4|8 "
-                        "--group-size 32 --symmetric and a model loaded from a .gguf), "
-                        "compressed-tensors (pack-quantized for vLLM; needs --symmetric)")
+                        "gguf:<mixture> (a .gguf file for llama.cpp in one of llama.cpp's "
+                        f"mixtures {', '.join(GGUF_MIXTURES)}: the method rounds onto the "
+                        "mixture's types, --bits/--group-size do not apply; needs a model "
+                        "loaded from a .gguf), compressed-tensors (pack-quantized for vLLM; "
+                        "needs --symmetric)")
     q.add_argument("--overwrite", action="store_true", help="replace discq files in --out")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement vs the original model")

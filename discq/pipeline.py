@@ -35,6 +35,7 @@ def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int |
     quantize_(qmodel, config, filter_fn=None if quantize_head else keep_head_filter(qmodel))
     seconds = time.perf_counter() - t0
     summary = {"method": method, "bits": bits, "group_size": group_size,
+               **({"gguf": config_kwargs["gguf"]} if config_kwargs.get("gguf") else {}),
                "bits_per_weight": round(bits_per_weight(qmodel), 4),
                "quantize_seconds": round(seconds, 1),
                "peak_rss_gib": round(peak_rss_gib(), 2)}

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.gguf import GGUFGrid
 from discq.tensors.grid import (
     AffineGrid,
     decode,
@@ -146,7 +147,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 kl_weight: float = 1.0, ce_weight: float = 0.0, init: str = "uniform",
                 scale_dtype: str = "float16", gradient_checkpointing: bool = True,
                 finetune: bool = False, finetune_steps: int = 100,
-                codebook: str = "affine", hidden_weight: float = 0.0) -> DiscConfig:
+                codebook: str = "affine", hidden_weight: float = 0.0,
+                gguf: str | None = None) -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
@@ -161,7 +163,9 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     (codes fixed; see discq.training.finetune). `codebook="e8p"`: round to QuIP#'s E8P lattice
     (in its randomized-Hadamard basis) instead of the affine grid, choosing for each block of
     8 weights between its two candidate lattice points (passes/disc_lattice.py);
-    group_size/symmetric/group_along/incoherence do not apply there."""
+    group_size/symmetric/group_along/incoherence do not apply there. `gguf="Q4_K"` or a
+    llama.cpp mixture `gguf="Q4_K_M"`: choose between neighbours on llama.cpp's block grid
+    (fitted once on W) instead of bits/group_size."""
     return DiscConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, incoherence=incoherence,
                       calibration=calibration, steps=steps, lr=lr, batch_size=batch_size,
@@ -170,7 +174,7 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       kl_weight=kl_weight, ce_weight=ce_weight, init=init,
                       gradient_checkpointing=gradient_checkpointing, finetune=finetune,
                       finetune_steps=finetune_steps, codebook=codebook,
-                      hidden_weight=hidden_weight)
+                      hidden_weight=hidden_weight, gguf=gguf)
 
 
 @handles(DiscConfig)
@@ -231,9 +235,14 @@ class RelaxedLinear(Relaxation):
                 self.register_buffer(name, t.to(W.device), persistent=False)
             W = rotate_weight(W.float(), self.s_out, self.s_in, self.q_out, self.q_in).to(W.dtype)
         Wr = to_rows(W, grid).float()  # [R, C]
-        scale, zero = fit_groups(Wr, grid, storage_dtype(grid, W.dtype))
+        headers = None
+        if isinstance(grid, GGUFGrid):  # zero fp32 (-b/a); headers [R, C / block, P] uint8
+            scale, zero, headers = grid.fit(Wr)
+        else:
+            scale, zero = fit_groups(Wr, grid, storage_dtype(grid, W.dtype))
         self.register_buffer("scale", scale, persistent=False)  # [R, G]
         self.register_buffer("zero", zero, persistent=False)    # [R, G] uint8 or None
+        self.register_buffer("headers", headers, persistent=False)
         x0 = self._fit_codes(Wr)
         if init == "uniform":
             x0 = torch.rand(x0.shape, generator=generator).to(x0.device)
@@ -297,6 +306,8 @@ class RelaxedLinear(Relaxation):
     @torch.no_grad()
     def rounded(self) -> AffineQuantizedTensor:
         """The packed quantized weight of round(x)."""
+        if self.headers is not None:
+            return self.grid.pack(self.codes(), self.headers, self.original.weight.dtype)
         q = AffineQuantizedTensor.from_codes(self.codes(), self.scale, self.zero, self.grid,
                                              self.original.weight.dtype)
         if self.rotation is None:
@@ -342,7 +353,7 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 def _relax_affine(linear: nn.Linear, config: DiscConfig, fqn: str, generator) -> RelaxedLinear:
     """The affine grid of `config` (in the layer's seeded rotated basis with incoherence)."""
     rot = layer_rotation(*linear.weight.shape, layer_seed(fqn)) if config.incoherence else None
-    return RelaxedLinear(linear, config.grid(), config.init, generator, rot)
+    return RelaxedLinear(linear, config.grid(fqn=fqn), config.init, generator, rot)
 
 
 register_codebook("affine", _relax_affine)

@@ -61,18 +61,21 @@ def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = F
                 act_order: bool = True, block_size: int = 128, true_sequential: bool = True,
                 incoherence: bool = False, lowrank: int = 0,
                 scale_dtype: str = "float16", finetune: bool = False,
-                finetune_steps: int = 100) -> GPTQConfig:
+                finetune_steps: int = 100, gguf: str | None = None) -> GPTQConfig:
     """GPTQ with `calibration` = list of LongTensor [B, S] token batches
     (`discq.data.calibration_batches`). `incoherence=True` quantizes W̃ = R_out W R_inᵀ with
     the Hessian R_in H R_inᵀ (randomized Hadamard rotations, QuIP); `lowrank=r` adds a
     rank-r fp16 correction of the error (LoRC). `finetune=True` then tunes what stays
     continuous (norms, biases, sign vectors) for `finetune_steps` steps against the original
-    model's next-token distribution, codes fixed (as QuIP# does; needs Lightning)."""
+    model's next-token distribution, codes fixed (as QuIP# does; needs Lightning).
+    `gguf="Q4_K"` or a llama.cpp mixture `gguf="Q4_K_M"`: round onto llama.cpp's block grid
+    (block scales fitted when GPTQ first reaches the block) instead of bits/group_size."""
     return GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
                       damp=damp, act_order=act_order, block_size=block_size,
                       true_sequential=true_sequential, incoherence=incoherence,
-                      lowrank=lowrank, finetune=finetune, finetune_steps=finetune_steps)
+                      lowrank=lowrank, finetune=finetune, finetune_steps=finetune_steps,
+                      gguf=gguf)
 
 
 def proxy_loss(W: Tensor, Wq: Tensor, H: Tensor) -> float:
@@ -88,15 +91,18 @@ def gptq_layer(W: Tensor, H: Tensor, config: GPTQConfig, name: str = "") -> Affi
     if config.incoherence:
         return _gptq_incoherent(W, H, config, name)
     alongs = ("input", "output") if config.group_along == "auto" else (config.group_along,)
+    if config.gguf is not None:  # llama.cpp's blocks run along rows
+        alongs = ("input",)
     best, best_loss = None, float("inf")
     for along in alongs:
-        grid = config.grid(group_along=along)
+        grid = config.grid(group_along=along, fqn=name)
         scale_dtype = grid.scale_dtype or W.dtype
-        codes, scale, zero = gptq_quantize(W, H, grid, damp=config.damp,
-                                           act_order=config.act_order,
-                                           block_size=config.block_size,
-                                           scale_dtype=scale_dtype, name=name)
-        q = AffineQuantizedTensor.from_codes(codes, scale, zero, grid, W.dtype)
+        codes, scale, zero, headers = gptq_quantize(W, H, grid, damp=config.damp,
+                                                    act_order=config.act_order,
+                                                    block_size=config.block_size,
+                                                    scale_dtype=scale_dtype, name=name)
+        q = (grid.pack(codes, headers, W.dtype) if headers is not None
+             else AffineQuantizedTensor.from_codes(codes, scale, zero, grid, W.dtype))
         loss = proxy_loss(W, q.dequantize(torch.float32), H) if len(alongs) > 1 else 0.0
         if loss < best_loss or best is None:
             best, best_loss = q, loss

@@ -46,15 +46,20 @@ def inverse_cholesky_upper(H: Tensor, damp: float, name: str = "") -> Tensor:
 
 
 class _Groups:
-    """Per-column scale/zero of the affine grid while GPTQ walks the columns of W: [N, K]."""
+    """Per-column scale/zero of the grid while GPTQ walks the columns of W: [N, K]. A GGML
+    block grid is fitted a whole block at a time (a k-quant's super-block of 256: its
+    sub-scales are quantized together) and keeps the block headers for packing."""
 
-    def __init__(self, grid: AffineGrid, N: int, K: int, dtype: torch.dtype, device):
+    def __init__(self, grid, N: int, K: int, dtype: torch.dtype, device):
         self.grid, self.N, self.K, self.dtype = grid, N, K, dtype
         R, C = (N, K) if grid.group_along == "input" else (K, N)
         self.g = resolved_group_size(grid, C)
+        self.unit = getattr(grid, "block", self.g)  # columns fitted together
         G = math.ceil(C / self.g)
         self.scale = torch.zeros(R, G, dtype=dtype, device=device)
-        self.zero = None if grid.symmetric else torch.zeros(R, G, dtype=torch.uint8, device=device)
+        self.zero = None if grid.symmetric else torch.zeros(
+            R, G, dtype=torch.float32 if hasattr(grid, "block") else torch.uint8, device=device)
+        self.headers = [None] * (C // self.unit) if hasattr(grid, "block") else None
         self.fitted = torch.zeros(G if grid.group_along == "input" else K, dtype=torch.bool)
 
     def for_column(self, c: int, current) -> tuple[Tensor, Tensor | None]:
@@ -63,10 +68,7 @@ class _Groups:
         if self.grid.group_along == "input":
             gi = c // self.g
             if not self.fitted[gi]:
-                cols = torch.arange(gi * self.g, min((gi + 1) * self.g, self.K))
-                s, z = fit_scale(current(cols), self.grid, self.dtype)  # [N, 1]
-                self._store(slice(None), gi, s[:, 0], None if z is None else z[:, 0])
-                self.fitted[gi] = True
+                self._fit_unit(c // self.unit, current)
             return self.scale[:, gi], None if self.zero is None else self.zero[:, gi]
         if not self.fitted[c]:  # output grouping: this column's groups run along the rows
             s, z = fit_groups(current(torch.tensor([c])).t(), self.grid, self.dtype)  # [1, G]
@@ -74,6 +76,16 @@ class _Groups:
             self.fitted[c] = True
         z = None if self.zero is None else expand_groups(self.zero[c:c + 1], self.g, self.N)[0]
         return expand_groups(self.scale[c:c + 1], self.g, self.N)[0], z
+
+    def _fit_unit(self, u: int, current) -> None:
+        cols = torch.arange(u * self.unit, min((u + 1) * self.unit, self.K))
+        groups = slice(u * self.unit // self.g, (u * self.unit + len(cols) - 1) // self.g + 1)
+        if self.headers is not None:
+            s, z, self.headers[u] = self.grid.fit(current(cols))  # [N, unit / g], [N, 1, P]
+        else:
+            s, z = fit_scale(current(cols), self.grid, self.dtype)  # [N, 1]
+        self._store(slice(None), groups, s, z)
+        self.fitted[groups] = True
 
     def _store(self, r, c, s, z) -> None:
         self.scale[r, c] = s
@@ -94,8 +106,9 @@ def _prepare(W: Tensor, H: Tensor, act_order: bool) -> tuple[Tensor, Tensor, Ten
 
 def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
                   act_order: bool = True, block_size: int = 128, scale_dtype=torch.float16,
-                  name: str = "") -> tuple[Tensor, Tensor, Tensor | None]:
-    """W: [N, K], H: [K, K] -> codes [N, K] uint8 (original column order), scale/zero in row form."""
+                  name: str = "") -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """W: [N, K], H: [K, K] -> codes [N, K] uint8 (original column order), scale/zero in row
+    form, and for a GGML block grid its block headers [N, K / block, P] (else None)."""
     N, K = W.shape
     with _few_threads(W.device.type == "cpu" and N * block_size <= SMALL_UPDATE):
         W, H, perm = _prepare(W, H, act_order)
@@ -107,7 +120,8 @@ def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
         for i1 in range(0, K, block_size):
             i2 = min(i1 + block_size, K)
             _quantize_block(W, U, i1, i2, perm, pos, groups, codes)
-    return codes[:, pos], groups.scale, groups.zero
+    headers = None if groups.headers is None else torch.cat(groups.headers, dim=1)
+    return codes[:, pos], groups.scale, groups.zero, headers
 
 
 # Below this many elements per column update, one CPU thread is faster: the per-column ops are

@@ -77,6 +77,7 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None) ->
     originals = [(m, m.weight) for _, group in plan for _, m in group]
     try:  # data-driven methods install weights as they go: on failure, put every one back
         for cfg, group in plan:
+            cfg, group = cfg.bind(model, group) if group else (cfg, group)
             if group:
                 _handler(cfg)(model, cfg, group)
                 _record_config(group, cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.gguf import GGUFGrid
 from discq.tensors.hadamard import layer_seed
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import nn
@@ -44,14 +45,16 @@ def finish(q, W, config):
 @constructs(RTNConfig)
 def rtn_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
                group_along: str = "input", incoherence: bool = False, lowrank: int = 0,
-               scale_dtype: str = "float16") -> RTNConfig:
+               scale_dtype: str = "float16", gguf: str | None = None) -> RTNConfig:
     """Round-to-nearest on `bits`-bit groups of `group_size` weights along the input
     (`group_along="input"`) or output (`"output"`, per-input-channel) dimension. With
     `incoherence=True` the weight is first rotated by randomized Hadamard transforms; with
-    `lowrank=r` a rank-r fp16 correction of the error is added (LoRC)."""
+    `lowrank=r` a rank-r fp16 correction of the error is added (LoRC). `gguf="Q4_K"` (a
+    GGML block type) or `gguf="Q4_K_M"` (a llama.cpp mixture: each layer its type) rounds
+    onto llama.cpp's grid instead of bits/group_size (`discq.export.to_gguf` writes it)."""
     return RTNConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                      group_along=group_along, incoherence=incoherence, lowrank=lowrank,
-                     scale_dtype=scale_dtype)
+                     scale_dtype=scale_dtype, gguf=gguf)
 
 
 def rtn_weight(W, config: RTNConfig, fqn: str = ""):
@@ -60,7 +63,10 @@ def rtn_weight(W, config: RTNConfig, fqn: str = ""):
     check_finite(W, fqn)
     if config.incoherence:
         return IncoherentQuantizedTensor.from_hp(W, config.grid(), seed=layer_seed(fqn))
-    return finish(AffineQuantizedTensor.from_hp(W, config.grid()), W, config)
+    grid = config.grid(fqn=fqn)
+    if isinstance(grid, GGUFGrid):
+        return grid.quantize(W)
+    return finish(AffineQuantizedTensor.from_hp(W, grid), W, config)
 
 
 @register_module_handler(RTNConfig)  # torchao.quantization.quantize_ accepts RTNConfig too

@@ -99,9 +99,10 @@ def test_compressed_tensors_output_loads_in_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "gguf:Q4_0", "--bits", "4", "--group-size", "32"], "--symmetric"),
-    (["--format", "gguf:Q4_0", "--bits", "4", "--group-size", "32", "--symmetric"], ".gguf file"),
-    (["--format", "compressed-tensors"], "--symmetric")])
+    (["--format", "gguf:Q4_K_M"], ".gguf file"),
+    (["--format", "gguf:Q4_0", "--group-along", "output"], "--group-along"),
+    (["--format", "gguf:Q4_0", "--method", "quip-sharp"], "affine grids"),
+    (["--format", "compressed-tensors", "--method", "quip-sharp"], "affine grids")])
 def test_output_formats_say_what_they_need_before_any_work(tmp_path, args, message):
     done = discq("quantize", TINY_LLAMA, *args, "--out", tmp_path / "x", check=False)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
@@ -112,10 +113,13 @@ def test_output_formats_say_what_they_need_before_any_work(tmp_path, args, messa
 def test_gguf_output_of_the_bundled_model_reads_back_in_gguf(tmp_path):
     import gguf
     out = tmp_path / "g"
-    discq("quantize", "smollm2-135m", "--method", "rtn", "--bits", "4", "--group-size", "32",
-          "--symmetric", "--format", "gguf:Q4_0", "--eval-windows", "0", "--out", out)
+    discq("quantize", "smollm2-135m", "--method", "rtn", "--format", "gguf:Q3_K_M",
+          "--eval-windows", "0", "--out", out)
     (file,) = out.glob("*.gguf")
     reader = gguf.GGUFReader(str(file))
     types = {t.tensor_type.name for t in reader.tensors}
-    assert "Q4_0" in types and "tokenizer.ggml.tokens" in reader.fields
+    # llama.cpp's Q3_K_M for SmolLM2: 576-wide rows fall back to 32-weight types
+    assert types == {"F32", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q8_0"}
+    assert int(reader.fields["general.file_type"].contents()) == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
+    assert "tokenizer.ggml.tokens" in reader.fields
     assert "llama-cli" in (out / "README.md").read_text()

@@ -6,6 +6,7 @@ from conformance import FormatConformance
 from discq.passes.lowrank import add_lowrank
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.base import FORMATS
+from discq.tensors.gguf import GGUFGrid
 from discq.tensors.grid import AffineGrid
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
@@ -72,6 +73,29 @@ class TestLatticeE8P4Bit(FormatConformance):
 
     def make(self, W):
         return LatticeQuantizedTensor.from_hp(W, 4, seed=3)
+
+
+class TestGGUFQ4K(FormatConformance):
+    K = 512  # rows of whole 256-weight super-blocks
+    max_relative_error = 0.10  # measured 0.075
+
+    def make(self, W):
+        return GGUFGrid("Q4_K").quantize(W)
+
+
+class TestGGUFQ3K(FormatConformance):
+    K = 256
+    max_relative_error = 0.20  # measured 0.16
+
+    def make(self, W):
+        return GGUFGrid("Q3_K").quantize(W)
+
+
+class TestGGUFQ5_1(FormatConformance):
+    max_relative_error = 0.05  # measured 0.039
+
+    def make(self, W):
+        return GGUFGrid("Q5_1").quantize(W)
 
 
 def test_every_format_is_tested():

@@ -5,14 +5,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from discq.tensors.affine import AffineQuantizedTensor
+from discq.tensors.gguf import GGUFGrid
+from discq.tensors.grid import AffineGrid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import discq
 from discq.gguf_blocks import block_type, to_blocks
-from discq.tensors.affine import AffineQuantizedTensor
-from discq.tensors.grid import AffineGrid
 
 
 @settings(max_examples=40, deadline=None)
@@ -35,7 +36,7 @@ def test_blocks_dequantize_in_gguf_to_discqs_values(bits, N, blocks, seed, magni
 def test_weights_without_a_block_twin_are_refused_with_the_fix(grid):
     w = AffineQuantizedTensor.from_hp(torch.randn(8, 64), grid)
     assert block_type(w) is None
-    with pytest.raises(ValueError, match="symmetric=True"):
+    with pytest.raises(ValueError, match="gguf='Q4_K_M'"):
         to_blocks(w)
 
 
@@ -49,9 +50,10 @@ def test_to_gguf_refuses_other_architectures_and_missing_sources(tmp_path, tiny_
 
 @pytest.mark.slow
 def test_smollm2_q4_0_gguf_reads_back_in_gguf_and_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
     from discq.models import bundled_path, load_model
     from discq.pipeline import keep_head_filter
-    from transformers import AutoModelForCausalLM
     model, tok = load_model("smollm2-135m")
     discq.quantize_(model, discq.rtn_config(bits=4, group_size=32, symmetric=True),
                     filter_fn=keep_head_filter(model))
@@ -63,14 +65,61 @@ def test_smollm2_q4_0_gguf_reads_back_in_gguf_and_transformers(tmp_path):
     ours = model.model.layers[3].mlp.down_proj.weight.dequantize().numpy()
     assert np.array_equal(gguf.quants.dequantize(q.data, q.tensor_type), ours)
     assert "tokenizer.ggml.tokens" in reader.fields and "output.weight" not in tensors
+    # the tied embedding as llama.cpp's Q4_0 mixture stores it: Q8_0, rounded to nearest
+    emb = tensors["token_embd.weight"]
+    assert emb.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    Q8 = GGUFGrid("Q8_0").quantize(model.model.embed_tokens.weight).dequantize()
     # transformers undoes llama.cpp's q/k row order on load: the same model comes back
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q4_0.gguf")
     q_proj = model.model.layers[0].self_attn.q_proj.weight.dequantize()
     assert torch.equal(back.model.layers[0].self_attn.q_proj.weight, q_proj)
-    for name, p in model.named_parameters():  # every tensor, quantized or not, is discq's
+    assert torch.equal(back.model.embed_tokens.weight, Q8)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(Q8)  # (tied: the head too)
+    for name, p in model.named_parameters():  # every tensor is the one discq wrote
         theirs = back.get_parameter(name)
         ours = p.dequantize() if isinstance(p, discq.QuantizedTensor) else p
         assert torch.equal(theirs, ours), name
+    with pytest.raises(ValueError, match="the mixture gives it"):  # Q4_0 layers, Q4_K_M file
+        discq.export.to_gguf(model, tmp_path / "x.gguf", source=bundled_path("smollm2-135m"),
+                             type="Q4_K_M")
+    assert not (tmp_path / "x.gguf").exists()
     ids = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     with torch.no_grad():  # dense matmuls there, discq's kernel here: summation order only
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-4)
+
+
+def tiny_bpe_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the held-out fixture text."""
+    from conftest import HELDOUT_TEXT
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(HELDOUT_TEXT)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def test_to_gguf_writes_metadata_and_vocabulary_from_config_and_tokenizer(tmp_path):
+    from models import tiny_random_llama
+    model = tiny_random_llama()  # vocab 320, rows of 64: Q4_0 throughout
+    tok = tiny_bpe_tokenizer(300)
+    discq.quantize_(model, discq.rtn_config(gguf="Q4_0"), filter_fn=lambda m, f: f != "lm_head")
+    out = discq.export.to_gguf(model, tmp_path / "t.gguf", tokenizer=tok, pre="gpt-2")
+    reader = gguf.GGUFReader(str(out))
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert f["llama.block_count"] == 2 and f["llama.attention.head_count_kv"] == 2
+    assert f["llama.embedding_length"] == 64 and f["llama.rope.dimension_count"] == 16
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    tokens = f["tokenizer.ggml.tokens"]
+    assert len(tokens) == 320 and tokens[:len(tok)] == [tok.convert_ids_to_tokens(i)
+                                                        for i in range(len(tok))]
+    assert f["tokenizer.ggml.merges"] and f["general.file_type"] == 2  # MOSTLY_Q4_0
+    with pytest.raises(ValueError, match="not both"):
+        discq.export.to_gguf(model, tmp_path / "u.gguf", tokenizer=tok,
+                             source=tmp_path / "t.gguf")
+    with pytest.raises(ValueError, match="pass source="):
+        discq.export.to_gguf(model, tmp_path / "u.gguf")

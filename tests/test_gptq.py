@@ -33,7 +33,7 @@ def gptq_cases(draw):
 @given(gptq_cases())
 def test_with_identity_hessian_gptq_equals_rtn_exactly(case):
     W, grid, act_order, block = case
-    codes, scale, zero = gptq_quantize(W, torch.eye(W.shape[1]), grid, act_order=act_order,
+    codes, scale, zero, _ = gptq_quantize(W, torch.eye(W.shape[1]), grid, act_order=act_order,
                                        block_size=block)
     rtn_codes, rtn_scale, rtn_zero = quantize_rows(to_rows(W, grid), grid, torch.float16)
     assert torch.equal(codes, from_rows(rtn_codes, grid))
@@ -56,7 +56,7 @@ def test_gptq_proxy_loss_never_above_rtn(K, bits, g, along, act_order, seed):
     H = _random_pd(K, seed)
     W = torch.randn(64, K, generator=torch.Generator().manual_seed(seed + 1))
     grid = AffineGrid(bits, g, False, along, torch.float32)
-    codes, scale, zero = gptq_quantize(W, H, grid, act_order=act_order, scale_dtype=torch.float32)
+    codes, scale, zero, _ = gptq_quantize(W, H, grid, act_order=act_order, scale_dtype=torch.float32)
     Wg = from_rows(dequantize_rows(to_rows(codes, grid), scale, zero, grid, torch.float32), grid)
     rc, rs, rz = quantize_rows(to_rows(W, grid), grid, torch.float32)
     Wr = from_rows(dequantize_rows(rc, rs, rz, grid, torch.float32), grid)
@@ -68,7 +68,7 @@ def test_dead_columns_are_zeroed():
     H[3, :] = 0
     H[:, 3] = 0
     W = torch.randn(8, 16) + 5
-    codes, scale, zero = gptq_quantize(W, H, AffineGrid(4, None), scale_dtype=torch.float32)
+    codes, scale, zero, _ = gptq_quantize(W, H, AffineGrid(4, None), scale_dtype=torch.float32)
     grid = AffineGrid(4, None, scale_dtype=torch.float32)
     Wq = dequantize_rows(codes, scale, zero, grid, torch.float32)
     assert Wq[:, 3].abs().max() <= scale.max() / 2 + 1e-6

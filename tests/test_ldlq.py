@@ -44,7 +44,7 @@ def test_ldlq_with_a_scalar_grid_equals_gptq_without_act_order(K, bits, seed):
     W = torch.randn(16, K, generator=torch.Generator().manual_seed(seed + 1))
     ldl = ldlq(W, H, _scalar_quantizer(W, bits))
     grid = AffineGrid(bits, None, scale_dtype=torch.float32)
-    codes, s, z = gptq_quantize(W, H, grid, damp=1e-12, act_order=False,
+    codes, s, z, _ = gptq_quantize(W, H, grid, damp=1e-12, act_order=False,
                                 scale_dtype=torch.float32)
     gptq = dequantize_rows(codes, s, z, grid, torch.float32)
     assert torch.allclose(ldl, gptq, atol=1e-4 * W.abs().max())

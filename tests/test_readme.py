@@ -1,10 +1,13 @@
-"""The README's quick-start is run exactly as written: its first Python block, in a fresh
-directory, so the order it shows (quantize_, torch.compile, save, load) never breaks again."""
+"""The README's Python blocks are run exactly as written, in a fresh directory: the quick-start
+(its first block), so the order it shows (quantize_, torch.compile, save, load) never breaks
+again, and (slow: SmolLM2) the GGUF export."""
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -16,3 +19,15 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "3.375"
     assert (tmp_path / "out" / "discq.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_gguf_export_runs_as_written(tmp_path):
+    import gguf
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+                 if "to_gguf" in b)
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    reader = gguf.GGUFReader(str(tmp_path / "smollm2-Q4_K_M.gguf"))
+    assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q5_0", "Q4_K", "Q6_K", "Q8_0"}

@@ -92,7 +92,7 @@ def _trainer(config: DiscConfig) -> L.Trainer:
                          precision=_precision(config.trainer_kwargs or {}),
                          checkpoint_dir=config.checkpoint_dir,
                          checkpoint_every=min(50, max(1, config.steps // 4)), keep_top=1,
-                         title=f"DiscQuant {config.bits}-bit")
+                         title=f"DiscQuant {config.gguf or f'{config.bits}-bit'}")
 
 
 def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:

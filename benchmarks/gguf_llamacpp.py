@@ -1,0 +1,130 @@
+"""discq's rounding in llama.cpp's own file types, run by llama.cpp, against llama.cpp's own
+quantizer — SmolLM2-135M, side by side in one run:
+
+- llama.cpp: `llama_model_quantize` (allow_requantize, no importance matrix) of the bundled
+  GGUF, the same weights discq starts from;
+- discq RTN, GPTQ and DiscQuant with `gguf=<mixture>`: the same per-tensor types (llama.cpp's
+  fallbacks included), written by `discq.export.to_gguf`;
+- full precision: the model as an F32 GGUF.
+Every file is evaluated *in llama.cpp* (llama-cpp-python) on held-out text: perplexity, KL to the
+fp32 model and top-1 agreement, plus the file size; for discq's files also discq's own
+evaluation of the same weights (the two agree within llama.cpp's 8-bit activation rounding).
+
+    python benchmarks/gguf_llamacpp.py [--types Q4_0,Q4_K_M,Q3_K_M,Q2_K] [--disc-steps 100]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import llama_cpp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, write  # noqa: E402
+
+import discq  # noqa: E402
+from discq.data import calibration_batches, eval_windows  # noqa: E402
+from discq.eval import compare  # noqa: E402
+from discq.llamacpp import LlamaCppModel, quantize  # noqa: E402
+from discq.models import bundled_path, load_model  # noqa: E402
+from discq.pipeline import evaluate, keep_head_filter  # noqa: E402
+
+
+def discq_file(model, config, path: Path) -> tuple[Path, object]:
+    """The model rounded by `config` (head left to the export: llama.cpp's type for it)."""
+    q = copy.deepcopy(model)
+    discq.quantize_(q, config, filter_fn=keep_head_filter(q))
+    return discq.export.to_gguf(q, path, source=bundled_path("smollm2-135m")), q
+
+
+def in_llama_cpp(path: Path, model, windows) -> dict:
+    with LlamaCppModel(path, n_ctx=windows[0].shape[1]) as m:
+        out = compare(model, m, windows, progress=False)
+    return {**out, "mib": round(path.stat().st_size / 2**20, 2)}
+
+
+def configs(mixture: str, a, calib, disc_calib) -> dict:
+    return {
+        "discq RTN": discq.rtn_config(gguf=mixture),
+        f"discq GPTQ ({a.n_calib}x512)": discq.gptq_config(gguf=mixture, calibration=calib),
+        f"discq DiscQuant ({a.disc_steps} steps of {a.disc_batch}x{a.disc_seq})":
+            discq.disc_config(gguf=mixture, calibration=disc_calib, steps=a.disc_steps,
+                              batch_size=a.disc_batch, init="rtn",
+                              warmup=max(1, a.disc_steps // 10)),
+    }
+
+
+def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> list[dict]:
+    rows = []
+    t0 = time.perf_counter()
+    theirs = quantize(bundled_path("smollm2-135m"), tmp / f"llama-{mixture}.gguf", mixture)
+    rows.append({"type": mixture, "method": "llama.cpp", "seconds": time.perf_counter() - t0,
+                 **in_llama_cpp(theirs, model, windows)})
+    print(rows[-1], flush=True)
+    for name, config in configs(mixture, a, calib, disc_calib).items():
+        if not any(name.lower().startswith(f"discq {m}") for m in a.methods):
+            continue
+        t0 = time.perf_counter()
+        path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf")
+        seconds = time.perf_counter() - t0
+        ours = evaluate(q, model, windows, progress=False)
+        rows.append({"type": mixture, "method": name, "seconds": seconds,
+                     **in_llama_cpp(path, model, windows),
+                     "discq_perplexity": ours["perplexity"]})
+        path.unlink()
+        print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict], a, info: dict) -> str:
+    md = ["# discq's rounding in llama.cpp's GGUF types vs llama.cpp's quantizer, SmolLM2-135M",
+          "", f"Machine: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
+          f"llama-cpp-python {llama_cpp.__version__}, {info['date']}. Every row is a GGUF file "
+          f"run by llama.cpp; eval: {a.eval_windows}x{a.seq_len} tokens of hamlet (held out), "
+          f"KL and top-1 against the fp32 model. `discq ppl`: discq's own evaluation of the "
+          f"same weights. Command: `python benchmarks/gguf_llamacpp.py --types "
+          f"{','.join(a.types)} --n-calib {a.n_calib} --disc-steps {a.disc_steps} "
+          f"--disc-batch {a.disc_batch} --disc-seq {a.disc_seq}`.", "",
+          "| type | method | MiB | perplexity | KL | top-1 | discq ppl | time (s) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = f"{r['discq_perplexity']:.2f}" if "discq_perplexity" in r else ""
+        md.append(f"| {r['type']} | {r['method']} | {r['mib']:.1f} | {r['perplexity']:.2f} | "
+                  f"{r['kl']:.4f} | {r['top1']:.3f} | {ours} | {r['seconds']:.0f} |")
+    return "\n".join(md) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--types", type=lambda s: s.split(","), default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=["rtn", "gptq", "disc"])
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--disc-steps", type=int, default=100)
+    ap.add_argument("--disc-batch", type=int, default=2)
+    ap.add_argument("--disc-seq", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--name", default="gguf_llamacpp_smollm2")
+    a = ap.parse_args()
+    model, tok = load_model("smollm2-135m")
+    windows = eval_windows(tok, "shakespeare", n_windows=a.eval_windows, seq_len=a.seq_len)
+    calib = calibration_batches(tok, "shakespeare", n_samples=a.n_calib, seq_len=512, seed=0)
+    disc_calib = calibration_batches(tok, "shakespeare", n_samples=a.disc_steps * a.disc_batch,
+                                     seq_len=a.disc_seq, seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        full = discq.export.to_gguf(model, tmp / "f32.gguf", source=bundled_path("smollm2-135m"))
+        rows = [{"type": "F32", "method": "full precision", "seconds": 0,
+                 **in_llama_cpp(full, model, windows)}]
+        for mixture in a.types:
+            rows += run_type(mixture, model, windows, a, calib, disc_calib, tmp)
+    info = machine()
+    write(a.name, {"machine": info, "args": vars(a), "rows": rows}, table(rows, a, info))
+
+
+if __name__ == "__main__":
+    main()

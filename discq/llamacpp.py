@@ -1,0 +1,92 @@
+"""llama.cpp from Python (the optional `llama-cpp-python` package): run a GGUF file as a model
+that discq's evaluation accepts, and llama.cpp's own quantizer, for side-by-side comparisons.
+
+    with LlamaCppModel("smollm2-Q4_K_M.gguf") as m:
+        discq.eval.compare(original, m, windows)     # perplexity, KL, top-1 of the file
+
+llama.cpp computes in its own kernels (activations rounded to 8 bits inside the quantized
+matmuls), so its numbers for the same weights differ slightly from discq's evaluation.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from discq.passes.gguf_mixture import check_mixture
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ImportError("this needs llama.cpp's Python bindings: pip install "
+                          "llama-cpp-python (it builds llama.cpp from source; `make test-all` "
+                          "installs it)") from e
+    return llama_cpp
+
+
+class LlamaCppModel(nn.Module):
+    """A GGUF file run by llama.cpp: forward(ids [B, S]) -> logits [B, S, V] fp32, every
+    position (one llama.cpp context of `n_ctx` tokens, reset per sequence)."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None):
+        super().__init__()
+        self.n_ctx = n_ctx
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        self.llm = _llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                                      logits_all=True, verbose=False,
+                                      n_threads=n_threads or torch.get_num_threads())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[-1] > self.n_ctx:
+            raise ValueError(f"sequences of {ids.shape[-1]} tokens exceed n_ctx={self.n_ctx}; "
+                             f"pass a larger n_ctx")
+        out = []
+        for row in ids.tolist():  # row: S token ids
+            self.llm.reset()
+            self.llm.eval(row)
+            out.append(torch.from_numpy(np.array(self.llm.scores[:len(row)], dtype=np.float32)))
+        return torch.stack(out)  # [B, S, V]
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def quantize(source: str | os.PathLike, path: str | os.PathLike, mixture: str, *,
+             overwrite: bool = False, n_threads: int | None = None) -> Path:
+    """llama.cpp's own quantization of the GGUF `source` into `mixture` ("Q4_K_M", …), as
+    `llama-quantize --allow-requantize` writes it (no importance matrix). Written to a
+    temporary file, then renamed."""
+    check_mixture(mixture)
+    llama_cpp, path = _llama_cpp(), Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mixture}")
+    params.allow_requantize = True
+    params.nthread = n_threads or torch.get_num_threads()
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(),
+                                            ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({source}, {mixture}) failed with {rc}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

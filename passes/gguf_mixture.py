@@ -1,0 +1,113 @@
+"""llama.cpp's named mixtures ("Q4_K_M", "Q3_K_M", …): which GGML type each tensor gets.
+
+The rules are llama.cpp's `llama_tensor_get_type` for dense decoders without an importance
+matrix (llama-quant.cpp), written here from its behaviour:
+  - every quantized tensor starts at the mixture's base type (Q4_K for Q4_K_M);
+  - attn_v, attn_output and ffn_down get more bits in some mixtures and layers
+    (`use_more_bits`: the first and last eighth of the layers and every third in between);
+  - the output head (and the token embedding when the head is tied to it) gets Q6_K
+    (Q8_0 in Q8_0 mixtures); an untied token embedding keeps the base type;
+  - a row length that is not a multiple of the type's block falls back: Q2_K/Q3_K -> Q4_0,
+    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even 32 does not divide it.
+SmolLM2-135M's 576-wide rows take that fallback, so its "Q4_K_M" is mostly Q5_0: the types
+here are the ones llama.cpp writes for the same model, which is what makes files comparable.
+Not reproduced: the 70B attn_v bump, mixture-of-experts and Falcon rules, imatrix-only rules.
+"""
+from __future__ import annotations
+
+import re
+
+BASE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0",
+        "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+        "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
+MIXTURES = tuple(BASE)
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+BLOCK = {t: 256 if t.endswith("_K") else 32 for t in (*BASE.values(), "Q4_0", "Q5_0")}
+
+# the role of a linear by the last part of its name (transformers' Llama-family names)
+ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+         "lm_head": "output", "embed_tokens": "token_embd"}
+
+
+def check_mixture(name) -> None:
+    if name not in BASE:
+        raise ValueError(f"unknown GGUF mixture {name!r}; choose one of {MIXTURES} (llama.cpp's "
+                         f"names) or a single block type")
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def role_and_layer(fqn: str) -> tuple[str | None, int | None]:
+    """'model.layers.3.self_attn.v_proj' -> ('attn_v', 3)."""
+    parts = fqn.split(".")
+    layer = next((int(p) for p in reversed(parts) if p.isdigit()), None)
+    return ROLES.get(parts[-1]), layer
+
+
+def _by_role(mixture: str, role: str | None, i: int, n: int, n_gqa: int) -> str:
+    base = BASE[mixture]
+    if role == "attn_v":
+        return {"Q2_K": "Q4_K" if n_gqa >= 4 else "Q3_K",
+                "Q3_K_M": "Q5_K" if i < 2 else "Q4_K", "Q3_K_L": "Q5_K",
+                "Q4_K_M": "Q6_K" if use_more_bits(i, n) else base,
+                "Q5_K_M": "Q6_K" if use_more_bits(i, n) else base,
+                "Q4_K_S": "Q5_K" if i < 4 else base}.get(mixture, base)
+    if role == "ffn_down":
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K", "Q3_K_L": "Q5_K",
+                "Q4_K_M": "Q6_K" if use_more_bits(i, n) else base,
+                "Q5_K_M": "Q6_K" if use_more_bits(i, n) else base,
+                "Q4_K_S": "Q5_K" if i < n // 8 else base}.get(mixture, base)
+    if role == "attn_output":
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mixture, base)
+    return base
+
+
+def head_type(mixture: str, row: int) -> str:
+    """The output head's type (also the tied token embedding's)."""
+    base = BASE[mixture]
+    if row % BLOCK[base] or base == "Q8_0":
+        return "Q8_0"
+    return fallback("Q6_K", row)
+
+
+def fallback(ggml_type: str, row: int) -> str:
+    """llama.cpp's type for rows of `row` weights when `ggml_type`'s block does not divide it."""
+    if row % BLOCK[ggml_type] == 0:
+        return ggml_type
+    ggml_type = FALLBACK.get(ggml_type, ggml_type)
+    return ggml_type if row % BLOCK[ggml_type] == 0 else "F16"
+
+
+def tensor_type(mixture: str, fqn: str, row: int, n_layers: int, n_gqa: int = 1,
+                tied: bool = False) -> str:
+    """The GGML type (or "F16") llama.cpp gives the 2-D tensor `fqn` with rows of `row`
+    weights in `mixture`."""
+    check_mixture(mixture)
+    role, i = role_and_layer(fqn)
+    if role == "output" or (role == "token_embd" and tied):
+        return head_type(mixture, row)
+    t = _by_role(mixture, role, i or 0, n_layers, n_gqa)
+    return fallback(t, row)
+
+
+def model_shape(model) -> tuple[int, int, bool]:
+    """(number of decoder layers, query heads per key/value head, head tied to embeddings)."""
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if n is None:
+        layers = {int(m.group(1)) for name, _ in model.named_modules()
+                  if (m := re.search(r"\.(\d+)\.", name))}
+        n = len(layers) or 1
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    return n, heads // kv, bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def layer_types(model, mixture: str, targets) -> dict[str, str]:
+    """{fqn: type} for the selected linears `targets` [(fqn, module)] of `model`."""
+    n, n_gqa, tied = model_shape(model)
+    return {fqn: tensor_type(mixture, fqn, m.in_features, n, n_gqa, tied)
+            for fqn, m in targets}

@@ -1,0 +1,152 @@
+"""`GGUFQuantizedTensor`: a weight stored as llama.cpp blocks, and `GGUFGrid`, the grid that
+rounding methods (RTN, GPTQ, DiscQuant) target to produce one.
+
+Fields:
+  qdata   uint8 [N, K / block · bytes per block]: every row's blocks exactly as a GGUF file
+          stores them (`gguf_layout`), so `discq.export.to_gguf` writes these bytes as they are
+Attributes: ggml_type ("Q4_0", "Q4_K", …), shape, dtype.
+
+`F.linear` with this tensor as weight is one `discq::gguf_linear` node: it decodes the blocks
+(as llama.cpp does, bit for bit) and multiplies. Rows must be a whole number of blocks (32
+weights for Q4_0…Q8_0, 256 for the k-quants), as in llama.cpp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import gguf_layout as layout
+from .base import QuantizedTensor, register_format
+from .gguf_fit import fit_header
+from .ops import composite_op
+
+
+@dataclass(frozen=True)
+class GGUFGrid:
+    """The grid of one GGML block type. Quacks like `AffineGrid` where rounding methods look
+    (bits, qmax, group_size, group_along, symmetric), with a per-group real-valued zero
+    (-b/a): `grid.encode/decode/neighbours` work unchanged; `fit` also returns the headers the
+    final bytes need."""
+
+    ggml_type: str
+    group_along: str = "input"  # blocks run along rows, as llama.cpp stores them
+    symmetric: bool = False     # the zero is per group, not the fixed 2^(bits-1)
+    scale_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        layout.block_type(self.ggml_type)  # ValueError naming the known types
+
+    @property
+    def type(self) -> layout.BlockType:
+        return layout.TYPES[self.ggml_type]
+
+    @property
+    def bits(self) -> int:
+        return self.type.bits
+
+    @property
+    def qmax(self) -> int:
+        return self.type.qmax
+
+    @property
+    def group_size(self) -> int:
+        return self.type.group
+
+    @property
+    def block(self) -> int:
+        return self.type.block
+
+    def check_row(self, K: int, name: str = "") -> None:
+        if K % self.block:
+            raise ValueError(
+                f"{name or 'weight'}: rows of {K} weights are not a whole number of "
+                f"{self.ggml_type} blocks ({self.block}); llama.cpp stores such a tensor in a "
+                f"32-weight type (e.g. Q4_0/Q5_0/Q8_0) — the gguf mixtures choose it for you")
+
+    def fit(self, Wr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Wr: [R, C] (C a multiple of the block) -> scale a, zero -b/a [R, C / group] fp32,
+        headers [R, C / block, header bytes] uint8."""
+        R, C = Wr.shape
+        self.check_row(C)
+        t = self.type
+        head = fit_header(Wr.reshape(-1, t.block), t)  # [R·S, P]
+        a, b = layout.affine(head, t)  # [R·S, block / group]
+        return a.view(R, -1), (-b / a).view(R, -1), head.view(R, C // t.block, -1)
+
+    def pack(self, codes: Tensor, headers: Tensor, dtype: torch.dtype) -> GGUFQuantizedTensor:
+        """codes [N, K] uint8, headers [N, K / block, P] -> the stored tensor."""
+        N, K = codes.shape
+        t = self.type
+        raw = layout.join(headers.reshape(-1, t.header_bytes), codes.reshape(-1, t.block), t)
+        return GGUFQuantizedTensor(raw.view(N, -1), self.ggml_type, torch.Size([N, K]), dtype)
+
+    def quantize(self, W: Tensor) -> GGUFQuantizedTensor:
+        """Round to nearest: W [N, K] -> the stored tensor."""
+        scale, zero, headers = self.fit(W.detach().float())
+        g = self.group_size
+        q = torch.round(W.float() / scale.repeat_interleave(g, 1) + zero.repeat_interleave(g, 1))
+        return self.pack(q.clamp_(0, self.qmax).to(torch.uint8), headers, W.dtype)
+
+
+def dequantize_blocks(qdata: Tensor, ggml_type: str, in_features: int) -> Tensor:
+    """qdata [N, bytes] -> W [N, K] fp32."""
+    t = layout.TYPES[ggml_type]
+    N = qdata.shape[0]
+    return layout.dequantize(qdata.reshape(-1, t.nbytes), t).view(N, in_features)
+
+
+@composite_op("gguf_linear(Tensor x, Tensor qdata, Tensor? bias, str ggml_type, "
+              "int in_features) -> Tensor")
+def _gguf_linear(x, qdata, bias, ggml_type, in_features):
+    """y = x Ŵᵀ + b, Ŵ decoded from the blocks."""
+    W = dequantize_blocks(qdata, ggml_type, in_features).to(x.dtype)
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+@register_format("gguf")
+class GGUFQuantizedTensor(QuantizedTensor):
+    tensor_data_names = ["qdata"]
+    tensor_attribute_names = ["ggml_type", "shape", "dtype"]
+
+    def __new__(cls, qdata, ggml_type, shape, dtype):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
+
+    def __init__(self, qdata: Tensor, ggml_type: str, shape, dtype: torch.dtype):
+        self.qdata = qdata
+        self.ggml_type = ggml_type
+
+    @property
+    def block_type(self) -> layout.BlockType:
+        return layout.TYPES[self.ggml_type]
+
+    def codes(self) -> Tensor:
+        """Unsigned codes [N, K] uint8 (w = a·q + b per group)."""
+        t = self.block_type
+        return layout.codes(self.qdata.reshape(-1, t.nbytes), t).view(self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize_blocks(self.qdata, self.ggml_type, self.shape[1]).to(dtype or self.dtype)
+
+    def validate(self) -> None:
+        if self.ggml_type not in layout.TYPES:
+            raise ValueError(f"unknown ggml_type {self.ggml_type!r}; known: {sorted(layout.TYPES)}")
+        N, K = self.shape
+        t = self.block_type
+        if K % t.block:
+            raise ValueError(f"{self.ggml_type} rows hold whole blocks of {t.block}, got K={K}")
+        want = (N, K // t.block * t.nbytes)
+        if self.qdata.dtype != torch.uint8 or tuple(self.qdata.shape) != want:
+            raise ValueError(f"qdata is {tuple(self.qdata.shape)} {self.qdata.dtype}, expected "
+                             f"{want} uint8 for {self.ggml_type} {N}x{K}")
+
+    def linear_call(self, x, bias, t):
+        return torch.ops.discq.gguf_linear.default, (
+            x, t["qdata"], bias, self.ggml_type, self.shape[1])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shape={tuple(self.shape)}, ggml_type={self.ggml_type!r}"
+                f", dtype={self.dtype}, device={self.device})")
