@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from discq.passes.gguf_mixture import check_mixture
+from discq.quiet import quiet_loggers
 
 
 def _llama_cpp():
@@ -81,9 +82,10 @@ def quantize(source: str | os.PathLike, path: str | os.PathLike, mixture: str, *
     params.allow_requantize = True
     params.nthread = n_threads or torch.get_num_threads()
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(),
-                                            ctypes.byref(params))
+    try:  # llama.cpp logs every tensor it writes (through this logger); errors still show
+        with quiet_loggers(["llama-cpp-python"]):
+            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(),
+                                                ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({source}, {mixture}) failed with {rc}")
         os.replace(tmp, path)
