@@ -123,3 +123,14 @@ def test_to_gguf_writes_metadata_and_vocabulary_from_config_and_tokenizer(tmp_pa
                              source=tmp_path / "t.gguf")
     with pytest.raises(ValueError, match="pass source="):
         discq.export.to_gguf(model, tmp_path / "u.gguf")
+
+
+def test_llama_cpp_helpers_without_the_bindings_say_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    from discq import llamacpp
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without it
+    with pytest.raises(ImportError, match="pip install llama-cpp-python"):
+        llamacpp.quantize(tmp_path / "a.gguf", tmp_path / "b.gguf", "Q4_K_M")
+    with pytest.raises(ValueError, match="unknown GGUF mixture"):
+        llamacpp.quantize(tmp_path / "a.gguf", tmp_path / "b.gguf", "Q4_K_X")
