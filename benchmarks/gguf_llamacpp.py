@@ -87,8 +87,9 @@ def table(rows: list[dict], a, info: dict) -> str:
           f"run by llama.cpp; eval: {a.eval_windows}x{a.seq_len} tokens of hamlet (held out), "
           f"KL and top-1 against the fp32 model. `discq ppl`: discq's own evaluation of the "
           f"same weights. Command: `python benchmarks/gguf_llamacpp.py --types "
-          f"{','.join(a.types)} --n-calib {a.n_calib} --disc-steps {a.disc_steps} "
-          f"--disc-batch {a.disc_batch} --disc-seq {a.disc_seq}`.", "",
+          f"{','.join(a.types)} --methods {','.join(a.methods)} --n-calib {a.n_calib} "
+          f"--disc-steps {a.disc_steps} --disc-batch {a.disc_batch} --disc-seq {a.disc_seq} "
+          f"--name {a.name}`.", "",
           "| type | method | MiB | perplexity | KL | top-1 | discq ppl | time (s) |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
