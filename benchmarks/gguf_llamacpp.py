@@ -71,7 +71,7 @@ def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> l
         t0 = time.perf_counter()
         path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf")
         seconds = time.perf_counter() - t0
-        ours = evaluate(q, model, windows, progress=False)
+        ours = evaluate(q, None, windows, progress=False)  # perplexity only: no second fp32 pass
         rows.append({"type": mixture, "method": name, "seconds": seconds,
                      **in_llama_cpp(path, model, windows),
                      "discq_perplexity": ours["perplexity"]})

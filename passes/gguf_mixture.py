@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 
+from discq.tensors.gguf_layout import TYPES
+
 BASE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0",
         "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
         "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K"}
 MIXTURES = tuple(BASE)
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-BLOCK = {t: 256 if t.endswith("_K") else 32 for t in (*BASE.values(), "Q4_0", "Q5_0")}
 
 # the role of a linear by the last part of its name (transformers' Llama-family names)
 ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -68,17 +69,17 @@ def _by_role(mixture: str, role: str | None, i: int, n: int, n_gqa: int) -> str:
 def head_type(mixture: str, row: int) -> str:
     """The output head's type (also the tied token embedding's)."""
     base = BASE[mixture]
-    if row % BLOCK[base] or base == "Q8_0":
+    if row % TYPES[base].block or base == "Q8_0":
         return "Q8_0"
     return fallback("Q6_K", row)
 
 
 def fallback(ggml_type: str, row: int) -> str:
     """llama.cpp's type for rows of `row` weights when `ggml_type`'s block does not divide it."""
-    if row % BLOCK[ggml_type] == 0:
+    if row % TYPES[ggml_type].block == 0:
         return ggml_type
     ggml_type = FALLBACK.get(ggml_type, ggml_type)
-    return ggml_type if row % BLOCK[ggml_type] == 0 else "F16"
+    return ggml_type if row % TYPES[ggml_type].block == 0 else "F16"
 
 
 def tensor_type(mixture: str, fqn: str, row: int, n_layers: int, n_gqa: int = 1,

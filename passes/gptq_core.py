@@ -13,6 +13,7 @@ import warnings
 from contextlib import contextmanager
 
 import torch
+from discq.tensors.gguf import GGUFGrid
 from discq.tensors.grid import (
     AffineGrid,
     decode,
@@ -54,12 +55,13 @@ class _Groups:
         self.grid, self.N, self.K, self.dtype = grid, N, K, dtype
         R, C = (N, K) if grid.group_along == "input" else (K, N)
         self.g = resolved_group_size(grid, C)
-        self.unit = getattr(grid, "block", self.g)  # columns fitted together
+        blocks = isinstance(grid, GGUFGrid)  # zero: -b/a fp32; headers kept for packing
+        self.unit = grid.block if blocks else self.g  # columns fitted together
         G = math.ceil(C / self.g)
         self.scale = torch.zeros(R, G, dtype=dtype, device=device)
         self.zero = None if grid.symmetric else torch.zeros(
-            R, G, dtype=torch.float32 if hasattr(grid, "block") else torch.uint8, device=device)
-        self.headers = [None] * (C // self.unit) if hasattr(grid, "block") else None
+            R, G, dtype=torch.float32 if blocks else torch.uint8, device=device)
+        self.headers = [None] * (C // self.unit) if blocks else None
         self.fitted = torch.zeros(G if grid.group_along == "input" else K, dtype=torch.bool)
 
     def for_column(self, c: int, current) -> tuple[Tensor, Tensor | None]:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .gguf_layout import BlockType, pack_q3_scales, pack_six_bit_pairs, to_fp16_bytes
+from .grid import min_scale, round_up_to, signed_extreme_scale
 
-TINY = float(torch.finfo(torch.float16).tiny)  # the smallest normal fp16: no factor is 0
+TINY = min_scale(torch.float16)  # the smallest normal fp16: no factor is 0
 CHUNK = 2**14  # groups per search step (bounds the [groups, candidates, group] temporaries)
 
 
@@ -35,21 +36,12 @@ def fit_header(w: Tensor, t: BlockType) -> Tensor:
 
 
 def _legacy_header(w: Tensor, t: BlockType) -> Tensor:
+    fp16 = torch.float16
     if t.name in ("Q4_1", "Q5_1"):
         lo, hi = w.amin(-1), w.amax(-1)
-        d = _fp16_up(((hi - lo) / t.qmax).clamp(min=TINY))
+        d = round_up_to(((hi - lo) / t.qmax).clamp(min=min_scale(fp16)), fp16)
         return torch.cat([to_fp16_bytes(d), to_fp16_bytes(lo)], dim=1)
-    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))[:, 0]  # signed
-    d = extreme / -(2 ** (t.bits - 1))
-    magnitude = _fp16_up(d.abs().clamp(min=TINY))  # rounded up: the extreme stays in range
-    return to_fp16_bytes(torch.where(d < 0, -magnitude, magnitude))
-
-
-def _fp16_up(x: Tensor) -> Tensor:
-    """Positive fp32 -> the smallest fp16 >= x."""
-    y = x.to(torch.float16)
-    below = y.float() < x
-    return torch.where(below, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return to_fp16_bytes(signed_extreme_scale(w, 2 ** (t.bits - 1), fp16)[:, 0])
 
 
 def _chunked(search, x: Tensor, nmax: int):

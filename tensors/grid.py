@@ -136,13 +136,18 @@ def fit_scale(w: Tensor, grid: AffineGrid, dtype: torch.dtype) -> tuple[Tensor, 
 
 
 def _symmetric_scale(w: Tensor, grid: AffineGrid, dtype: torch.dtype) -> Tensor:
-    """llama.cpp's rule (Q4_0, Q8_0): the group's signed extreme w* lands on the level
-    -2^(bits-1), the one that reaches furthest, so scale = w* / -2^(bits-1) (negative when
-    w* > 0) and all 2^bits levels lie within the weights' range. 2·absmax / (2^bits - 1) left the
-    far negative level beyond every weight and clipped the positive extreme (SmolLM2, 4-bit
+    """llama.cpp's rule (Q4_0, Q8_0), see `signed_extreme_scale`. 2·absmax / (2^bits - 1) left
+    the far negative level beyond every weight and clipped the positive extreme (SmolLM2, 4-bit
     blocks of 32, RTN: 100.5 -> 85.4 perplexity). w: [R, c] fp32 -> scale [R, 1] in `dtype`."""
+    return signed_extreme_scale(w, grid.zero_sym, dtype)
+
+
+def signed_extreme_scale(w: Tensor, zero: int, dtype: torch.dtype) -> Tensor:
+    """The group's signed extreme w* lands on the level -zero, the one that reaches furthest:
+    scale = w* / -zero (negative when w* > 0), so all levels lie within the weights' range.
+    Also GGUF's Q4_0/Q5_0/Q8_0 fit (`gguf_fit`). w: [R, c] fp32 -> scale [R, 1] in `dtype`."""
     extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))  # [R, 1], signed
-    scale = extreme / -grid.zero_sym
+    scale = extreme / -zero
     # the magnitude rounded up to `dtype`: w* then still rounds to the extreme code
     magnitude = round_up_to(scale.abs().clamp(min=min_scale(dtype)), dtype)
     return torch.where(scale < 0, -magnitude, magnitude)
