@@ -3,8 +3,11 @@
 Per layer shape (SmolLM2-135M's and a 7B-class model's), batch 1 and 16: the time of the
 `torch.compile`d layer for fp32 and bf16 `nn.Linear`, discq's packed affine grid at 4/3/2 bits
 (groups of 64, RTN), and torchao's int8 and int4 (intx, groups of 64) weight-only linears.
-Then greedy decode tokens/s of SmolLM2 (static KV cache, compiled forward) for fp32, discq
-4/3/2-bit and torchao int8 weight-only. Layers are timed twice: one layer called over and over
+Then greedy decode tokens/s of SmolLM2 through `discq.generate` (one compiled token step over a
+static KV cache) for fp32 and discq 4-bit in blocks of 32 (head fp32, and head 8-bit), beside
+llama.cpp (llama-cpp-python, `make install-llamacpp`) on its own Q4_0 quantization of the same
+model, with the weight bytes each reads per token and the share of this machine's measured
+memory bandwidth that reaches. Layers are timed twice: one layer called over and over
 (weight in cache) and, at batch 1, a compiled stack of distinct layers whose weights do not fit
 in cache (weights streamed from memory, as in decode). Variants are timed round-robin and each
 keeps its best sample, so a burst of load from a neighbour on a shared machine spoils one
@@ -25,7 +28,10 @@ import functools
 import inspect
 import json
 import re
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import torch
 from _common import RESULTS, machine, write
@@ -186,45 +192,128 @@ def streamed_rows(shapes: dict, rounds: int, stream_bytes: int = 2**26) -> list[
     return rows
 
 
-def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
-    """Greedy decode tokens/s with a static KV cache and a compiled forward (one graph for the
-    prefill, one for every decode step), best of `rounds` round-robin generations."""
+def decode_models(device: str) -> tuple[dict, object]:
+    """The decode variants of SmolLM2-135M: fp32 and discq's 4-bit grid in blocks of 32
+    (symmetric: llama.cpp's Q4_0 values), head in fp32 and head (tied to the embedding) 8-bit."""
     from discq.models import load_model
-    from discq.pipeline import keep_head_filter, timed_generation
+    from discq.pipeline import keep_head_filter
     model, tok = load_model("smollm2-135m")
     model.to(device, torch.float32 if device == "cpu" else torch.bfloat16)
-    prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
-    prompt = prompt.to(device)
     models = {BASELINE[device]: model}
-    for bits in (4, 3, 2):
-        q = copy.deepcopy(model)
-        models[f"discq {bits}-bit g64"] = discq.quantize_(q, discq.rtn_config(bits, 64),
-                                                          filter_fn=keep_head_filter(q))
-    models.update(_torchao_model(model))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        for name, m in models.items():
-            m.forward = compiled(m.forward, name)
-            for _ in range(2):  # compiles the prefill and the decode step, then warms up
-                timed_generation(m, prompt, tokens, static_cache=True)
-        best = {name: 0.0 for name in models}
+    q = copy.deepcopy(model)
+    discq.quantize_(q, discq.rtn_config(4, 32, symmetric=True), filter_fn=keep_head_filter(q))
+    models["discq 4-bit g32, head fp32"] = q
+    models["discq 4-bit g32, head 8-bit"] = discq.quantize_head_(copy.deepcopy(q), 8)
+    return models, tok
+
+
+def llama_cpp_peer(tmp: str) -> tuple[object, Path] | None:
+    """llama.cpp (llama-cpp-python, this machine's threads) on its own Q4_0 quantization of the
+    bundled SmolLM2 GGUF, and the file; None when the bindings are not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        warnings.warn("llama-cpp-python is not installed (make install-llamacpp): no llama.cpp row")
+        return None
+    from discq.llamacpp import quantize
+    from discq.models import bundled_path
+    path = quantize(bundled_path("smollm2-135m"), f"{tmp}/smollm2-Q4_0.gguf", "Q4_0")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(),
+                          verbose=False)
+    return llm, Path(path)
+
+
+def llama_cpp_tokens_per_s(llm, prompt: list[int], tokens: int) -> float:
+    """Greedy decode in llama.cpp: the prompt in one batch, then one token at a time."""
+    import numpy as np
+    t0 = time.perf_counter()
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(tokens - 1):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return tokens / (time.perf_counter() - t0)
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every matrix but the token embedding, which is
+    looked up row by row (a head tied to it is read whole, as the head)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return sum(stored_bytes(p) for p in model.parameters() if p is not emb or p is head)
+
+
+def bandwidth_gbps(seconds: float = 1.0) -> float:
+    """This machine's memory read bandwidth: the best sum over a 512 MiB fp32 tensor."""
+    x = torch.ones(2**27)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
+    """Greedy decode tokens/s, best of `rounds` round-robin generations of exactly `tokens`
+    tokens after a 16-token prompt: discq.generate (compiled token step, static cache) for each
+    model, llama.cpp on its Q4_0 file beside them."""
+    import tempfile
+    models, tok = decode_models(device)
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
+    prompt = tok(text, return_tensors="pt").input_ids[:, :16].to(device)
+    runs = {name: functools.partial(_discq_tokens_per_s, m, prompt, tokens)
+            for name, m in models.items()}
+    moved = {name: decode_bytes(m) for name, m in models.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = llama_cpp_peer(tmp) if device == "cpu" else None
+        if peer is not None:
+            runs["llama.cpp Q4_0 (its own quantizer)"] = functools.partial(
+                llama_cpp_tokens_per_s, peer[0], prompt[0].tolist(), tokens)
+            moved["llama.cpp Q4_0 (its own quantizer)"] = peer[1].stat().st_size
+        for name, run in runs.items():
+            print(f"warming up {name}", flush=True)
+            run(), run()  # compiles discq's programs
+        best = {name: 0.0 for name in runs}
         for _ in range(rounds):
-            for name, m in models.items():
-                best[name] = max(best[name],
-                                 timed_generation(m, prompt, tokens, static_cache=True))
-    rows = [{"variant": name, "tokens_per_s": v, "tokens": tokens} for name, v in best.items()]
+            for name, run in runs.items():
+                best[name] = max(best[name], run())
+        ppl = perplexities(models, peer[1] if peer else None, tok, device)
+        if peer is not None:
+            peer[0].close()
+    gbps = bandwidth_gbps() if device == "cpu" else None
+    rows = [{"variant": name, "tokens_per_s": v, "tokens": tokens, "prompt": prompt.shape[1],
+             "bytes_per_token": moved[name], "machine_gbps": gbps, "perplexity": ppl.get(name)}
+            for name, v in best.items()]
+    if peer is not None:
+        import llama_cpp
+        rows[-1]["llama_cpp_python"] = llama_cpp.__version__
     for r in rows:
         print(r, flush=True)
     return rows
 
 
-def _torchao_model(model: nn.Module) -> dict[str, nn.Module]:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    q = copy.deepcopy(model)
-    head = q.get_output_embeddings()
-    quantize_(q, Int8WeightOnlyConfig(),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m is not head)
-    return {"torchao int8-wo": q}
+def perplexities(models: dict, gguf, tok, device: str, windows: int = 4) -> dict[str, float]:
+    """Held-out perplexity (discq eval's: 4 windows of 512 tokens of the eval plays) of every
+    decoded model, llama.cpp's file included (run by llama.cpp)."""
+    from discq.data import eval_windows
+    from discq.eval import perplexity
+    data = [w.to(device) for w in eval_windows(tok, "shakespeare", n_windows=windows)]
+    out = {name: perplexity(m, data, progress=False) for name, m in models.items()}
+    if gguf is not None:
+        from discq.llamacpp import LlamaCppModel
+        with LlamaCppModel(gguf, n_ctx=512) as peer:
+            out["llama.cpp Q4_0 (its own quantizer)"] = perplexity(peer, data, progress=False)
+    return out
+
+
+def _discq_tokens_per_s(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        discq.generate(model, prompt, tokens, eos_token_id=None)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - t0)
 
 
 def layer_table(rows: list[dict], first: str, base: str, peak_gbps: float | None) -> list[str]:
@@ -266,7 +355,14 @@ def markdown(r: dict) -> str:
               "per call."))
     hot = ("One layer called over and over (its weight stays in the CPU's caches; each call also "
            "pays the compiled function's fixed cost):" if cpu else "One layer called over and over:")
-    lines = [title(r), "", how, "", hot, ""]
+    lines = [title(r), ""]
+    if r.get("command"):
+        lines += [f"Command: `{r['command']}`", ""]
+    if r.get("layers_from"):
+        lines += [f"The layer tables are from the run of {r['layers_from']['date']} (torch "
+                  f"{r['layers_from']['torch']}, same machine); the decode table was rerun "
+                  f"alone (`--decode-only`) on the date above.", ""]
+    lines += [how, "", hot, ""]
     lines += layer_table(r["layers"], "batch", base, r.get("peak_gbps"))
     if r.get("streamed"):
         streamed = ("Per layer, batch 1, in one compiled graph of L distinct layers of the "
@@ -275,13 +371,36 @@ def markdown(r: dict) -> str:
         lines += ["", streamed, ""]
         lines += layer_table(r["streamed"], "L", base, None)
     if r.get("decode"):
-        ref = next(x for x in r["decode"] if x["variant"] == base)["tokens_per_s"]
-        decode = (f"Greedy decode of SmolLM2-135M, {r['decode'][0]['tokens']} new tokens, "
-                  f"static KV cache, compiled forward, head in {base}, best of round-robin runs:")
-        lines += ["", decode, "", f"| variant | tokens/s | vs {base} |", "|---|---|---|"]
-        lines += [f"| {x['variant']} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / ref:.2f}x |"
-                  for x in r["decode"]]
+        lines += ["", *decode_table(r["decode"], base)]
     return "\n".join(lines) + "\n"
+
+
+def decode_table(rows: list[dict], base: str) -> list[str]:
+    """Markdown: tokens/s, speed vs the baseline, weight bytes read per token and the share of
+    the machine's measured bandwidth that reaches."""
+    ref = next(x for x in rows if x["variant"] == base)["tokens_per_s"]
+    gbps = rows[0].get("machine_gbps")
+    peer = next((x["llama_cpp_python"] for x in rows if x.get("llama_cpp_python")), "")
+    head = (f"Greedy decode of SmolLM2-135M: {rows[0]['tokens']} new tokens after a "
+            f"{rows[0].get('prompt', 16)}-token prompt, prefill included, best of round-robin "
+            "runs; discq through `discq.generate` (one compiled token step, static KV cache), "
+            f"llama.cpp through llama-cpp-python {peer} (built by `make install-llamacpp`) "
+            "with the same threads"
+            + (f"; memory bandwidth measured here: {gbps:.1f} GB/s" if gbps else "") + ":")
+    out = [head, "", f"| variant | tokens/s | vs {base} | MB read per token | share of bandwidth "
+           "| held-out perplexity |", "|---|---|---|---|---|---|"]
+    for x in rows:
+        mb, ppl = x.get("bytes_per_token"), x.get("perplexity")
+        share = f"{mb * x['tokens_per_s'] / 1e9 / gbps:.0%}" if mb and gbps else ""
+        out.append(f"| {x['variant']} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / ref:.2f}x "
+                   f"| {f'{mb / 1e6:.0f}' if mb else ''} | {share} "
+                   f"| {f'{ppl:.2f}' if ppl else ''} |")
+    out += ["", "Perplexity: discq eval's (4 windows of 512 tokens of the held-out plays), the "
+            "llama.cpp row computed by llama.cpp on its file. discq.generate decodes with the "
+            "same weights and fp32 activations as discq eval (its one-row kernel and eval's "
+            "dequantize-then-GEMM differ only in summation order), so this is the decoded "
+            "model's perplexity."]
+    return out
 
 
 def device_info(device: str) -> dict:
@@ -309,22 +428,26 @@ if __name__ == "__main__":
                     help="cuda: bf16 baseline, Triton kernels, bandwidth vs the device's peak")
     ap.add_argument("--no-decode", action="store_true", help="skip whole-model decode")
     ap.add_argument("--decode-only", action="store_true",
-                    help="rerun the decode part, keeping the layer rows already in the results")
+                    help="rerun the decode part, keeping the layer rows already in the results "
+                         "(their date is kept and shown)")
     ap.add_argument("--tokens", type=int, default=32)
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     info = device_info(a.device)
     name = result_name(info, a.quick)
     shapes, rounds = (QUICK_SHAPES, 15) if a.quick else (SHAPES, 30)
+    layers_from = None
     if a.decode_only:
         old = json.loads((RESULTS / f"{name}.json").read_text())
         layers, streamed = old["layers"], old.get("streamed")
+        layers_from = old.get("layers_from") or {k: old["machine"][k] for k in ("date", "torch")}
     else:
         layers = layer_rows(shapes, [1, 16], rounds, a.device)
         # the streamed table answers a CPU question (weights beyond the caches); a GPU's
         # caches are far smaller than these layers' weights already
         streamed = streamed_rows(shapes, rounds) if a.device == "cpu" else None
     result = {"machine": machine(), **info, "layers": layers, "streamed": streamed,
+              "layers_from": layers_from, "command": " ".join(["python", *sys.argv]),
               "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 3,
                                                              a.device)}
     write(name, result, markdown(result))

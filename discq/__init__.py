@@ -6,6 +6,7 @@
 import importlib.metadata
 
 from discq import export  # noqa: F401  (discq.export.to_gguf)
+from discq.decode import generate
 from discq.io import load_quantized, save_quantized
 from discq.passes import (
     METHODS,
@@ -24,6 +25,7 @@ from discq.passes import (
 )
 from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
+from discq.pipeline import quantize_head_  # noqa: E402  (needs discq.passes first)
 
 __version__ = "0.1.0"
 
@@ -48,7 +50,9 @@ __all__ = [
     "RTNConfig",
     "bits_per_weight",
     "disc_config",
+    "generate",
     "gptq_config",
+    "quantize_head_",
     "load_quantized",
     "quantize_",
     "quantized_weights",

@@ -41,7 +41,8 @@ def quantize(args: argparse.Namespace) -> dict:
         extra["gguf"] = args.format.split(":", 1)[1]
     qmodel, summary = pipeline.quantize_copy(
         model, args.method, bits=args.bits, group_size=args.group_size or None,
-        calibration=calib, quantize_head=args.quantize_head, symmetric=args.symmetric, **extra)
+        calibration=calib, quantize_head=args.quantize_head, head_bits=args.head_bits,
+        symmetric=args.symmetric, **extra)
     evaluation = _card_evaluation(qmodel, model, tok, args)
     metadata = {"source": args.model, **summary,
                 "calibration": _calibration_name(args) if calib is not None else None,
@@ -145,12 +146,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 def bench(args: argparse.Namespace) -> dict:
     from discq.passes import bits_per_weight
     model, tok, _ = _load_any(args.model)
-    if args.compile:
-        model.forward = torch.compile(model.forward)
     prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
     t0 = time.perf_counter()
-    speed = pipeline.greedy_decode_speed(model, prompt, args.tokens,
-                                         static_cache=args.compile)
+    speed = pipeline.greedy_decode_speed(model, prompt, args.tokens, lean=args.compile)
     try:
         bpw = round(bits_per_weight(model), 3)
     except ValueError:

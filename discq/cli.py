@@ -30,7 +30,12 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
                    help="groups along the input dim (usual), the output dim (per-input-channel)"
                         " or auto (GPTQ: per layer by the Hessian proxy loss)")
     p.add_argument("--quantize-head", action="store_true",
-                   help="also quantize the output head (kept full precision by default)")
+                   help="also quantize the output head with the method (kept full precision by "
+                        "default)")
+    p.add_argument("--head-bits", type=int, default=None, choices=[8, 4],
+                   help="round the output head (and the tied token embedding) to a symmetric "
+                        "8- or 4-bit grid in blocks of 32, as llama.cpp stores them: faster "
+                        "decode, a small quality cost that the evaluation reports")
     p.add_argument("--steps", type=int, default=None, help="DiscQuant optimization steps")
 
 
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", help="a directory written by `discq quantize`, or a model name")
     b.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
     b.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward first (decode with a static KV cache)")
+                   help="decode with discq.generate: one compiled token step over a static KV "
+                        "cache (the first run compiles, minutes for a large model)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     m = sub.add_parser("methods", help="list the registered rounding methods")
     m.add_argument("--json", action="store_true", help="print the list as JSON")

@@ -21,10 +21,15 @@ def keep_head_filter(model: nn.Module):
 
 
 def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int | None,
-                  calibration=None, quantize_head: bool = False, **config_kwargs
-                  ) -> tuple[nn.Module, dict]:
+                  calibration=None, quantize_head: bool = False, head_bits: int | None = None,
+                  **config_kwargs) -> tuple[nn.Module, dict]:
     """Quantize a deep copy of `model` (the original stays untouched, it is the reference).
-    Returns (quantized model, summary)."""
+    `head_bits` (8 or 4) also rounds the output head, and the token embedding tied to it, to a
+    symmetric grid in blocks of 32 (llama.cpp's Q8_0/Q4_0) for inference speed; its quality
+    cost shows in the evaluation. Returns (quantized model, summary)."""
+    if head_bits is not None and (head_bits not in (4, 8) or quantize_head):
+        raise ValueError(f"head_bits must be 8 or 4 (and not combined with quantize_head), got "
+                         f"{head_bits!r}")
     if METHODS.get(method) is not None and METHODS[method].data_driven and calibration is None:
         raise ValueError(f"method {method!r} needs calibration data: pass calibration="
                          f"discq.data.calibration_batches(tokenizer, 'shakespeare')")
@@ -33,13 +38,32 @@ def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int |
     qmodel = copy.deepcopy(model)
     t0 = time.perf_counter()
     quantize_(qmodel, config, filter_fn=None if quantize_head else keep_head_filter(qmodel))
+    if head_bits is not None:
+        quantize_head_(qmodel, head_bits)
     seconds = time.perf_counter() - t0
     summary = {"method": method, "bits": bits, "group_size": group_size,
+               **({"head_bits": head_bits} if head_bits else {}),
                **({"gguf": config_kwargs["gguf"]} if config_kwargs.get("gguf") else {}),
                "bits_per_weight": round(bits_per_weight(qmodel), 4),
                "quantize_seconds": round(seconds, 1),
                "peak_rss_gib": round(peak_rss_gib(), 2)}
     return qmodel, summary
+
+
+def quantize_head_(model: nn.Module, bits: int = 8) -> nn.Module:
+    """Round the output head (and the token embedding when tied to it: they stay one tensor) to
+    a symmetric `bits`-bit grid in blocks of 32, which the CPU kernel multiplies and the
+    embedding looks up row by row."""
+    from discq.passes import rtn_config
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output head to quantize")
+    emb = model.get_input_embeddings()
+    tied = emb is not None and emb.weight is head.weight
+    quantize_(model, rtn_config(bits, 32, symmetric=True), filter_fn=lambda m, _: m is head)
+    if tied:  # quantize_ replaced the head's weight only
+        emb.weight = head.weight
+    return model
 
 
 def evaluate(model: nn.Module, reference: nn.Module | None, windows, *,
@@ -59,15 +83,24 @@ def peak_rss_gib() -> float:
 
 
 def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                        static_cache: bool = False) -> float:
-    """Tokens per second of greedy generation, after one warm-up run. With `static_cache` (what a
-    compiled forward wants: fixed shapes, so one graph for every decode step) the warm-up is the
-    same generation, so the timed one compiles nothing."""
-    if static_cache:
-        timed_generation(model, prompt, new_tokens, static_cache)
+                        lean: bool = False) -> float:
+    """Tokens per second of greedy generation of exactly `new_tokens`, after one warm-up run:
+    with `lean`, discq.generate (compiled step, static cache; the warm-up compiles), else
+    transformers' eager generate."""
+    if lean:
+        from discq.decode import generate
+
+        def run():
+            generate(model, prompt, new_tokens, eos_token_id=None)
     else:
-        model.generate(prompt, max_new_tokens=2, do_sample=False)
-    return timed_generation(model, prompt, new_tokens, static_cache)
+        def run():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           do_sample=False)
+    with torch.no_grad():
+        run()
+        t0 = time.perf_counter()
+        run()
+    return new_tokens / (time.perf_counter() - t0)
 
 
 def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,

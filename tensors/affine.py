@@ -92,6 +92,14 @@ class AffineQuantizedTensor(QuantizedTensor):
             W = W + (self.lowrank_u.float() @ self.lowrank_v.float()).to(W.dtype)
         return W
 
+    def rows(self, idx: Tensor) -> Tensor:
+        """Rows idx [n] -> [n, K]; input groups keep each row's codes and scales in that row."""
+        if self.group_along != "input" or self.lowrank_u is not None:
+            return super().rows(idx)
+        z = None if self.zero_point is None else self.zero_point[idx]
+        return dequantize_packed(self.qdata[idx], self.scale[idx], z, self.bits, self.group_size,
+                                 False, self.shape[1], self.dtype)
+
     def validate(self) -> None:
         N, K = self.shape
         check_bits(self.bits)

@@ -11,7 +11,8 @@ What a format declares, and who uses it:
                             eager and compiled code call it on the stored tensors, the export
                             pass (passes/export.py) emits the same call on graph nodes
   dequantize()              the reference decode every test compares against
-`F.linear` and `aten.linear` are implemented once, here, for every subclass.
+  rows(idx)                 (optional) decode only the rows `idx`, for embedding lookups
+`F.linear`, `aten.linear` and `F.embedding` are implemented once, here, for every subclass.
 """
 from __future__ import annotations
 
@@ -60,6 +61,16 @@ class QuantizedTensor(TorchAOBaseTensor):
         """F.linear(x, self, bias); formats may add an eager fast path."""
         op, args = self.linear_call(x, bias, self.stored_tensors())
         return op(*args)
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """Rows `idx` [n] of the dequantized weight: [n, K]. Formats whose rows decode alone
+        override this; the default decodes the whole matrix."""
+        return self.dequantize()[idx]
+
+    def embedding(self, ids: Tensor) -> Tensor:
+        """F.embedding(ids, self): ids [...] -> [..., K] (a quantized table shared with a tied
+        output head decodes only the rows looked up)."""
+        return self.rows(ids.reshape(-1)).reshape(*ids.shape, self.shape[1])
 
     def __tensor_flatten__(self):
         """torchao's flatten, minus its cost: compiled code flattens every subclass weight twice
@@ -161,3 +172,18 @@ def _linear_torch_function(func, types, args, kwargs):
 def _linear_aten(func, types, args, kwargs):
     x, w = args[0], args[1]
     return w.linear(x, args[2] if len(args) > 2 else None)
+
+
+@QuantizedTensor.implements_torch_function(F.embedding)
+def _embedding_torch_function(func, types, args, kwargs):
+    ids, w = args[0], args[1]
+    kw = dict(zip(("padding_idx", "max_norm"), args[2:4])) | (kwargs or {})
+    if kw.get("max_norm") is not None:
+        raise ValueError("F.embedding(max_norm=...) renormalizes the table in place; a quantized "
+                         "table cannot be renormalized")
+    return w.embedding(ids)
+
+
+@QuantizedTensor.implements(torch.ops.aten.embedding.default)
+def _embedding_aten(func, types, args, kwargs):
+    return args[0].embedding(args[1])

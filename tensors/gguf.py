@@ -7,7 +7,8 @@ Fields:
 Attributes: ggml_type ("Q4_0", "Q4_K", …), shape, dtype.
 
 `F.linear` with this tensor as weight is one `discq::gguf_linear` node: it decodes the blocks
-(as llama.cpp does, bit for bit) and multiplies. Rows must be a whole number of blocks (32
+(as llama.cpp does, bit for bit) and multiplies; on CPU through `discq::gguf_linear_cpu`, a fused
+C++ kernel that decodes each block once into registers' reach and never writes the dense weight. Rows must be a whole number of blocks (32
 weights for Q4_0…Q8_0, 256 for the k-quants), as in llama.cpp.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from . import gguf_layout as layout
 from .base import QuantizedTensor, register_format
 from .gguf_fit import fit_header
+from .kernels import gguf_cpu
 from .ops import composite_op
 
 
@@ -101,7 +103,10 @@ def dequantize_blocks(qdata: Tensor, ggml_type: str, in_features: int) -> Tensor
 @composite_op("gguf_linear(Tensor x, Tensor qdata, Tensor? bias, str ggml_type, "
               "int in_features) -> Tensor")
 def _gguf_linear(x, qdata, bias, ggml_type, in_features):
-    """y = x Ŵᵀ + b, Ŵ decoded from the blocks."""
+    """y = x Ŵᵀ + b, Ŵ decoded from the blocks: on CPU by the fused C++ kernel, which never
+    writes Ŵ (up to 64 activation rows); else, and for gradients, decoded here then F.linear."""
+    if gguf_cpu.supports(x):
+        return gguf_cpu.gguf_linear(x, qdata, bias, ggml_type, in_features)
     W = dequantize_blocks(qdata, ggml_type, in_features).to(x.dtype)
     return F.linear(x, W, None if bias is None else bias.to(x.dtype))
 
@@ -130,6 +135,10 @@ class GGUFQuantizedTensor(QuantizedTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_blocks(self.qdata, self.ggml_type, self.shape[1]).to(dtype or self.dtype)
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """Rows idx [n] -> [n, K]: blocks never cross rows."""
+        return dequantize_blocks(self.qdata[idx], self.ggml_type, self.shape[1]).to(self.dtype)
 
     def validate(self) -> None:
         if self.ggml_type not in layout.TYPES:

@@ -128,7 +128,7 @@ def _tag_compile_caches() -> None:
         return
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for f in sorted([*here.rglob("*.py"), *here.rglob("*.cpp")]):  # every format's lowering
+    for f in sorted([*here.rglob("*.py"), *here.rglob("*.cpp"), *here.rglob("*.h")]):
         h.update(f.read_bytes())
     compiler_config.cache_key_tag = f"discq-{h.hexdigest()[:12]}"
 

@@ -123,3 +123,23 @@ def test_gguf_output_of_the_bundled_model_reads_back_in_gguf(tmp_path):
     assert int(reader.fields["general.file_type"].contents()) == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
     assert "tokenizer.ggml.tokens" in reader.fields
     assert "llama-cli" in (out / "README.md").read_text()
+
+
+def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from discq import hf  # noqa: F401  (registers discq's loader with transformers)
+    out = tmp_path / "q"
+    q = json.loads(discq("quantize", TINY_LLAMA, "--method", "rtn", "--bits", "4",
+                         "--group-size", "32", "--head-bits", "8", "--eval-data", HELDOUT_TEXT,
+                         "--out", out, "--json").stdout)
+    assert q["head_bits"] == 8 and 0 < q["kl"] < 1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    head = model.get_output_embeddings().weight
+    assert head.bits == 8 and head.group_size == 32 and head.symmetric
+    assert model.get_input_embeddings().weight is head
+    r = json.loads(discq("bench", out, "--tokens", "4", "--compile", "--json").stdout)
+    assert r["tokens_per_s"] > 0 and r["compiled"] is True
+    done = discq("quantize", TINY_LLAMA, "--head-bits", "8", "--quantize-head",
+                 "--out", tmp_path / "x", check=False)
+    assert done.returncode == 2 and "head_bits" in done.stderr and "Traceback" not in done.stderr

@@ -1,6 +1,6 @@
 """The README's Python blocks are run exactly as written, in a fresh directory: the quick-start
 (its first block), so the order it shows (quantize_, torch.compile, save, load) never breaks
-again, and (slow: SmolLM2) the GGUF export."""
+again, and (slow: SmolLM2) the GGUF export and the fast decode."""
 import os
 import re
 import subprocess
@@ -21,13 +21,25 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert (tmp_path / "out" / "discq.json").is_file()
 
 
+def run_block(marker: str, cwd: Path, timeout: float) -> str:
+    """Run the README's Python block containing `marker` in a fresh process; its stdout."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+                 if marker in b)
+    done = subprocess.run([sys.executable, "-c", block], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_readme_gguf_export_runs_as_written(tmp_path):
     import gguf
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-                 if "to_gguf" in b)
-    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_block("to_gguf", tmp_path, timeout=1200)
     reader = gguf.GGUFReader(str(tmp_path / "smollm2-Q4_K_M.gguf"))
     assert {t.tensor_type.name for t in reader.tensors} == {"F32", "Q5_0", "Q4_K", "Q6_K", "Q8_0"}
+
+
+@pytest.mark.slow
+def test_readme_fast_decode_runs_as_written(tmp_path):
+    out = run_block("discq.generate", tmp_path, timeout=1800)
+    assert out.startswith("To be, or not to be") and len(out.split()) > 10

@@ -27,10 +27,7 @@
 #include <type_traits>
 #include <utility>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define DISCQ_AVX2 1
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -99,12 +96,7 @@ inline void decode_pair(const uint8_t* p, __m256& a, __m256& b) {
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using discq_simd::hsum;
 #endif
 
 template <int BITS>

@@ -1,7 +1,9 @@
-"""The CPU kernel for affine matmuls (`affine_cpu.cpp`): built once, loaded on demand.
+"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`): one library, built once, loaded on
+demand.
 
-`discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace it)
-and implemented in C++. The C++ file is compiled the first time a CPU matmul wants it (about
+`discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace
+it), `discq::gguf_linear_cpu` in `gguf_cpu.py`; both are implemented in C++. The C++ files are
+compiled the first time a CPU matmul wants it (about
 15 s), with the system compiler (`$CXX`, default `c++`) against torch's headers, into
 `$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the source, flags and
 torch version; later processes only load the cached library. Without a working compiler callers
@@ -24,7 +26,8 @@ from torch import Tensor
 
 from ..cache import cache_dir
 
-SOURCE = Path(__file__).with_name("affine_cpu.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "gguf_cpu.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]  # part of the build's key
 BITS = (2, 3, 4, 8)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {}
@@ -54,9 +57,10 @@ def _flags() -> list[str]:
 
 def library_path() -> Path:
     """Where the built kernel for this source, these flags and this torch lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+                         + " ".join(_flags()).encode()
                          + torch.__version__.encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"affine_cpu_{key}.so"
+    return cache_dir() / "kernels" / f"discq_cpu_{key}.so"
 
 
 def _compile(out: Path) -> None:
@@ -67,7 +71,7 @@ def _compile(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [os.environ.get("CXX", "c++"), *_flags(), *(f"-I{p}" for p in include_paths()),
-           str(SOURCE), "-o", tmp, f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
+           *map(str, SOURCES), "-o", tmp, f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, out)
@@ -91,7 +95,7 @@ def load(build: bool = True) -> bool:
         return False
     try:
         # once per machine and torch version: say why this call is slow
-        print("discq: building the CPU matmul kernel (once, about 15 s)", file=sys.stderr)
+        print("discq: building the CPU matmul kernels (once, about 30 s)", file=sys.stderr)
         _compile(path)
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
@@ -132,3 +136,4 @@ def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | 
     y = torch.ops.discq.affine_linear_cpu(x2, qdata, scale, zero_point, bias, bits, group_size,
                                           in_features)
     return y.reshape(*x.shape[:-1], qdata.shape[0])
+

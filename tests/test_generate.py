@@ -1,0 +1,141 @@
+"""discq.generate: the compiled token step equals transformers' generate, and its options."""
+import copy
+import warnings
+
+import pytest
+import torch
+from models import tiny_random_llama
+from transformers import AutoModelForCausalLM
+
+import discq
+from discq.decode import Sampling, pick
+from discq.inference import PlainLinear, plain_linears
+
+
+def hf_greedy(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones_like(ids))
+
+
+@pytest.fixture(scope="module")
+def quantized_llama():
+    model = tiny_random_llama(seed=3)
+    discq.quantize_(model, {"re:.*mlp.*": discq.rtn_config(4, 32, symmetric=True),
+                            "_default": discq.rtn_config(3, 32)})
+    return model
+
+
+def test_greedy_equals_transformers_generate(quantized_llama):
+    """Quantized model, prompts of two lengths through one dynamic prefill program, the token
+    step in Inductor's C++ wrapper (the default)."""
+    for S in (7, 12):
+        ids = torch.randint(0, 320, (1, S), generator=torch.Generator().manual_seed(S))
+        out = discq.generate(quantized_llama, ids, 9, eos_token_id=None)
+        assert torch.equal(out, hf_greedy(quantized_llama, ids, 9))
+
+
+def test_decoder_is_reused_and_rebuilt_when_weights_change():
+    model = tiny_random_llama(seed=4)
+    ids = torch.randint(0, 320, (2, 5))
+    discq.generate(model, ids, 4, eos_token_id=None, cpp_wrapper=False)
+    decoder = model._discq_decoder
+    discq.generate(model, ids[:, :3], 4, eos_token_id=None, cpp_wrapper=False)
+    assert model._discq_decoder is decoder  # shorter prompt, same programs
+    discq.quantize_(model, discq.rtn_config(2, 32))  # new weights: the old view would be stale
+    b = discq.generate(model, ids, 4, eos_token_id=None, cpp_wrapper=False)
+    view = model._discq_decoder.model
+    assert view.model.layers[1].mlp.up_proj.qdata is model.model.layers[1].mlp.up_proj.weight.qdata
+    assert torch.equal(b, hf_greedy(model, ids, 4))
+
+
+def test_stops_at_end_token_and_pads_ended_rows():
+    model = tiny_random_llama(seed=5)
+    ids = torch.randint(0, 320, (1, 6))
+    full = discq.generate(model, ids, 8, eos_token_id=None, cpp_wrapper=False)
+    eos = int(full[0, 6 + 3])  # the 4th new token
+    first = int((full[0, 6:] == eos).nonzero()[0])
+    out = discq.generate(model, ids, 8, eos_token_id=eos, cpp_wrapper=False)
+    assert torch.equal(out, full[:, :6 + first + 1])
+
+
+def test_sampling_is_repeatable_and_top1_is_greedy():
+    model = tiny_random_llama(seed=6)
+    ids = torch.randint(0, 320, (1, 5))
+    kw = dict(eos_token_id=None, cpp_wrapper=False)
+    a = discq.generate(model, ids, 6, temperature=1.5, seed=0, **kw)
+    assert torch.equal(a, discq.generate(model, ids, 6, temperature=1.5, seed=0, **kw))
+    assert not torch.equal(a, discq.generate(model, ids, 6, temperature=1.5, seed=1, **kw))
+    greedy = discq.generate(model, ids, 6, **kw)
+    assert torch.equal(discq.generate(model, ids, 6, temperature=2.0, top_k=1, seed=0, **kw),
+                       greedy)
+
+
+def test_pick_samples_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(20000, 4, generator=g)
+    picks = pick(logits.expand(20000, 4), Sampling(1.0), u)[:, 0]
+    freq = torch.bincount(picks, minlength=4).float() / 20000
+    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.015)
+    top2 = pick(logits.expand(20000, 4), Sampling(1.0, top_k=2), u)[:, 0]
+    assert set(top2.tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("kw, err", [
+    (dict(max_new_tokens=0), ValueError), (dict(temperature=-1.0), ValueError),
+    (dict(top_k=0), ValueError), (dict(max_cache_len=8), ValueError)])
+def test_bad_arguments(kw, err):
+    model = tiny_random_llama()
+    args = dict(max_new_tokens=4) | kw
+    with pytest.raises(err):
+        discq.generate(model, torch.zeros(1, 6, dtype=torch.long), **args)
+    with pytest.raises(TypeError, match="LongTensor"):
+        discq.generate(model, torch.zeros(1, 6), 4)
+
+
+def test_falls_back_to_transformers_generate_and_says_so(monkeypatch):
+    model = tiny_random_llama(seed=7)
+    monkeypatch.setattr(type(model), "_can_compile_fullgraph", False)
+    ids = torch.randint(0, 320, (1, 5))
+    with pytest.warns(UserWarning, match="transformers' generate"):
+        out = discq.generate(model, ids, 5, eos_token_id=None)
+    assert torch.equal(out, hf_greedy(model, ids, 5))
+
+
+def test_plain_view_shares_weights_and_computes_the_same(quantized_llama):
+    view = plain_linears(quantized_llama)
+    q_proj = view.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, PlainLinear)
+    assert q_proj.qdata is quantized_llama.model.layers[0].self_attn.q_proj.weight.qdata
+    assert view.model.norm.weight is quantized_llama.model.norm.weight
+    ids = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(view(ids).logits, quantized_llama(ids).logits)
+
+
+def test_quantized_head_stays_tied_to_the_embedding(tmp_path):
+    model = tiny_random_llama(seed=8)
+    ref = copy.deepcopy(model)
+    discq.quantize_head_(model, 8)
+    W = model.lm_head.weight
+    assert isinstance(W, discq.AffineQuantizedTensor) and model.model.embed_tokens.weight is W
+    ids = torch.randint(0, 320, (2, 7))
+    with torch.no_grad():
+        emb = model.model.embed_tokens(ids)
+        assert torch.equal(emb, W.dequantize()[ids])  # rows decoded alone = the table's rows
+        ref.model.embed_tokens.weight.data = W.dequantize()  # tied: the head too
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+        model.save_pretrained(tmp_path)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert back.model.embed_tokens.weight is back.lm_head.weight
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="max_norm"):
+        torch.nn.functional.embedding(ids, W, max_norm=1.0)
+
+
+def test_quantize_head_needs_a_linear_head():
+    with pytest.raises(ValueError, match="output head"):
+        discq.quantize_head_(torch.nn.Sequential(torch.nn.Linear(4, 4)), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        discq.quantize_head_(tiny_random_llama(), 4)  # selects the head: no "nothing" warning
