@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from discq.tensors.base import QuantizedTensor
 
 
-
 class _Slot:
     """A placeholder in linear_call's argument template: x, bias or a stored tensor."""
 

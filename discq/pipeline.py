@@ -11,6 +11,7 @@ from torch import nn
 
 from discq.methods import METHODS, build_config
 from discq.passes import bits_per_weight, quantize_
+from discq.tensors.base import QuantizedTensor
 
 
 def keep_head_filter(model: nn.Module):
@@ -58,6 +59,10 @@ def quantize_head_(model: nn.Module, bits: int = 8) -> nn.Module:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__} has no nn.Linear output head to quantize")
+    if isinstance(head.weight, QuantizedTensor):
+        raise ValueError("the output head is quantized already (quantize_ without a filter, or "
+                         "--quantize-head, includes it); quantize the other layers with "
+                         "filter_fn=keep_head_filter(model) first")
     emb = model.get_input_embeddings()
     tied = emb is not None and emb.weight is head.weight
     quantize_(model, rtn_config(bits, 32, symmetric=True), filter_fn=lambda m, _: m is head)
@@ -100,16 +105,4 @@ def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
         run()
         t0 = time.perf_counter()
         run()
-    return new_tokens / (time.perf_counter() - t0)
-
-
-def timed_generation(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                     static_cache: bool) -> float:
-    """Tokens per second of one greedy generation of exactly `new_tokens`, prefill included."""
-    kw = {"cache_implementation": "static"} if static_cache else {}
-    t0 = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   **kw)
-    if prompt.is_cuda:
-        torch.cuda.synchronize()  # the last step may still be running
     return new_tokens / (time.perf_counter() - t0)

@@ -7,9 +7,10 @@ Fields:
 Attributes: ggml_type ("Q4_0", "Q4_K", …), shape, dtype.
 
 `F.linear` with this tensor as weight is one `discq::gguf_linear` node: it decodes the blocks
-(as llama.cpp does, bit for bit) and multiplies; on CPU through `discq::gguf_linear_cpu`, a fused
-C++ kernel that decodes each block once into registers' reach and never writes the dense weight. Rows must be a whole number of blocks (32
-weights for Q4_0…Q8_0, 256 for the k-quants), as in llama.cpp.
+(as llama.cpp does, bit for bit) and multiplies; on CPU for inference through
+`discq::gguf_linear_cpu`, a fused C++ kernel that decodes each block once into a small buffer
+and never writes the dense weight. Rows must be a whole number of blocks (32 weights for
+Q4_0…Q8_0, 256 for the k-quants), as in llama.cpp.
 """
 from __future__ import annotations
 

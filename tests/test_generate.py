@@ -136,6 +136,9 @@ def test_quantized_head_stays_tied_to_the_embedding(tmp_path):
 def test_quantize_head_needs_a_linear_head():
     with pytest.raises(ValueError, match="output head"):
         discq.quantize_head_(torch.nn.Sequential(torch.nn.Linear(4, 4)), 8)
+    model = tiny_random_llama()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        discq.quantize_head_(tiny_random_llama(), 4)  # selects the head: no "nothing" warning
+        discq.quantize_head_(model, 4)  # selects the head: no "nothing was quantized" warning
+    with pytest.raises(ValueError, match="quantized already"):
+        discq.quantize_head_(model, 8)
