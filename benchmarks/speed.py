@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import inspect
 import json
 import re
 import sys
@@ -39,10 +38,12 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import discq
+from discq.decode import compile_apart
 
 SHAPES = {"smollm2 q/o (576x576)": (576, 576), "smollm2 k/v (192x576)": (192, 576),
           "smollm2 gate/up (1536x576)": (1536, 576), "smollm2 down (576x1536)": (576, 1536),
           "7B q/k/v/o (4096x4096)": (4096, 4096), "7B gate/up (11008x4096)": (11008, 4096)}
+LLAMA_ROW = "llama.cpp Q4_0 (its own quantizer)"
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
 BASELINE = {"cpu": "fp32", "cuda": "bf16"}
 # peak memory bandwidth (GB/s) by device name, first match wins (vendor data sheets)
@@ -86,19 +87,6 @@ def _torchao(base: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def compiled(fn, name: str):
-    """torch.compile of a call to `fn` through a function with its own code object. Dynamo keeps
-    compiled graphs per code object: variants compiled from one shared code object (every
-    module's forward) would chain their guards, so later variants would pay for checking
-    earlier ones on every call."""
-    ns = {"fn": fn}
-    exec(compile("def call(*args, **kwargs):\n    return fn(*args, **kwargs)\n",
-                 f"<speed: {name}>", "exec"), ns)
-    if inspect.ismethod(fn):  # generate() reads forward's signature: keep it visible
-        functools.update_wrapper(ns["call"], fn)
-    return torch.compile(ns["call"])
-
-
 def per_call_ms(fn, x: torch.Tensor, number: int) -> float:
     """Mean time of `number` back-to-back calls (one sample)."""
     with torch.no_grad():
@@ -121,7 +109,7 @@ def compiled_variants(mods: dict, B: int, K: int) -> tuple[dict, dict]:
     """Fresh compiles (static shapes, as in a decode step) and warm inputs for batch B, in each
     variant's own dtype and device."""
     torch._dynamo.reset()
-    fns = {name: compiled(mod, name) for name, mod in mods.items()}
+    fns = {name: compile_apart(mod, name) for name, mod in mods.items()}
     xs = {}
     for name, mod in mods.items():
         w = next(mod.parameters())
@@ -207,9 +195,10 @@ def decode_models(device: str) -> tuple[dict, object]:
     return models, tok
 
 
-def llama_cpp_peer(tmp: str) -> tuple[object, Path] | None:
+def llama_cpp_peer(tmp: str) -> tuple[object, Path, str] | None:
     """llama.cpp (llama-cpp-python, this machine's threads) on its own Q4_0 quantization of the
-    bundled SmolLM2 GGUF, and the file; None when the bindings are not installed."""
+    bundled SmolLM2 GGUF, the file and the bindings' version; None when they are not
+    installed."""
     try:
         import llama_cpp
     except ImportError:
@@ -220,7 +209,7 @@ def llama_cpp_peer(tmp: str) -> tuple[object, Path] | None:
     path = quantize(bundled_path("smollm2-135m"), f"{tmp}/smollm2-Q4_0.gguf", "Q4_0")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(),
                           verbose=False)
-    return llm, Path(path)
+    return llm, Path(path), llama_cpp.__version__
 
 
 def llama_cpp_tokens_per_s(llm, prompt: list[int], tokens: int) -> float:
@@ -231,7 +220,7 @@ def llama_cpp_tokens_per_s(llm, prompt: list[int], tokens: int) -> float:
     llm.eval(prompt)
     for _ in range(tokens - 1):
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the last token is chosen too, as in discq's
     return tokens / (time.perf_counter() - t0)
 
 
@@ -268,9 +257,9 @@ def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         peer = llama_cpp_peer(tmp) if device == "cpu" else None
         if peer is not None:
-            runs["llama.cpp Q4_0 (its own quantizer)"] = functools.partial(
+            runs[LLAMA_ROW] = functools.partial(
                 llama_cpp_tokens_per_s, peer[0], prompt[0].tolist(), tokens)
-            moved["llama.cpp Q4_0 (its own quantizer)"] = peer[1].stat().st_size
+            moved[LLAMA_ROW] = peer[1].stat().st_size
         for name, run in runs.items():
             print(f"warming up {name}", flush=True)
             run(), run()  # compiles discq's programs
@@ -285,9 +274,9 @@ def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
     rows = [{"variant": name, "tokens_per_s": v, "tokens": tokens, "prompt": prompt.shape[1],
              "bytes_per_token": moved[name], "machine_gbps": gbps, "perplexity": ppl.get(name)}
             for name, v in best.items()]
-    if peer is not None:
-        import llama_cpp
-        rows[-1]["llama_cpp_python"] = llama_cpp.__version__
+    for r in rows:
+        if peer is not None and r["variant"] == LLAMA_ROW:
+            r["llama_cpp_python"] = peer[2]
     for r in rows:
         print(r, flush=True)
     return rows
@@ -303,7 +292,7 @@ def perplexities(models: dict, gguf, tok, device: str, windows: int = 4) -> dict
     if gguf is not None:
         from discq.llamacpp import LlamaCppModel
         with LlamaCppModel(gguf, n_ctx=512) as peer:
-            out["llama.cpp Q4_0 (its own quantizer)"] = perplexity(peer, data, progress=False)
+            out[LLAMA_ROW] = perplexity(peer, data, progress=False)
     return out
 
 

@@ -60,10 +60,11 @@ def supports_static_cache(model: nn.Module) -> bool:
     return bool(getattr(model, "_can_compile_fullgraph", False)) and hasattr(model, "config")
 
 
-def _compiled(fn, name: str, options: dict | None = None):
-    """torch.compile of `fn` through a wrapper with its own code object: Dynamo keys compiled
-    graphs by code object, so the prefill and the step (and other models' steps) never check
-    each other's guards on every call."""
+def compile_apart(fn, name: str, options: dict | None = None):
+    """torch.compile(fullgraph) of `fn` through a wrapper with its own code object: Dynamo keys
+    compiled graphs by code object, so programs compiled from one shared code object (every
+    module's forward) would chain their guards and each call would check the others'. Here the
+    prefill and the step, and different models, never see each other's."""
     ns = {"fn": fn}
     exec(compile("def call(*args):\n    return fn(*args)\n", f"<discq {name}>", "exec"), ns)
     return torch.compile(ns["call"], fullgraph=True, options=options)
@@ -89,11 +90,11 @@ class Decoder:
             model(input_ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
                   cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache.reset()
-        self.prefill = _compiled(functools.partial(self._next, self.model), "prefill")
+        self.prefill = compile_apart(functools.partial(self._next, self.model), "prefill")
         # the step in C++ end to end (Inductor's C++ wrapper): the Python wrapper's per-kernel
         # calls cost ~5 ms a token on SmolLM2; the prefill runs once per call and stays Python
         # (its C++ build with a dynamic length takes minutes)
-        self.step = _compiled(functools.partial(self._next, self.step_model), "step",
+        self.step = compile_apart(functools.partial(self._next, self.step_model), "step",
                               {"cpp_wrapper": cpp_wrapper})
         self.warm = False  # the step compiled and ran once
 

@@ -3,12 +3,12 @@ demand.
 
 `discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace
 it), `discq::gguf_linear_cpu` in `gguf_cpu.py`; both are implemented in C++. The C++ files are
-compiled the first time a CPU matmul wants it (about
-15 s), with the system compiler (`$CXX`, default `c++`) against torch's headers, into
-`$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the source, flags and
-torch version; later processes only load the cached library. Without a working compiler callers
-fall back to the torch reference (same values, slower) after one warning; `DISCQ_CPU_KERNEL=0`
-switches the kernel off, `DISCQ_CPU_KERNEL=portable` builds it without SIMD intrinsics.
+compiled the first time a CPU matmul wants them (about 30 s), with the system compiler (`$CXX`,
+default `c++`) against torch's headers, into `$DISCQ_CACHE/kernels/` (default
+`~/.cache/discq/kernels/`) under a hash of the sources, flags and torch version; later processes
+only load the cached library. Without a working compiler callers fall back to the torch
+reference (same values, slower) after one warning; `DISCQ_CPU_KERNEL=0` switches the kernels
+off, `DISCQ_CPU_KERNEL=portable` builds them without SIMD intrinsics.
 """
 from __future__ import annotations
 
@@ -136,4 +136,3 @@ def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | 
     y = torch.ops.discq.affine_linear_cpu(x2, qdata, scale, zero_point, bias, bits, group_size,
                                           in_features)
     return y.reshape(*x.shape[:-1], qdata.shape[0])
-
