@@ -12,6 +12,7 @@ from discq.passes import (
     METHODS,
     DiscConfig,
     GPTQConfig,
+    QtipConfig,
     QuantConfig,
     QuipSharpConfig,
     RTNConfig,
@@ -19,12 +20,14 @@ from discq.passes import (
     disc_config,
     gptq_config,
     quantize_,
+    qtip_config,
     quantized_weights,
     quip_sharp_config,
     rtn_config,
 )
 from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
+from discq.tensors.qtip import TrellisQuantizedTensor
 from discq.pipeline import quantize_head_  # noqa: E402  (needs discq.passes first)
 
 __version__ = "0.1.0"
@@ -47,6 +50,9 @@ __all__ = [
     "LatticeQuantizedTensor",
     "QuipSharpConfig",
     "quip_sharp_config",
+    "QtipConfig",
+    "qtip_config",
+    "TrellisQuantizedTensor",
     "RTNConfig",
     "bits_per_weight",
     "disc_config",

@@ -36,6 +36,9 @@ DEMO_SETTINGS = {
              "note": "100 steps of 2x128 tokens (default 1024 of 8x512)"},
     "quip-sharp": {"calib": (16, 512), "finetune": False, "refine_passes": 0,
                    "note": "16x512 tokens, no refinement passes, no fine-tuning"},
+    # Viterbi visits 2^state_bits states a step: QTIP's 16 take over 20 minutes here
+    "qtip": {"calib": (16, 512), "finetune": False, "state_bits": 10,
+             "note": "16x512 tokens, 10-bit trellis (QTIP: 16), no fine-tuning"},
 }
 DEFAULT_SETTINGS = {"calib": (16, 512), "note": "defaults, 16x512 calibration tokens"}
 COLUMNS = ("method", "bits/weight", "perplexity", "KL", "top-1", "time (s)", "settings")

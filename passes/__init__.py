@@ -15,6 +15,7 @@ from .export import QuantizeLinearsPass, quantize_exported  # noqa: E402
 from .gptq import GPTQConfig, gptq_config  # noqa: E402
 from .inspect import bits_per_weight, quantized_weights  # noqa: E402
 from .quantize import is_linear, quantize_  # noqa: E402
+from .qtip import QtipConfig, qtip_config  # noqa: E402
 from .quip_sharp import QuipSharpConfig, quip_sharp_config  # noqa: E402
 from .registry import METHODS, register_method  # noqa: E402
 from .rtn import RTNConfig, rtn_config  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "GPTQConfig",
     "GridConfig",
     "QuantConfig",
+    "QtipConfig",
     "QuantizeLinearsPass",
     "QuipSharpConfig",
     "RTNConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "is_linear",
     "quantize_",
     "quantize_exported",
+    "qtip_config",
     "quantized_weights",
     "quip_sharp_config",
     "register_method",

@@ -11,6 +11,11 @@ Per layer (W: [N, K], Hessian H of its inputs):
   Ŵ̃ = BlockLDLQ(W̃/scale, H̃, E8P, g = 8) + `refine_passes` rounds of coordinate descent
 Linears reading the same input (q/k/v, gate/up) share H̃ and are rounded together as one
 stacked matrix (rows are independent in LDLQ), each with its own rotation and scale.
+
+What QTIP (`qtip.py`) shares with it lives here too: `RotatedConfig` (seed, damping, the
+fine-tuning options), `RotatedGroup` (rotations, damped rotated Hessian, scales),
+`rotated_quantize`/`RotatedBlocks` (the block driver's hooks) and `run_rotated` (the handler,
+with or without fine-tuning); a rotated-basis method supplies its per-group quantizer.
 """
 from __future__ import annotations
 
@@ -43,19 +48,15 @@ from .validate import check_bool, check_int, check_number
 BLOCK = 8  # columns per lattice code
 
 
-@register_method("quip-sharp", summary="QuIP#: E8P lattice codes + incoherence + fine-tuning",
-                 paper="Tseng et al., QuIP# (ICML 2024), arXiv:2402.04396", data_driven=True,
-                 finetunes_itself=True, affine_grid=False, order=30)
 @dataclass
-class QuipSharpConfig(QuantConfig):
-    """QuIP#; see `quip_sharp_config`. `calibration` and `trainer_kwargs` are run-time inputs
-    and are not serialized."""
+class RotatedConfig(QuantConfig):
+    """What the rotated-basis methods (QuIP#, QTIP) share: calibration, the rotations' seed,
+    Hessian damping, and QuIP#'s fine-tuning (sign vectors and norms block by block, then end
+    to end; `ft_*`). `calibration` and `trainer_kwargs` are run-time inputs and are not
+    serialized."""
 
-    bits: int = 2
     calibration: Any = field(default=None, repr=False, compare=False)
-    refine_passes: int = 2
     seed: int = 0
-    weight_rms: float | None = None
     sigma_reg: float = 0.01
     finetune: bool = True
     ft_block_epochs: int = 2
@@ -72,20 +73,36 @@ class QuipSharpConfig(QuantConfig):
                                         metadata={"serialize": False})
 
     def __post_init__(self):
-        e8p_residual.check_bits(self.bits)
-        check_int(0, refine_passes=self.refine_passes, seed=self.seed,
-                  ft_block_epochs=self.ft_block_epochs, ft_steps=self.ft_steps)
+        check_int(0, seed=self.seed, ft_block_epochs=self.ft_block_epochs,
+                  ft_steps=self.ft_steps)
         check_int(1, ft_batch_size=self.ft_batch_size, ft_patience=self.ft_patience)
         check_number(positive=True, sigma_reg=self.sigma_reg, ft_block_lr=self.ft_block_lr,
                      ft_lr=self.ft_lr, ft_sign_lr=self.ft_sign_lr)
-        if self.weight_rms is not None:
-            check_number(positive=True, weight_rms=self.weight_rms)
         if not 0 <= self.ft_valid_fraction < 1:
             raise ValueError(f"ft_valid_fraction must be in [0, 1), got {self.ft_valid_fraction!r}")
         check_bool(finetune=self.finetune, ft_tune_head=self.ft_tune_head)
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
             raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments, got "
                             f"{type(self.trainer_kwargs).__name__}")
+
+
+@register_method("quip-sharp", summary="QuIP#: E8P lattice codes + incoherence + fine-tuning",
+                 paper="Tseng et al., QuIP# (ICML 2024), arXiv:2402.04396", data_driven=True,
+                 finetunes_itself=True, affine_grid=False, order=30)
+@dataclass
+class QuipSharpConfig(RotatedConfig):
+    """QuIP#; see `quip_sharp_config` (the shared options: `RotatedConfig`)."""
+
+    bits: int = 2
+    refine_passes: int = 2
+    weight_rms: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        e8p_residual.check_bits(self.bits)
+        check_int(0, refine_passes=self.refine_passes)
+        if self.weight_rms is not None:
+            check_number(positive=True, weight_rms=self.weight_rms)
 
     @property
     def rms(self) -> float:
@@ -120,12 +137,19 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
 
 @handles(QuipSharpConfig)
 def _quip_sharp_model(model: nn.Module, config: QuipSharpConfig, targets) -> None:
+    run_rotated(model, config, targets, quip_sharp_quantize)
+
+
+def run_rotated(model: nn.Module, config: RotatedConfig, targets,
+                quantize: Callable[..., None]) -> None:
+    """A rotated-basis method's handler: `quantize(model, config, targets, after_block=...)`
+    (its block driver) alone, or with fine-tuning when `config.finetune`."""
     if not config.finetune:
-        quip_sharp_quantize(model, config, targets)
+        quantize(model, config, targets)
         return
     # block-wise fine-tuning after each block, then end to end: Lightning, loaded on first use
-    from discq.training.quip_handler import quip_sharp_finetuned
-    quip_sharp_finetuned(model, config, targets)
+    from discq.training.quip_handler import rotated_finetuned
+    rotated_finetuned(model, config, targets, quantize)
 
 
 # ---- one group of linears ------------------------------------------------------------------
@@ -171,24 +195,35 @@ class CodeRecorder:
 def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSharpConfig
                    ) -> list[LatticeQuantizedTensor]:
     """QuIP# of linears sharing the input Hessian H: [K, K]; weights = [(fqn, W [N_i, K])]."""
-    K = H.shape[0]
-    s_in, q_in = rotation(K, layer_seed(weights[0][0], config.seed))
-    Ht = rotate_hessian(regularize(H, config.sigma_reg), s_in, q_in)
-    parts, scales, outs = [], [], []
-    for fqn, W in weights:
-        check_finite(W, fqn)
-        check_shape(*W.shape)
-        s_out, q_out = rotation(W.shape[0], layer_seed(fqn, config.seed) + 7919)
-        Wt = rotate_weight(W.detach().float(), s_out, s_in, q_out, q_in)
-        scales.append(Wt.pow(2).mean().sqrt().clamp(min=1e-12) / config.rms)
-        parts.append(Wt / scales[-1])
-        outs.append((s_out, q_out))
+    g = RotatedGroup(weights, H, config, check_shape,
+                     lambda Wt: Wt.pow(2).mean().sqrt().clamp(min=1e-12) / config.rms)
     recorder = CodeRecorder(config.bits)
-    What = ldlq(torch.cat(parts), Ht, recorder, g=BLOCK, passes=config.refine_passes)
-    codes = recorder.codes(What).split([p.shape[0] for p in parts])
-    return [LatticeQuantizedTensor.from_codes(c, scale, s_in, s_out, q_in, q_out, config.bits,
-                                              W.dtype)
-            for c, scale, (s_out, q_out), (_, W) in zip(codes, scales, outs, weights)]
+    What = ldlq(torch.cat(g.parts), g.Ht, recorder, g=BLOCK, passes=config.refine_passes)
+    codes = recorder.codes(What).split([p.shape[0] for p in g.parts])
+    return [LatticeQuantizedTensor.from_codes(c, scale, g.s_in, s_out, g.q_in, q_out,
+                                              config.bits, W.dtype)
+            for c, scale, (s_out, q_out), (_, W) in zip(codes, g.scales, g.outs, weights)]
+
+
+class RotatedGroup:
+    """Linears sharing the input Hessian H [K, K], in their seeded rotated bases (QuIP#, QTIP):
+    the input rotation (s_in, q_in), the damped rotated Hessian Ht, and per weight W̃/scale
+    (`parts`), `scales` (from `scale_of(W̃)`) and its output rotation (`outs`). Stacked, the
+    parts are one matrix for BlockLDLQ (rows are independent in it)."""
+
+    def __init__(self, weights: list[tuple[str, Tensor]], H: Tensor, config: RotatedConfig,
+                 check_shape: Callable[[int, int], None], scale_of: Callable[[Tensor], Tensor]):
+        self.s_in, self.q_in = rotation(H.shape[0], layer_seed(weights[0][0], config.seed))
+        self.Ht = rotate_hessian(regularize(H, config.sigma_reg), self.s_in, self.q_in)
+        self.parts, self.scales, self.outs = [], [], []
+        for fqn, W in weights:
+            check_finite(W, fqn)
+            check_shape(*W.shape)
+            s_out, q_out = rotation(W.shape[0], layer_seed(fqn, config.seed) + 7919)
+            Wt = rotate_weight(W.detach().float(), s_out, self.s_in, q_out, self.q_in)
+            self.scales.append(scale_of(Wt))
+            self.parts.append(Wt / self.scales[-1])
+            self.outs.append((s_out, q_out))
 
 
 # ---- the model, block by block (through the shared block driver) ---------------------------
@@ -212,8 +247,12 @@ def _with_hidden(inputs: Inputs, hidden: list[Tensor]) -> Inputs:
     return out
 
 
-class _LatticeBlocks(BlockHooks):
-    """QuIP#'s part of the block driver. A rounded layer holds its dequantized weight as a dense
+GroupQuantizer = Callable[[list[tuple[str, Tensor]], Tensor, Any], list]
+
+
+class RotatedBlocks(BlockHooks):
+    """The rotated-basis methods' part of the block driver (QuIP#, QTIP: `quantize_group`
+    rounds the linears sharing one input Hessian to their format). A rounded layer holds its dequantized weight as a dense
     fp tensor while the block's remaining calibration passes run (they only need the layer's
     function, and a dense matmul computes it without decoding codes and rotating activations
     on every batch: 3-4x faster on CPU); `finish` installs the lattice weights. With
@@ -221,15 +260,16 @@ class _LatticeBlocks(BlockHooks):
     model's inputs) and `after_block(block, inputs, fp_outputs)` fine-tunes the rounded block
     against it."""
 
-    def __init__(self, config: QuipSharpConfig, after_block: BlockHook | None):
-        self.config, self.after_block = config, after_block
+    def __init__(self, config: RotatedConfig, quantize_group: GroupQuantizer,
+                 after_block: BlockHook | None):
+        self.config, self.after_block, self.quantize = config, after_block, quantize_group
         self.changes_block = after_block is not None
-        self.done: list[tuple[nn.Linear, LatticeQuantizedTensor]] = []
+        self.done: list[tuple[nn.Linear, Tensor]] = []
         self.fp_inputs: Inputs | None = None  # the original model's inputs of the next block
         self.fp_out: list[Tensor] | None = None  # and its outputs of the current one
 
     def quantize_group(self, group: list[tuple[str, nn.Linear]], H: Tensor) -> None:
-        qs = quantize_group([(fqn, m.weight.detach()) for fqn, m in group], H, self.config)
+        qs = self.quantize([(fqn, m.weight.detach()) for fqn, m in group], H, self.config)
         for (_, m), q in zip(group, qs):
             m.weight = nn.Parameter(q.dequantize(), requires_grad=False)
             self.done.append((m, q))
@@ -244,7 +284,7 @@ class _LatticeBlocks(BlockHooks):
         if not self.after_block:
             return
         if self.done:
-            self.finish(block)  # fine-tuning trains the lattice weights' sign vectors
+            self.finish(block)  # fine-tuning trains the quantized weights' sign vectors
             with torch.enable_grad():
                 self.after_block(block, inputs, self.fp_out)
         self.fp_inputs = _with_hidden(self.fp_inputs, self.fp_out)
@@ -256,8 +296,9 @@ class _LatticeBlocks(BlockHooks):
 
 
 @torch.no_grad()
-def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
-                        after_block: BlockHook | None = None) -> None:
+def rotated_quantize(model: nn.Module, config: RotatedConfig, targets, *,
+                     quantize_group: GroupQuantizer, check_shape: Callable[[int, int], None],
+                     desc: str, after_block: BlockHook | None = None) -> None:
     """Quantize `targets` block by block (the shared driver, `capture.sequential_quantize`):
     each block's Hessians come from the outputs of the already-quantized blocks before it.
     With `after_block`, it is called after each block is quantized as
@@ -267,6 +308,14 @@ def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
     for fqn, m in targets:  # refuse bad layers before any work, naming them
         check_finite(m.weight, fqn)
         check_shape(*m.weight.shape)
-    lattice = _LatticeBlocks(config, after_block)
-    sequential_quantize(model, batches, targets, quantize_group=lattice.quantize_group,
-                        desc=f"QuIP# {config.bits}-bit", hooks=lattice)
+    hooks = RotatedBlocks(config, quantize_group, after_block)
+    sequential_quantize(model, batches, targets, quantize_group=hooks.quantize_group,
+                        desc=desc, hooks=hooks)
+
+
+def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,
+                        after_block: BlockHook | None = None) -> None:
+    """QuIP# on `targets` (see `rotated_quantize`)."""
+    rotated_quantize(model, config, targets, quantize_group=quantize_group,
+                     check_shape=check_shape, desc=f"QuIP# {config.bits}-bit",
+                     after_block=after_block)

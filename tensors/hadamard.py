@@ -79,6 +79,25 @@ def rotate_weight(W: Tensor, s_out: Tensor, s_in: Tensor, Q_out: Tensor, Q_in: T
     return rotate(Wt.t(), s_out, Q_out).t()
 
 
+def unrotate_weight(Wt: Tensor, s_out: Tensor, s_in: Tensor, Q_out: Tensor,
+                    Q_in: Tensor) -> Tensor:
+    """W = R_out⁻¹ W̃ R_in, the inverse of `rotate_weight`. Wt: [N, K]."""
+    A = unrotate(Wt, s_in.float(), Q_in)  # rows: W̃ T_in diag(s_in)
+    return unrotate(A.t(), s_out.float(), Q_out).t()
+
+
+def check_rotation(s_in: Tensor, s_out: Tensor, Q_in: Tensor, Q_out: Tensor, N: int,
+                   K: int) -> None:
+    """ValueError unless the stored rotation of a [N, K] weight has the right shapes: sign
+    vectors [K] and [N] (float: fine-tuning makes them real), factors the odd parts' sizes."""
+    for name, s, n in (("s_in", s_in, K), ("s_out", s_out, N)):
+        if tuple(s.shape) != (n,) or not s.is_floating_point():
+            raise ValueError(f"{name} is {tuple(s.shape)} {s.dtype}, expected ({n},) float")
+    for name, q, n in (("q_in", Q_in, K), ("q_out", Q_out, N)):
+        if tuple(q.shape) != (split_size(n)[0],) * 2:
+            raise ValueError(f"{name} is {tuple(q.shape)}, expected the odd factor of {n}")
+
+
 def rotate_hessian(H: Tensor, s_in: Tensor, Q_in: Tensor) -> Tensor:
     """H̃ = R_in H R_inᵀ: the Hessian of the rotated inputs."""
     return rotate(rotate(H, s_in, Q_in).t(), s_in, Q_in).t()

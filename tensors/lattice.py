@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import e8p_residual, lattice_ops  # noqa: F401  (lattice_ops registers discq::e8p_linear)
 from .base import QuantizedTensor, register_format
-from .hadamard import layer_rotation, rotate_weight, split_size, unrotate
+from .hadamard import check_rotation, layer_rotation, rotate_weight, unrotate_weight
 from .kernels.e8p_ref import decode_weight, pack_lattice_codes, unpack_lattice_codes
 
 # RMS the rotated weight is scaled to before coding: the minimum of the error on Gaussian
@@ -90,8 +90,8 @@ class LatticeQuantizedTensor(QuantizedTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """W = diag(s_out) T_outᵀ (scale·Ŵ̃) T_in diag(s_in): [N, K]."""
-        A = unrotate(self.rotated(), self.s_in.float(), self.q_in)  # rows: Ŵ̃ T_in diag(s_in)
-        return unrotate(A.t(), self.s_out.float(), self.q_out).t().to(dtype or self.dtype)
+        return unrotate_weight(self.rotated(), self.s_out, self.s_in, self.q_out,
+                               self.q_in).to(dtype or self.dtype)
 
     def validate(self) -> None:
         N, K = self.shape
@@ -104,12 +104,7 @@ class LatticeQuantizedTensor(QuantizedTensor):
         if self.scale.dim() != 0 or not self.scale.is_floating_point():
             raise ValueError(f"scale must be a floating-point scalar, got "
                              f"{tuple(self.scale.shape)} {self.scale.dtype}")
-        for name, s, n in (("s_in", self.s_in, K), ("s_out", self.s_out, N)):
-            if tuple(s.shape) != (n,) or not s.is_floating_point():
-                raise ValueError(f"{name} is {tuple(s.shape)} {s.dtype}, expected ({n},) float")
-        for name, q, n in (("q_in", self.q_in, K), ("q_out", self.q_out, N)):
-            if tuple(q.shape) != (split_size(n)[0],) * 2:
-                raise ValueError(f"{name} is {tuple(q.shape)}, expected the odd factor of {n}")
+        check_rotation(self.s_in, self.s_out, self.q_in, self.q_out, N, K)
 
     def linear_call(self, x, bias, t):
         return torch.ops.discq.e8p_linear.default, (

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CALIB_TEXT, HELDOUT_TEXT, TINY_LLAMA
+from conftest import CALIB_TEXT, HELDOUT_TEXT, TINY_LLAMA, run_python
 
 
 def discq(*args, check=True):
@@ -53,6 +53,27 @@ def test_quip_sharp_two_bits_from_the_command_line(tmp_path):
     assert 0 < e["kl"] < 1 and e["perplexity"] > 1
 
 
+def test_qtip_two_bits_from_the_command_line(tmp_path):
+    out = tmp_path / "q"
+    done = discq("quantize", TINY_LLAMA, "--method", "qtip", "--bits", "2", "--calib",
+                 CALIB_TEXT, "--n-calib", "8", "--seq-len", "64", "--steps", "2", "--out", out,
+                 "--eval-windows", "0", "--json")
+    q = json.loads(done.stdout)
+    # fine-tuned HYB weights store their own 512×2 fp16 tables: heavy on the tiny layers
+    assert q["method"] == "qtip" and 2 < q["bits_per_weight"] < 3
+    assert "no scale groups" not in done.stderr
+    run_python(f"""
+        import torch, discq
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        w = model.model.layers[0].self_attn.q_proj.weight
+        assert isinstance(w, discq.TrellisQuantizedTensor) and w.code == "hyb", w
+        ids = torch.tensor([[1, 2, 3, 4]])
+        out = discq.generate(model, ids, 4, cpp_wrapper=False)  # compiled token step
+        assert out.shape == (1, 8)
+    """)
+
+
 def test_existing_output_is_refused_before_work(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     done = discq("quantize", TINY_LLAMA, "--out", tmp_path, check=False)
@@ -74,7 +95,7 @@ def test_unknown_method_is_a_clear_error():
 def test_methods_lists_every_registered_method_with_its_paper():
     from discq.methods import METHODS
     r = json.loads(discq("methods", "--json").stdout)
-    assert [m["name"] for m in r] == ["rtn", "gptq", "disc", "quip-sharp"]
+    assert [m["name"] for m in r] == ["rtn", "gptq", "disc", "quip-sharp", "qtip"]
     assert {m["name"] for m in r} == set(METHODS)
     assert all(m["paper"] for m in r if m["data_driven"])
     text = discq("methods").stdout

@@ -10,6 +10,7 @@ from discq.tensors.gguf import GGUFGrid
 from discq.tensors.grid import AffineGrid
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
+from discq.tensors.qtip import TrellisQuantizedTensor
 
 
 class TestAffine4BitInputGroups(FormatConformance):
@@ -73,6 +74,34 @@ class TestLatticeE8P4Bit(FormatConformance):
 
     def make(self, W):
         return LatticeQuantizedTensor.from_hp(W, 4, seed=3)
+
+
+class TestTrellisHyb2Bit(FormatConformance):
+    N = 48  # 16×16 tiles
+    max_relative_error = 0.32  # measured 0.267
+
+    def make(self, W):
+        return TrellisQuantizedTensor.from_hp(W, 2, "hyb", seed=3)
+
+
+class TestTrellisHybOwnTable(FormatConformance):
+    """A HYB weight whose table fine-tuning changed stores it (the optional `lut`)."""
+    N = 48
+    max_relative_error = 0.32  # measured 0.267
+
+    def make(self, W):
+        from discq.tensors import trellis
+        q = TrellisQuantizedTensor.from_hp(W, 2, "hyb", seed=3)
+        q.lut = (trellis.hyb_table().float() * 1.01).half()
+        return q
+
+
+class TestTrellis1Mad3Bit(FormatConformance):
+    N = 48
+    max_relative_error = 0.17  # measured 0.134
+
+    def make(self, W):
+        return TrellisQuantizedTensor.from_hp(W, 3, "1mad", seed=3)
 
 
 class TestGGUFQ4K(FormatConformance):

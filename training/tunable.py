@@ -1,9 +1,10 @@
 """What fine-tuning may change in a quantized model, and the original model as a teacher.
 
 Codes never change. What stays continuous is tuned: the sign vectors of rotated quantized
-weights (s_in/s_out of lattice and incoherent weights, stored as fp16 and trained as fp32
-parameters), the weights and biases of normalization layers, linear biases, and optionally the
-output head when it is not quantized.
+weights (s_in/s_out of lattice, trellis and incoherent weights, stored as fp16 and trained as
+fp32 parameters) and a trellis code's table (HYB's lut, tuned with the signs), the weights and
+biases of normalization layers, linear biases, and optionally the output head when it is not
+quantized.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ def is_norm(module: nn.Module) -> bool:
 
 class Tunables:
     """The continuous parameters of `module`. Entering the context replaces every quantized
-    weight's sign vectors by fp32 `nn.Parameter`s (`signs`); leaving writes them back in their
-    stored dtype. `other` holds norms, biases and the head (`head`, if given and not
-    quantized); these are the module's own parameters, tuned in place."""
+    weight's sign vectors (and code table, if it has one) by fp32 `nn.Parameter`s (`signs`);
+    leaving writes them back in their stored dtype. `other` holds norms, biases and the head
+    (`head`, if given and not quantized); these are the module's own parameters, tuned in
+    place."""
 
     def __init__(self, module: nn.Module, head: nn.Module | None = None, norms: bool = True):
         self.module = module
@@ -39,6 +41,13 @@ class Tunables:
                       if id(p) not in seen and not seen.add(id(p))]
         self.signs: list[nn.Parameter] = []
         self._dtypes: list[torch.dtype] = []
+
+    @staticmethod
+    def _names(w: QuantizedTensor) -> list[str]:
+        """The sign vectors, and the code tables a format offers (`tunable_tables`: HYB's),
+        tuned at the sign vectors' rate."""
+        tables = w.tunable_tables() if hasattr(w, "tunable_tables") else []
+        return list(SIGN_NAMES) + tables
 
     @staticmethod
     def _others(module: nn.Module, head: nn.Module | None, norms: bool) -> Iterable[nn.Parameter]:
@@ -53,7 +62,7 @@ class Tunables:
     def __enter__(self) -> Tunables:
         self.signs, self._dtypes = [], []
         for w in self.owners:
-            for name in SIGN_NAMES:
+            for name in self._names(w):
                 s = getattr(w, name)
                 self._dtypes.append(s.dtype)
                 p = nn.Parameter(s.detach().float().clone())
@@ -70,7 +79,7 @@ class Tunables:
         Parameter, so an optimizer holding them stays valid."""
         it = iter(self.signs)
         for w in self.owners:
-            for name in SIGN_NAMES:
+            for name in self._names(w):
                 p, current = next(it), getattr(w, name)
                 if p.device != current.device:
                     p.data = p.data.to(current.device)
@@ -79,7 +88,7 @@ class Tunables:
     def __exit__(self, *exc) -> None:
         it = iter(zip(self.signs, self._dtypes))
         for w in self.owners:
-            for name in SIGN_NAMES:
+            for name in self._names(w):
                 p, dtype = next(it)
                 setattr(w, name, p.detach().to(dtype))
         self.signs = []

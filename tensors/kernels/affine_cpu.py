@@ -1,8 +1,9 @@
-"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`): one library, built once, loaded on
-demand.
+"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`, `trellis_cpu.cpp`): one library, built
+once, loaded on demand.
 
 `discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace
-it), `discq::gguf_linear_cpu` in `gguf_cpu.py`; both are implemented in C++. The C++ files are
+it), `discq::gguf_linear_cpu` in `gguf_cpu.py`, the trellis ops in `trellis_cpu.py`; all are
+implemented in C++. The C++ files are
 compiled the first time a CPU matmul wants them (about 30 s), with the system compiler (`$CXX`,
 default `c++`) against torch's headers, into `$DISCQ_CACHE/kernels/` (default
 `~/.cache/discq/kernels/`) under a hash of the sources, flags and torch version; later processes
@@ -26,7 +27,8 @@ from torch import Tensor
 
 from ..cache import cache_dir
 
-SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "gguf_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "gguf_cpu.cpp",
+                                                        "trellis_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]  # part of the build's key
 BITS = (2, 3, 4, 8)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
