@@ -15,6 +15,7 @@ import time
 import torch
 from _common import machine, write
 from discq.tensors import e8p_residual, trellis, viterbi
+from discq.tensors.lattice import WEIGHT_RMS
 
 SCALES = (0.85, 0.95, 1.05, 1.15, 1.25)
 
@@ -38,14 +39,10 @@ def e8p_mse(bits: int, n: int) -> float:
     x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
     best = float("inf")
     for a in SCALES:
-        values, _ = e8p_residual.quantize(x / a * e8p_residual_rms(bits), bits)
-        best = min(best, float((x - values * a / e8p_residual_rms(bits)).pow(2).mean()))
+        c = WEIGHT_RMS[bits] / a  # the codebook's natural scale, varied as for the trellis
+        values, _ = e8p_residual.quantize(x * c, bits)
+        best = min(best, float((x - values / c).pow(2).mean()))
     return best
-
-
-def e8p_residual_rms(bits: int) -> float:
-    from discq.tensors.lattice import WEIGHT_RMS
-    return WEIGHT_RMS[bits]
 
 
 def markdown(r: dict) -> str:

@@ -12,7 +12,6 @@ The block driver, damping and fine-tuning are QuIP#'s (`quip_sharp.py`, `trainin
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,8 @@ from discq.tensors.viterbi import quantize_tiles
 from torch import Tensor, nn
 
 from .ldlq import ldlq
-from .quip_sharp import BlockHook, RotatedConfig, RotatedGroup, rotated_quantize, run_rotated
+from .quip_sharp import (BlockHook, RotatedConfig, RotatedGroup, ignore_grid_options,
+                         rotated_quantize, run_rotated)
 from .registry import constructs, handles, register_method
 from .validate import check_number
 
@@ -62,12 +62,7 @@ def qtip_config(bits: int = 2, calibration=None, code: str = "hyb", finetune: bo
     to end (`steps` optimizer steps; `ft_*` keywords as for `quip_sharp_config`).
     `group_size`/`symmetric` exist for the command line's sake: trellis codes have neither,
     so they are ignored (with a warning if set)."""
-    if group_size is not None or symmetric:
-        warnings.warn("qtip: trellis codes have no scale groups or zero points; "
-                      f"group_size={group_size!r}/symmetric={symmetric!r} are ignored",
-                      stacklevel=2)
-    if steps is not None:
-        finetune_options["ft_steps"] = steps
+    ignore_grid_options("qtip", "trellis codes", group_size, symmetric, finetune_options, steps)
     return QtipConfig(bits=bits, calibration=calibration, code=code, finetune=finetune,
                       seed=seed, state_bits=state_bits, scale_override=scale_override,
                       checkpoint_dir=checkpoint_dir,

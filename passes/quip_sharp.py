@@ -123,16 +123,25 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
     `ft_*` keywords set its options (see `QuipSharpConfig`); `checkpoint_dir` makes the end to
     end stage resumable. `group_size`/`symmetric` exist for the command line's sake: lattice
     codes have no groups and no zero point, so they are ignored (with a warning if set)."""
-    if group_size is not None or symmetric:
-        warnings.warn("quip-sharp: lattice codes have no scale groups or zero points; "
-                      f"group_size={group_size!r}/symmetric={symmetric!r} are ignored",
-                      stacklevel=2)
-    if steps is not None:
-        finetune_options["ft_steps"] = steps
+    ignore_grid_options("quip-sharp", "lattice codes", group_size, symmetric, finetune_options,
+                        steps)
     return QuipSharpConfig(bits=bits, calibration=calibration, finetune=finetune,
                            refine_passes=refine_passes, seed=seed, weight_rms=weight_rms,
                            checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
                            **finetune_options)
+
+
+def ignore_grid_options(method: str, codes: str, group_size: int | None, symmetric: bool,
+                        finetune_options: dict, steps: int | None) -> None:
+    """What the rotated-basis constructors do with the command line's generic options: warn
+    that `group_size`/`symmetric` mean nothing to their codes, and take `steps` as `ft_steps`
+    (into `finetune_options`)."""
+    if group_size is not None or symmetric:
+        warnings.warn(f"{method}: {codes} have no scale groups or zero points; "
+                      f"group_size={group_size!r}/symmetric={symmetric!r} are ignored",
+                      stacklevel=3)
+    if steps is not None:
+        finetune_options["ft_steps"] = steps
 
 
 @handles(QuipSharpConfig)

@@ -80,12 +80,17 @@ def decode_states(states: Tensor, code: str, lut: Tensor | None = None) -> Tenso
         return (_fp16_of(x & 0xFFFF) + _fp16_of(x >> 16))[..., None]
     if code == "hyb":
         lut = (hyb_table() if lut is None else lut).to(s.device)
-        h = s * (s + 1)
-        Q = lut.shape[0].bit_length() - 1
-        row = lut.float()[(h >> (15 - Q)) & ((1 << Q) - 1)]  # [..., 2]
-        sign = 1 - 2 * ((h >> 15) & 1).float()
+        idx, sign = _hyb_lookup(s, lut.shape[0])
+        row = lut.float()[idx]  # [..., 2]
         return torch.stack([row[..., 0] * sign, row[..., 1]], -1)
     raise ValueError(f"code must be one of {sorted(CODES)}, got {code!r}")
+
+
+def _hyb_lookup(s: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """HYB's table row and first-coordinate sign (±1.0) of states s (int64)."""
+    h = s * (s + 1)
+    Q = rows.bit_length() - 1
+    return (h >> (15 - Q)) & (rows - 1), 1 - 2 * ((h >> 15) & 1).float()
 
 
 @functools.cache
@@ -194,11 +199,8 @@ def hyb_table_grad(qdata: Tensor, bits: int, grad_W: Tensor, rows: int,
                    state_bits: int = L) -> Tensor:
     """∂L/∂lut [rows, 2] of a HYB-coded matrix from ∂L/∂Ŵ [N, K] (Ŵ unscaled): each weight's
     gradient flows to the table row its state reads, through the state's sign."""
-    h = unpack_states(qdata, bits, 2, state_bits)  # [N/16, K/16, T]
-    h = h * (h + 1)
-    Q = rows.bit_length() - 1
-    row = ((h >> (15 - Q)) & (rows - 1)).reshape(-1)
-    sign = (1 - 2 * ((h >> 15) & 1)).reshape(-1).float()
+    row, sign = _hyb_lookup(unpack_states(qdata, bits, 2, state_bits), rows)  # [N/16, K/16, T]
+    row, sign = row.reshape(-1), sign.reshape(-1)
     g = to_tiles(grad_W.float(), 2).reshape(-1, 2)  # [N·K/2, 2], in the states' order
     out = torch.zeros(rows, 2, device=grad_W.device)
     out[:, 0].index_add_(0, row, g[:, 0] * sign)
