@@ -105,7 +105,7 @@ def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QtipCon
     ldlq(torch.cat(g.parts), g.Ht, coder, g=trellis.TILE)
     states = coder.states().split([p.shape[0] // trellis.TILE for p in g.parts])
     return [TrellisQuantizedTensor.from_states(st, scale, g.s_in, s_out, g.q_in, q_out,
-                                               config.bits, config.code, W.dtype, None,
+                                               config.bits, config.code, W.dtype,
                                                config.state_bits)
             for st, scale, (s_out, q_out), (_, W) in zip(states, g.scales, g.outs, weights)]
 

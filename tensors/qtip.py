@@ -27,6 +27,7 @@ from .hadamard import (check_rotation, layer_rotation, rotate, rotate_weight, un
                        unrotate_weight)
 from .kernels import trellis_cpu
 from .kernels.e8p_ref import e8p_linear_backward
+from .viterbi import quantize_tiles
 
 KERNEL_ROWS = 16  # up to this many activation rows the fused CPU kernel; above, decode + GEMM
 # RMS of the coded matrix relative to the code's own RMS (QTIP's scale override): BlockLDLQ's
@@ -150,15 +151,14 @@ class TrellisQuantizedTensor(QuantizedTensor):
     @classmethod
     def from_states(cls, states: Tensor, scale: float | Tensor, s_in: Tensor, s_out: Tensor,
                     q_in: Tensor, q_out: Tensor, bits: int, code: str, dtype: torch.dtype,
-                    lut: Tensor | None = None, state_bits: int = trellis.L
-                    ) -> TrellisQuantizedTensor:
-        """states: [N/16, K/16, T] tail-biting walks (`viterbi.quantize_tiles`)."""
+                    state_bits: int = trellis.L) -> TrellisQuantizedTensor:
+        """states: [N/16, K/16, T] tail-biting walks (`viterbi.quantize_tiles`); HYB reads
+        the default table (fine-tuning gives a weight its own, `tunable_tables`)."""
         n, k, T = states.shape
         qdata = trellis.pack_states(states.reshape(n * k, T), bits, trellis.CODES[code])
         out = cls(qdata.reshape(n, k, -1), torch.as_tensor(scale, dtype=torch.float32),
                   s_in.half(), s_out.half(), q_in.float(), q_out.float(), bits, code,
-                  state_bits, torch.Size([n * trellis.TILE, k * trellis.TILE]), dtype,
-                  lut=None if lut is None else lut.half().clone())  # one table per weight
+                  state_bits, torch.Size([n * trellis.TILE, k * trellis.TILE]), dtype)
         out.validate()
         return out
 
@@ -167,7 +167,6 @@ class TrellisQuantizedTensor(QuantizedTensor):
                 state_bits: int = trellis.L) -> TrellisQuantizedTensor:
         """Tail-biting Viterbi coding of W: [N, K] in a seeded rotated basis, no data (the
         baseline BlockLDLQ improves on)."""
-        from .viterbi import quantize_tiles
         N, K = W.shape
         check_shape(N, K)
         trellis.check_code(code, bits, state_bits)
@@ -178,7 +177,7 @@ class TrellisQuantizedTensor(QuantizedTensor):
         tiles = trellis.to_tiles(Wt / scale, trellis.CODES[code])  # [N/16, K/16, T, V]
         states = quantize_tiles(tiles.flatten(0, 1), values, bits * trellis.CODES[code])
         return cls.from_states(states.reshape(*tiles.shape[:3]), scale, s_in, s_out, q_in,
-                               q_out, bits, code, W.dtype, None, state_bits)
+                               q_out, bits, code, W.dtype, state_bits)
 
     # ---- views ----------------------------------------------------------------------------
     def states(self) -> Tensor:
@@ -211,7 +210,8 @@ class TrellisQuantizedTensor(QuantizedTensor):
             raise ValueError(f"the {self.code} code has no table (lut)")
         if self.lut is not None:
             rows = self.lut.shape[0]
-            if self.lut.dim() != 2 or self.lut.shape[1] != 2 or rows & (rows - 1) or rows > 1 << 15:
+            if (self.lut.dim() != 2 or self.lut.shape[1] != 2 or rows & (rows - 1)
+                    or rows > 1 << 15):
                 raise ValueError(f"lut is {tuple(self.lut.shape)}, expected [2^Q, 2], Q <= 15")
 
     def tunable_tables(self) -> list[str]:
