@@ -37,6 +37,20 @@ def peak_rss():
         out["extra_gib"] = out["peak_gib"] - out["before_gib"]
 
 
+def timed_quantize(model, config, filter_fn) -> dict:
+    """discq.quantize_(model, config) timed: wall and CPU seconds, the load on the cores before
+    and after (above their count, other work shared them), peak and added resident memory."""
+    import discq
+    load = os.getloadavg()[0]
+    with peak_rss() as mem:
+        t0, c0 = time.perf_counter(), time.process_time()
+        discq.quantize_(model, config, filter_fn=filter_fn)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "load_before": load,
+            "load_after": os.getloadavg()[0], "peak_rss_gib": mem["peak_gib"],
+            "extra_rss_gib": mem["extra_gib"]}
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

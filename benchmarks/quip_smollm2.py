@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-from _common import RESULTS, machine, peak_rss, write
+from _common import RESULTS, machine, timed_quantize, write
 from discq.passes import gptq_config, qtip_config, quip_sharp_config, rtn_config
 
 import discq
@@ -51,17 +50,11 @@ def run(a: argparse.Namespace) -> dict:
     windows = eval_windows(tok, "shakespeare", n_windows=8, seq_len=512)
     calib = calibration_batches(tok, "shakespeare", n_samples=a.n_calib, seq_len=512)
     cfg = config_of(a, calib)
-    load = os.getloadavg()[0]
-    with peak_rss() as mem:
-        t0, c0 = time.perf_counter(), time.process_time()
-        discq.quantize_(model, cfg, filter_fn=keep_head_filter(model))
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timing = timed_quantize(model, cfg, keep_head_filter(model))
     reference, _ = load_model("smollm2-135m")
     name = f"{a.method} {a.bits}-bit" + {"quip": "", "qtip": f" {a.code}"}.get(a.method[:4],
                                                                                " g64")
-    row = {"method": name, "bits_per_weight": discq.bits_per_weight(model), "seconds": seconds,
-           "cpu_seconds": cpu, "load_before": load, "load_after": os.getloadavg()[0],
-           "peak_rss_gib": mem["peak_gib"], "extra_rss_gib": mem["extra_gib"],
+    row = {"method": name, "bits_per_weight": discq.bits_per_weight(model), **timing,
            "config": cfg.to_dict(), "date": machine()["date"],
            "command": "python benchmarks/quip_smollm2.py " + " ".join(sys.argv[1:]),
            **compare(reference, model, windows, progress=False)}

@@ -2,7 +2,8 @@
 
 Per layer shape (SmolLM2-135M's and a 7B-class model's), batch 1 and 16: the time of the
 `torch.compile`d layer for fp32 and bf16 `nn.Linear`, discq's packed affine grid at 4/3/2 bits
-(groups of 64, RTN), and torchao's int8 and int4 (intx, groups of 64) weight-only linears.
+(groups of 64, RTN) and GPTVQ's 2-bit 2-D codebooks, and torchao's int8 and int4 (intx, groups
+of 64) weight-only linears.
 Then greedy decode tokens/s of SmolLM2 through `discq.generate` (one compiled token step over a
 static KV cache) for fp32 and discq 4-bit in blocks of 32 (head fp32, and head 8-bit), beside
 llama.cpp (llama-cpp-python, `make install-llamacpp`) on its own Q4_0 quantization of the same
@@ -63,8 +64,19 @@ def variants(N: int, K: int, seed: int = 0, device: str = "cpu") -> dict[str, nn
     for bits in (4, 3, 2):
         out[f"discq {bits}-bit g64"] = discq.quantize_(copy.deepcopy(base),
                                                        discq.rtn_config(bits, 64))
+    out["discq gptvq 2-bit 2-D"] = _gptvq(base)
     out.update(_torchao(base))
     return out
+
+
+def _gptvq(base: nn.Module) -> nn.Module:
+    """GPTVQ's format at 2 bits, 2-D codebooks of 2048 weights (2.13 bits a weight); the
+    codebooks from a few k-means iterations (speed does not depend on them)."""
+    m = copy.deepcopy(base)
+    W = base.weight.detach().float().cpu()
+    q = discq.VectorQuantizedTensor.from_hp(W, 2, 2, kmeans_iters=3)
+    m.weight = nn.Parameter(q.to(base.weight.device).to(base.weight.dtype), requires_grad=False)
+    return m
 
 
 def _torchao(base: nn.Module) -> dict[str, nn.Module]:
@@ -339,7 +351,8 @@ def markdown(r: dict) -> str:
     base, cpu = BASELINE[r["device"]], r["device"] == "cpu"
     how = ("Time of the `torch.compile`d linear (ms; each variant's best of round-robin samples "
            f"of ~20 ms); speed-up vs compiled {base} in parentheses. RTN weights; groups of 64. "
-           + ("discq runs its fused C++ kernel (up to 64 rows, so both batches here)." if cpu else
+           + ("discq runs its fused C++ kernels (affine: up to 64 rows, so both batches here; "
+              "GPTVQ: up to 16 rows, codeword tables at batch 1, decoded rows at 16)." if cpu else
               "discq runs its Triton kernels; bandwidth = weight bytes + activations in and out, "
               "per call."))
     hot = ("One layer called over and over (its weight stays in the CPU's caches; each call also "

@@ -12,6 +12,7 @@ from discq.passes import (
     METHODS,
     DiscConfig,
     GPTQConfig,
+    GPTVQConfig,
     QtipConfig,
     QuantConfig,
     QuipSharpConfig,
@@ -19,6 +20,7 @@ from discq.passes import (
     bits_per_weight,
     disc_config,
     gptq_config,
+    gptvq_config,
     quantize_,
     qtip_config,
     quantized_weights,
@@ -26,6 +28,7 @@ from discq.passes import (
     rtn_config,
 )
 from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
+from discq.tensors.gptvq import VectorQuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
 from discq.tensors.qtip import TrellisQuantizedTensor
 from discq.pipeline import quantize_head_  # noqa: E402  (needs discq.passes first)
@@ -45,6 +48,9 @@ __all__ = [
     "AffineQuantizedTensor",
     "DiscConfig",
     "GPTQConfig",
+    "GPTVQConfig",
+    "gptvq_config",
+    "VectorQuantizedTensor",
     "QuantConfig",
     "QuantizedTensor",
     "LatticeQuantizedTensor",

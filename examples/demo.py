@@ -32,6 +32,10 @@ from discq.pipeline import evaluate, quantize_copy
 DEMO_SETTINGS = {
     "rtn": {"note": "data-free"},
     "gptq": {"calib": (32, 512), "note": "32x512 calibration tokens"},
+    # k-means dominates GPTVQ's time here (100 iterations: ~25 minutes at 3 bits)
+    "gptvq": {"calib": (16, 512), "kmeans_iters": 5, "codebook_update": False,
+              "note": "2-D codebooks, 16x512 tokens, 5 k-means iterations (GPTVQ: 100), "
+                      "no codebook update"},
     "disc": {"calib": (64, 128), "steps": 100, "batch_size": 2, "init": "rtn", "warmup": 10,
              "note": "100 steps of 2x128 tokens (default 1024 of 8x512)"},
     "quip-sharp": {"calib": (16, 512), "finetune": False, "refine_passes": 0,

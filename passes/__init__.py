@@ -13,6 +13,7 @@ from .config import GridConfig, QuantConfig  # noqa: E402
 from .disc import DiscConfig, disc_config  # noqa: E402
 from .export import QuantizeLinearsPass, quantize_exported  # noqa: E402
 from .gptq import GPTQConfig, gptq_config  # noqa: E402
+from .gptvq import GPTVQConfig, gptvq_config  # noqa: E402
 from .inspect import bits_per_weight, quantized_weights  # noqa: E402
 from .quantize import is_linear, quantize_  # noqa: E402
 from .qtip import QtipConfig, qtip_config  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "METHODS",
     "DiscConfig",
     "GPTQConfig",
+    "GPTVQConfig",
     "GridConfig",
     "QuantConfig",
     "QtipConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "bits_per_weight",
     "disc_config",
     "gptq_config",
+    "gptvq_config",
     "is_linear",
     "quantize_",
     "quantize_exported",

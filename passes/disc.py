@@ -90,6 +90,8 @@ class DiscConfig(GridConfig):
     calibration: Any = field(default=None, repr=False, compare=False)
     incoherence: bool = False
     codebook: str = "affine"
+    vector_dim: int = 2
+    codebook_group_size: int | None = None
     steps: int = 1024
     lr: float = 0.05
     batch_size: int = 8
@@ -118,8 +120,8 @@ class DiscConfig(GridConfig):
         check_finetune(self)
         if self.codebook not in RELAXATIONS:
             raise ValueError(f"codebook must be one of {sorted(RELAXATIONS)} ('affine': the grid "
-                             f"of bits/group_size; 'e8p': QuIP#'s lattice), got "
-                             f"{self.codebook!r}")
+                             f"of bits/group_size; 'e8p': QuIP#'s lattice; 'gptvq': k-means "
+                             f"vector codebooks), got {self.codebook!r}")
         if RELAXATIONS[self.codebook].check:
             RELAXATIONS[self.codebook].check(self)
         if self.init not in ("uniform", "rtn"):
@@ -148,7 +150,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 scale_dtype: str = "float16", gradient_checkpointing: bool = True,
                 finetune: bool = False, finetune_steps: int = 100,
                 codebook: str = "affine", hidden_weight: float = 0.0,
-                gguf: str | None = None) -> DiscConfig:
+                gguf: str | None = None, vector_dim: int = 2,
+                codebook_group_size: int | None = None) -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
@@ -163,7 +166,11 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     (codes fixed; see discq.training.finetune). `codebook="e8p"`: round to QuIP#'s E8P lattice
     (in its randomized-Hadamard basis) instead of the affine grid, choosing for each block of
     8 weights between its two candidate lattice points (passes/disc_lattice.py);
-    group_size/symmetric/group_along/incoherence do not apply there. `gguf="Q4_K"` or a
+    group_size/symmetric/group_along/incoherence do not apply there. `codebook="gptvq"`:
+    int8 k-means codebooks of 2^(bits·vector_dim) points per group of about
+    `codebook_group_size` weights (default: 0.125 bits a weight of codebook, as GPTVQ), each
+    vector of `vector_dim` weights choosing between its two nearest codewords
+    (passes/disc_vq.py). `gguf="Q4_K"` or a
     llama.cpp mixture `gguf="Q4_K_M"`: choose between neighbours on llama.cpp's block grid
     (fitted once on W) instead of bits/group_size."""
     return DiscConfig(bits=bits, group_size=group_size, symmetric=symmetric,
@@ -174,7 +181,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       kl_weight=kl_weight, ce_weight=ce_weight, init=init,
                       gradient_checkpointing=gradient_checkpointing, finetune=finetune,
                       finetune_steps=finetune_steps, codebook=codebook,
-                      hidden_weight=hidden_weight, gguf=gguf)
+                      hidden_weight=hidden_weight, gguf=gguf, vector_dim=vector_dim,
+                      codebook_group_size=codebook_group_size)
 
 
 @handles(DiscConfig)

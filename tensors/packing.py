@@ -3,7 +3,8 @@
 Layout: along the last dimension, every run of 8 codes c0..c7 becomes the 8·b-bit little-endian
 integer Σ c_i << (b·i), stored as b bytes. 8 codes per run because 8·b bits is a whole number of
 bytes for every b. The last run is padded with zero codes (at most 7 codes of padding per row).
-8-bit codes are stored as they are.
+8-bit codes are stored as they are. Any width from 1 to 8 bits packs (affine grids use 2, 3, 4
+and 8; vector-codebook indices of bits·dim bits use 2 to 8).
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def unpack_codes(packed: Tensor, bits: int, C: int) -> Tensor:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [R, bytes, 8 // bits]
         return codes.reshape(R, -1)[:, :C]
-    n = packed.shape[1] // bits  # 3 bits: one 24-bit word per run of 8 codes
-    byte_shifts = 8 * torch.arange(bits, dtype=torch.int32, device=packed.device)
-    word = (packed.view(R, n, bits).to(torch.int32) << byte_shifts).sum(-1, dtype=torch.int32)
-    shifts = bits * torch.arange(RUN, dtype=torch.int32, device=packed.device)
+    n = packed.shape[1] // bits  # 3, 5, 6, 7 bits: one 8·bits-bit word per run of 8 codes
+    wide = torch.int32 if 8 * bits < 32 else torch.int64  # 24 bits fit int32; 40-56 do not
+    byte_shifts = 8 * torch.arange(bits, dtype=wide, device=packed.device)
+    word = (packed.view(R, n, bits).to(wide) << byte_shifts).sum(-1, dtype=wide)
+    shifts = bits * torch.arange(RUN, dtype=wide, device=packed.device)
     codes = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)  # [R, n, RUN]
     return codes.reshape(R, n * RUN)[:, :C].to(torch.uint8)

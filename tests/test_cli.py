@@ -74,6 +74,27 @@ def test_qtip_two_bits_from_the_command_line(tmp_path):
     """)
 
 
+def test_gptvq_from_the_command_line(tmp_path):
+    out = tmp_path / "q"
+    done = discq("quantize", TINY_LLAMA, "--method", "gptvq", "--bits", "2", "--calib",
+                 CALIB_TEXT, "--n-calib", "8", "--seq-len", "64", "--out", out,
+                 "--eval-windows", "1", "--json")
+    q = json.loads(done.stdout)
+    # 2048-weight codebooks: 0.125 bits a weight (the tiny k/v layers hold fewer, a bit more)
+    assert q["method"] == "gptvq" and 2.1 < q["bits_per_weight"] < 2.25
+    assert "symmetric" not in done.stderr  # the CLI's grid options are not passed on
+    run_python(f"""
+        import torch, discq
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        w = model.model.layers[0].mlp.down_proj.weight
+        assert isinstance(w, discq.VectorQuantizedTensor) and w.vector_dim == 2, w
+        ids = torch.tensor([[1, 2, 3, 4]])
+        out = discq.generate(model, ids, 4, cpp_wrapper=False)  # compiled token step
+        assert out.shape == (1, 8)
+    """)
+
+
 def test_existing_output_is_refused_before_work(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     done = discq("quantize", TINY_LLAMA, "--out", tmp_path, check=False)
@@ -95,7 +116,7 @@ def test_unknown_method_is_a_clear_error():
 def test_methods_lists_every_registered_method_with_its_paper():
     from discq.methods import METHODS
     r = json.loads(discq("methods", "--json").stdout)
-    assert [m["name"] for m in r] == ["rtn", "gptq", "disc", "quip-sharp", "qtip"]
+    assert [m["name"] for m in r] == ["rtn", "gptq", "gptvq", "disc", "quip-sharp", "qtip"]
     assert {m["name"] for m in r} == set(METHODS)
     assert all(m["paper"] for m in r if m["data_driven"])
     text = discq("methods").stdout

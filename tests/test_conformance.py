@@ -10,6 +10,7 @@ from discq.tensors.gguf import GGUFGrid
 from discq.tensors.grid import AffineGrid
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from discq.tensors.lattice import LatticeQuantizedTensor
+from discq.tensors.gptvq import VectorQuantizedTensor
 from discq.tensors.qtip import TrellisQuantizedTensor
 
 
@@ -102,6 +103,23 @@ class TestTrellis1Mad3Bit(FormatConformance):
 
     def make(self, W):
         return TrellisQuantizedTensor.from_hp(W, 3, "1mad", seed=3)
+
+
+class TestVectorCodebook2Bit2D(FormatConformance):
+    max_relative_error = 0.42  # measured 0.333
+
+    def make(self, W):
+        return VectorQuantizedTensor.from_hp(W, 2, 2, kmeans_iters=10)
+
+
+class TestVectorCodebook3Bit1DBlockScales(FormatConformance):
+    """4-bit block scales (the optional `block_scale`), GPTVQ's loop with H = I."""
+    max_relative_error = 0.21  # measured 0.167
+
+    def make(self, W):
+        from discq.passes.gptvq import gptvq_config, gptvq_layer
+        return gptvq_layer(W, torch.eye(W.shape[1]),
+                           gptvq_config(3, 1, group_size=1024, scale_block=16, kmeans_iters=10))
 
 
 class TestGGUFQ4K(FormatConformance):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 # small budgets: this checks the round trip, not the rounding
 SETTINGS = {"disc": {"steps": 2, "batch_size": 2}, "quip-sharp": {"finetune": False,
                                                                    "refine_passes": 0},
-            "qtip": {"finetune": False, "state_bits": 10}}
+            "qtip": {"finetune": False, "state_bits": 10}, "gptvq": {"kmeans_iters": 5}}
 
 
 @pytest.fixture(scope="module")
