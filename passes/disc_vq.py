@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from discq.tensors import kmeans, vq
-from discq.tensors.gptvq import VectorQuantizedTensor, from_groups, to_groups
+from discq.tensors.gptvq import KMeansCodebooks, VectorQuantizedTensor, kmeans_codebooks
 from torch import Tensor, nn
 
 from .disc import DiscConfig, Relaxation, register_codebook
@@ -33,41 +33,33 @@ class RelaxedVectorLinear(Relaxation):
                  generator: torch.Generator):
         super().__init__()
         self.original, self.bits, self.dim, self.teacher = linear, bits, dim, False
-        W = linear.weight.detach().float()
-        N, K = W.shape
-        vq.check_shape(N, K, dim)
-        self.R_g, self.C_g = vq.group_shape(N, K, dim, group_size)
-        X = to_groups(W, self.R_g, self.C_g, dim)  # [G, P, d]
-        C, _ = kmeans.kmeans(X, torch.ones(1, 1, dim, device=W.device), vq.entries(bits, dim),
-                             KMEANS_ITERS)
-        GR, GC = N // self.R_g, K // self.C_g
-        codebook, scale = vq.int8_codebook(C)
-        self.register_buffer("codebook", codebook.view(GR, GC, -1, dim), persistent=False)
-        self.register_buffer("scale", scale.view(GR, GC), persistent=False)
-        x0 = self._fit_candidates(X, vq.codebook_values(codebook, scale), N, K)
+        fit = kmeans_codebooks(linear.weight, bits, dim, group_size, KMEANS_ITERS)
+        self.register_buffer("codebook", fit.codebook, persistent=False)
+        self.register_buffer("scale", fit.scale, persistent=False)
+        x0 = self._fit_candidates(fit)
         if init == "uniform":
             x0 = torch.rand(x0.shape, generator=generator).to(x0.device)
         self.x = nn.Parameter(x0)  # [N, K/d] fp32
 
     @torch.no_grad()
-    def _fit_candidates(self, X: Tensor, values: Tensor, N: int, K: int) -> Tensor:
-        """Sets the two candidate indices, the pull 1 − 2t and the RTN noise from the vectors
-        X [G, P, d] and codebooks [G, E, d]; returns x at nearest-point rounding (zeros)."""
-        ones = torch.ones(1, 1, self.dim, device=X.device)
+    def _fit_candidates(self, fit: KMeansCodebooks) -> Tensor:
+        """Sets the two candidate indices, the pull 1 − 2t and the RTN noise from the fitted
+        codebooks; returns x at nearest-point rounding (zeros)."""
+        X, values = fit.X, fit.values()  # [G, P, d], [G, E, d]
+        ones = torch.ones_like(X[:1, :1])
         two = kmeans.weighted_distances(X, ones, values).topk(2, -1, largest=False).indices
         down = values.gather(1, two[..., :1].expand_as(X))  # [G, P, d]
         up = values.gather(1, two[..., 1:].expand_as(X))
         diff = up - down
         n2 = diff.pow(2).sum(-1)
         t = ((X - down) * diff).sum(-1) / n2.clamp(min=1e-12)
-        back = lambda a: from_groups(a, N, K, self.R_g, self.C_g, self.dim)  # noqa: E731
-        self.register_buffer("down", back(two[..., 0]).to(torch.uint8), persistent=False)
-        self.register_buffer("up", back(two[..., 1]).to(torch.uint8), persistent=False)
-        self.register_buffer("pull", back(torch.where(n2 > 0, 1 - 2 * t, 0.0)).half(),
+        self.register_buffer("down", fit.back(two[..., 0]).to(torch.uint8), persistent=False)
+        self.register_buffer("up", fit.back(two[..., 1]).to(torch.uint8), persistent=False)
+        self.register_buffer("pull", fit.back(torch.where(n2 > 0, 1 - 2 * t, 0.0)).half(),
                              persistent=False)
         # the affine grid's normalization: 12·E[(rounded − W)²]
         self.rtn_noise = 12 * float((down - X).pow(2).mean())
-        return torch.zeros(N, K // self.dim, device=X.device)
+        return torch.zeros(fit.N, fit.K // self.dim, device=X.device)
 
     def _vectors(self, idx: Tensor) -> Tensor:
         """Codewords of indices [N, K/d]: [N, K/d, d] fp32, as one embedding lookup into all

@@ -13,6 +13,8 @@ time); otherwise the weight is decoded (Triton on CUDA) and multiplied.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -119,19 +121,9 @@ class VectorQuantizedTensor(QuantizedTensor):
                 kmeans_iters: int = 25) -> VectorQuantizedTensor:
         """Data-free coding of W: [N, K]: k-means codebooks per group, nearest codewords (the
         baseline GPTVQ's Hessian feedback improves on)."""
-        vq.check_bits_dim(bits, dim)
-        N, K = W.shape
-        vq.check_shape(N, K, dim)
-        R_g, C_g = vq.group_shape(N, K, dim, group_size or vq.default_group_size(bits, dim))
-        X = to_groups(W.detach().float(), R_g, C_g, dim)  # [G, P, d]
-        ones = torch.ones_like(X[:1, :1])  # unweighted: [1, 1, dim]
-        C, _ = kmeans(X, ones, vq.entries(bits, dim), kmeans_iters)
-        codebook, scale = vq.int8_codebook(C)
-        idx = assign(X, ones, vq.codebook_values(codebook, scale))
-        GR, GC = N // R_g, K // C_g
-        return cls.from_indices(from_groups(idx, N, K, R_g, C_g, dim),
-                                codebook.view(GR, GC, -1, dim), scale.view(GR, GC), bits, dim,
-                                W.dtype)
+        fit = kmeans_codebooks(W, bits, dim, group_size, kmeans_iters)
+        idx = assign(fit.X, torch.ones_like(fit.X[:1, :1]), fit.values())
+        return cls.from_indices(fit.back(idx), fit.codebook, fit.scale, bits, dim, W.dtype)
 
     # ---- views ----------------------------------------------------------------------------
     def indices(self) -> Tensor:
@@ -184,6 +176,45 @@ class VectorQuantizedTensor(QuantizedTensor):
         return (f"VectorQuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, "
                 f"dim={self.vector_dim}, codebooks={GR}x{GC} of {self.codebook.shape[2]}, "
                 f"scale_block={self.scale_block}, dtype={self.dtype}, device={self.device})")
+
+
+@dataclass
+class KMeansCodebooks:
+    """Codebooks fitted by unweighted k-means on W's own vectors: X [G, P, d] the vectors of each
+    group, codebook int8 [G_r, G_c, E, d], scale fp16 [G_r, G_c]."""
+
+    X: Tensor
+    codebook: Tensor
+    scale: Tensor
+    N: int
+    K: int
+    R_g: int
+    C_g: int
+    dim: int
+
+    def values(self) -> Tensor:
+        """The stored codebooks as floats, one per group in `X`'s order: [G, E, d]."""
+        return vq.codebook_values(self.codebook, self.scale).flatten(0, 1)
+
+    def back(self, a: Tensor) -> Tensor:
+        """Per-vector values [G, P] in weight order [N, K/d]."""
+        return from_groups(a, self.N, self.K, self.R_g, self.C_g, self.dim)
+
+
+def kmeans_codebooks(W: Tensor, bits: int, dim: int, group_size: int | None, iters: int
+                     ) -> KMeansCodebooks:
+    """k-means codebooks of W: [N, K] per group of about `group_size` weights (default: 0.125
+    bits a weight), rounded to int8 (`from_hp` and DiscQuant's relaxation start from them)."""
+    vq.check_bits_dim(bits, dim)
+    N, K = W.shape
+    vq.check_shape(N, K, dim)
+    R_g, C_g = vq.group_shape(N, K, dim, group_size or vq.default_group_size(bits, dim))
+    X = to_groups(W.detach().float(), R_g, C_g, dim)  # [G, P, d]
+    C, _ = kmeans(X, torch.ones_like(X[:1, :1]), vq.entries(bits, dim), iters)
+    codebook, scale = vq.int8_codebook(C)
+    GR, GC = N // R_g, K // C_g
+    return KMeansCodebooks(X, codebook.view(GR, GC, -1, dim), scale.view(GR, GC), N, K, R_g,
+                           C_g, dim)
 
 
 def to_groups(W: Tensor, R_g: int, C_g: int, dim: int) -> Tensor:
