@@ -45,6 +45,13 @@ def _fake(x, qdata, scale, zero_point, bias, bits, group_size, in_features):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
+def serves(x: Tensor) -> bool:
+    """The trellis and vector-codebook kernels can take x: CPU floats with nothing to
+    differentiate, and the library built or buildable."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return x.device.type == "cpu" and x.dtype in FLOATS and not needs_grad and load()
+
+
 def _flags() -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]

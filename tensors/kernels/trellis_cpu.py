@@ -41,11 +41,7 @@ def viterbi(x: Tensor, values: Tensor, kV: int, overlap: Tensor | None = None) -
                                        L, kV, overlap)
 
 
-def supports(x: Tensor) -> bool:
-    """CPU floats with nothing to differentiate, and the library built or buildable."""
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return (x.device.type == "cpu" and x.dtype in affine_cpu.FLOATS and not needs_grad
-            and available())
+supports = affine_cpu.serves  # CPU floats, no gradient, library available
 
 
 def trellis_linear(x: Tensor, qdata: Tensor, lut: Tensor | None, bits: int, code: str,

@@ -20,11 +20,7 @@ def _linear_fake(x, qdata, codebook, scale, block_scale, bits, dim, scale_block)
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
-def supports(x: Tensor) -> bool:
-    """CPU floats with nothing to differentiate, and the library built or buildable."""
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return (x.device.type == "cpu" and x.dtype in affine_cpu.FLOATS and not needs_grad
-            and affine_cpu.load())
+supports = affine_cpu.serves  # CPU floats, no gradient, library available
 
 
 def vq_linear(x: Tensor, qdata: Tensor, codebook: Tensor, scale: Tensor,
