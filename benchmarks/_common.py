@@ -72,3 +72,13 @@ def write(name: str, payload: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def status_gib(field: str) -> float:
+    """A /proc/self/status memory field in GiB. VmHWM is this program's own peak resident set:
+    `ru_maxrss` would also count the parent's resident set at the fork (Linux carries it
+    over the exec), which here holds a whole model."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 # on the quantizer load operations of transformers 5; with an older one, save_quantized only
 if int(importlib.metadata.version("transformers").split(".")[0]) >= 5:
     from discq import hf  # noqa: F401
+    from discq.stream import quantize_pretrained  # writes the transformers layout
 else:
     hf = None
 
@@ -65,6 +66,7 @@ __all__ = [
     "generate",
     "gptq_config",
     "quantize_head_",
+    "quantize_pretrained",
     "load_quantized",
     "quantize_",
     "quantized_weights",

@@ -30,15 +30,13 @@ def quantize(args: argparse.Namespace) -> dict:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the long work
         raise FileExistsError(f"{out} is not empty; choose a new --out or pass --overwrite")
     _check_format(args)
+    if args.stream:
+        return _quantize_streaming(args, out)
     model, tok = load_model(args.model)
     calib = None
     if METHODS[args.method].data_driven:
         calib = calibration_batches(tok, args.calib, n_samples=args.n_calib, seq_len=args.seq_len)
-    extra = {} if args.steps is None else {"steps": args.steps}
-    if args.group_along != "input":
-        extra["group_along"] = args.group_along
-    if args.format.startswith("gguf:"):  # the mixture decides every layer's grid
-        extra["gguf"] = args.format.split(":", 1)[1]
+    extra = _config_extras(args)
     qmodel, summary = pipeline.quantize_copy(
         model, args.method, bits=args.bits, group_size=args.group_size or None,
         calibration=calib, quantize_head=args.quantize_head, head_bits=args.head_bits,
@@ -49,6 +47,81 @@ def quantize(args: argparse.Namespace) -> dict:
                 "evaluation": evaluation}
     _save(qmodel, out, tok, args, metadata)
     return {"model": args.model, **summary, **_headline(evaluation), "out": str(out)}
+
+
+def _config_extras(args: argparse.Namespace) -> dict:
+    """The config keywords the command line's options set beyond bits and group size."""
+    import inspect
+
+    from discq.methods import config_constructor
+    extra = {} if args.steps is None else {"steps": args.steps}
+    if args.group_along != "input":
+        extra["group_along"] = args.group_along
+    if getattr(args, "format", "hf").startswith("gguf:"):  # the mixture decides the grids
+        extra["gguf"] = args.format.split(":", 1)[1]
+    if getattr(args, "checkpoint_dir", None):
+        if "checkpoint_dir" not in inspect.signature(config_constructor(args.method)).parameters:
+            raise ValueError(f"--checkpoint-dir: {args.method} finishes in one pass and keeps no "
+                             f"checkpoints; drop the option")
+        extra["checkpoint_dir"] = args.checkpoint_dir
+    return extra
+
+
+def _quantize_streaming(args: argparse.Namespace, out: Path) -> dict:
+    """--stream: `quantize_pretrained` from the model directory's shards."""
+    from discq.data import calibration_batches
+    from discq.methods import METHODS, build_config
+    from discq.stream import quantize_pretrained
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--stream reads a transformers model directory (config.json and "
+                         f"safetensors shards); {args.model!r} is not one")
+    if args.format != "hf" or args.head_bits:
+        raise ValueError("--stream writes the transformers layout (--format hf) and has no "
+                         "--head-bits; drop those options")
+    calib = None
+    if METHODS[args.method].data_driven:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.model)
+        calib = calibration_batches(tok, args.calib, n_samples=args.n_calib, seq_len=args.seq_len)
+    config = build_config(args.method, bits=args.bits, group_size=args.group_size or None,
+                          calibration=calib, symmetric=args.symmetric,
+                          **{k: v for k, v in _config_extras(args).items()
+                             if k != "checkpoint_dir"})
+    t0 = time.perf_counter()
+    quantize_pretrained(args.model, config, out, quantize_head=args.quantize_head,
+                        dtype=getattr(torch, args.dtype) if args.dtype else None,
+                        overwrite=args.overwrite, metadata={"source": args.model})
+    return {"model": args.model, "method": args.method, "bits": args.bits, "streamed": True,
+            "quantize_seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_gib": round(pipeline.peak_rss_gib(), 2), "out": str(out)}
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """`discq plan`: the estimate `quantize_` and `quantize_pretrained` check before running."""
+    from discq.methods import build_config
+    from discq.passes.memory_plan import GiB, available_bytes, plan_run
+    from discq.passes.quantize import select_linears
+    from discq.pipeline import keep_head_filter
+    if (Path(args.model) / "config.json").is_file():
+        from discq.stream import skeleton
+        model = skeleton(Path(args.model))
+    else:
+        from discq.models import load_model
+        model = load_model(args.model)[0]
+    config = build_config(args.method, bits=args.bits, group_size=args.group_size or None,
+                          symmetric=args.symmetric, **_config_extras(args))
+    chosen = (lambda m, fqn: True) if args.quantize_head else keep_head_filter(model)
+    result = plan_run(model, config, select_linears(model, chosen),
+                      tokens=args.n_calib * args.seq_len, stream=args.stream,
+                      dtype=getattr(torch, args.dtype) if args.dtype else None)
+    free = available_bytes()
+    summary = {"model": args.model, "method": args.method, "stream": args.stream,
+               **result.to_dict(), "available_gib": round(free / GiB, 2),
+               "fits": result.peak <= free}
+    if not args.json:  # the parts as lines, the rest as the table
+        print(result.describe())
+        del summary["parts_gib"]
+    return summary
 
 
 def _card_evaluation(qmodel, model, tok, args: argparse.Namespace) -> dict | None:

@@ -3,6 +3,8 @@
     discq quantize smollm2-135m --method gptq --bits 3 --group-size 64 --out out/
     discq eval out/ --data shakespeare
     discq bench out/
+    discq plan big-model/ --method gptq --stream   # peak memory and time, before running
+    discq quantize big-model/ --method gptq --stream --out q/   # block by block from disk
     discq methods                      # what is registered, one line each with its paper
 """
 from __future__ import annotations
@@ -73,7 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "loaded from a .gguf), compressed-tensors (pack-quantized for vLLM; "
                         "needs --symmetric)")
     q.add_argument("--overwrite", action="store_true", help="replace discq files in --out")
+    q.add_argument("--stream", action="store_true",
+                   help="quantize block by block from the model directory's safetensors "
+                        "shards (memory: about one block, whatever the model's size); resumes "
+                        "from <out>.partial when run again; no evaluation (the original is "
+                        "never in memory); RTN, GPTQ, GPTVQ, QuIP#/QTIP without fine-tuning")
+    q.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="with --stream: the precision blocks are computed in (default: as "
+                        "stored)")
+    q.add_argument("--checkpoint-dir", default=None,
+                   help="save finished blocks (GPTQ, GPTVQ, QuIP#, QTIP) or optimizer "
+                        "checkpoints (DiscQuant) here; the same command run again resumes")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pl = sub.add_parser("plan", help="estimate a run's peak memory and time before running it")
+    pl.add_argument("model", help="a transformers model directory (read as a skeleton: no "
+                                  "weights are loaded), or a bundled name")
+    _add_grid_args(pl)
+    _add_data_args(pl, "calib", 128, 512)
+    pl.add_argument("--stream", action="store_true", help="plan a streaming run (--stream)")
+    pl.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="the precision weights are computed in (default: as stored)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement vs the original model")
     e.add_argument("model", help="a directory written by `discq quantize`, or a model name")
     e.add_argument("--reference", default=None,
@@ -105,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from discq import _commands
     run = {"quantize": _commands.quantize, "eval": _commands.evaluate,
-           "bench": _commands.bench}[args.command]
+           "bench": _commands.bench, "plan": _commands.plan}[args.command]
     try:
         # with --json, stdout carries only the JSON: progress bars (Lightning's rich bar
         # writes to stdout) go to stderr
         with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
             result = run(args)
-    except (ValueError, TypeError, FileExistsError, ImportError) as e:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError,
+            MemoryError) as e:
         print(f"discq {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -32,14 +32,17 @@ MANIFEST = "discq.json"
 WEIGHTS = "model.safetensors"
 
 
-def _collect(model: nn.Module, with_tensors: bool = True
+def _collect(model: nn.Module, with_tensors: bool = True, skip=None
              ) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten the state dict: plain tensors as they are, quantized ones into their parts.
-    `with_tensors=False`: only the description (nothing copied), e.g. for a config."""
+    `with_tensors=False`: only the description (nothing copied), e.g. for a config.
+    `skip(key)`: keys left out (a streaming run's blocks, written already)."""
     tensors: dict[str, torch.Tensor] = {}
     quantized, aliases, first_key = {}, {}, {}
     storages: set[int] = set()  # data pointers already written
     for key, t in model.state_dict(keep_vars=True).items():
+        if skip is not None and skip(key):
+            continue
         if id(t) in first_key:  # tied weights are stored once
             aliases[key] = first_key[id(t)]
             continue
@@ -124,13 +127,14 @@ def _write(tmp: Path, model: nn.Module, tensors, meta, tokenizer, metadata) -> N
     (tmp / MANIFEST).write_text(json.dumps(_manifest(tensors, meta, model, metadata), indent=1))
 
 
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Carry over the files of an existing `path` that discq did not write, then rename."""
+def _swap_into_place(tmp: Path, path: Path, carry=None) -> None:
+    """Carry over the files of an existing `path` that discq did not write (and `carry(name)`
+    allows), then rename."""
     if not path.exists():
         os.replace(tmp, path)
         return
     for old in path.iterdir():
-        if not (tmp / old.name).exists():
+        if not (tmp / old.name).exists() and (carry is None or carry(old.name)):
             os.replace(old, tmp / old.name)
     backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(path, backup)  # two renames: at every instant one complete copy exists
@@ -210,3 +214,17 @@ def model_class(path: Path):
         raise CheckpointError(f"{path / 'config.json'}: architecture {arch!r} is not one this "
                               f"transformers has; pass a skeleton model")
     return cls, config
+
+
+def _save_module(module: nn.Module, path: Path) -> None:
+    save_quantized(module, path, overwrite=True)
+
+
+def _load_module(path: Path, module: nn.Module) -> None:
+    load_quantized(path, model=module)
+
+
+# a resumable run's finished blocks are saved and restored like any quantized model
+from discq.passes.block_source import register_module_store  # noqa: E402
+
+register_module_store(_save_module, _load_module)

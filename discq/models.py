@@ -91,9 +91,20 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
         model, tok = _load(name_or_path, name, dtype)
     if not getattr(model.config, "architectures", None):  # GGUF configs lack it; io needs it
         model.config.architectures = [type(model).__name__]
+    _forget_gguf(model)
     _check_tied(model)
     model.requires_grad_(False)
     return model.to(device).eval(), tok
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """A model read from a .gguf file holds its weights dequantized, yet transformers marks it
+    GGUF-quantized and refuses to `save_pretrained` it; it is a full-precision model now, so
+    the marks go (it then saves as any model does: a plain directory to stream from)."""
+    from transformers.utils.quantization_config import GgufConfig
+    if isinstance(getattr(model.config, "quantization_config", None), GgufConfig):
+        del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
 
 
 def _load(name_or_path, name: str, dtype: torch.dtype):

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block_cache import FrozenChildren
+from .block_source import current_source
 from .hessian import HessianAccumulator
 from .hessian import StopForward as _StopForward
 
@@ -56,14 +57,22 @@ def _forward_model(model: nn.Module, ids: torch.Tensor) -> None:
         model(ids)
 
 
+Sink = Callable[[int, torch.Tensor], torch.Tensor]  # (batch, hidden) -> where it is kept
+
+
 @torch.no_grad()
-def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> Inputs:
+def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches,
+                 sink: Sink | None = None) -> Inputs:
     """The (args, kwargs) the first block receives for each calibration batch (the forward is
-    stopped there by a pre-hook, so nothing after the embeddings is computed)."""
+    stopped there by a pre-hook, so nothing after the embeddings is computed). `sink` moves
+    each hidden state where it is kept (a memory-mapped file)."""
     captured = []
 
     def grab(module, args, kwargs):
-        captured.append((list(args), dict(kwargs)))
+        args, kwargs = list(args), dict(kwargs)
+        if sink is not None:
+            set_hidden(args, kwargs, sink(len(captured), input_hidden(args, kwargs)))
+        captured.append((args, kwargs))
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -103,10 +112,10 @@ def set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: Inputs, *, update: bool,
-              cache: FrozenChildren | None = None) -> Any:
-    """Run the block over every batch; with update=True its outputs become the inputs. A
-    forward that raises _StopForward (a hook that has seen what it needs) ends that batch.
-    Returns the block's last output (its container is the template for `_like`)."""
+              cache: FrozenChildren | None = None, sink: Sink | None = None) -> Any:
+    """Run the block over every batch; with update=True its outputs become the inputs (kept
+    by `sink` when given). A forward that raises _StopForward (a hook that has seen what it
+    needs) ends that batch. Returns the block's last output (the template for `_like`)."""
     out = None
     for i, (args, kwargs) in enumerate(inputs):
         if cache is not None:
@@ -116,7 +125,8 @@ def run_block(block: nn.Module, inputs: Inputs, *, update: bool,
         except _StopForward:
             continue
         if update:
-            set_hidden(args, kwargs, hidden_state(out))
+            h = hidden_state(out)
+            set_hidden(args, kwargs, h if sink is None else sink(i, h))
     return out
 
 
@@ -187,15 +197,22 @@ class BlockHooks:
     def finish(self, block: nn.Module | None) -> None:
         pass
 
+    def carried(self) -> list[torch.Tensor] | None:
+        """Per-batch tensors the hooks carry from block to block (a resumable run saves them)."""
+        return None
+
+    def carry(self, inputs: Inputs, tensors: list[torch.Tensor]) -> None:
+        """Take back what `carried` returned, in a resumed run."""
+
 
 def _quantize_block(block, inner: dict, inputs: Inputs, quantize_group: QuantizeGroup,
-                    true_sequential: bool, hooks: BlockHooks) -> Any:
+                    true_sequential: bool, hooks: BlockHooks, sink: Sink | None) -> Any:
     """Round the block's targets group by group (the linears of a group read the same input,
     so one Hessian serves them all), then replace `inputs` by the block's outputs."""
     hooks.before(block, inputs)
     if not inner:
         hooks.after(block, inputs)
-        return run_block(block, inputs, update=True)
+        return run_block(block, inputs, update=True, sink=sink)
     groups, events = trace_block(block, inner, inputs)
     if not true_sequential:
         groups = [[m for g in groups for m in g]]
@@ -210,7 +227,7 @@ def _quantize_block(block, inner: dict, inputs: Inputs, quantize_group: Quantize
         if hooks.changes_block:
             cache.close()
         hooks.after(block, inputs)
-        return run_block(block, inputs, update=True,
+        return run_block(block, inputs, update=True, sink=sink,
                          cache=None if hooks.changes_block else cache)
     finally:
         cache.close()
@@ -234,25 +251,86 @@ def sequential_quantize(model: nn.Module, batches, targets: list[tuple[str, nn.L
     inputs the outputs of the already-quantized blocks before it, call
     `quantize_layer(fqn, linear, H)` per target (GPTQ) or `quantize_group([(fqn, linear)],
     H)` per group of targets reading the same input (QuIP# rounds a group as one stacked
-    matrix); targets outside the blocks (an untied head) come last, one group each."""
+    matrix); targets outside the blocks (an untied head) come last, one group each. Blocks come
+    from the active source (`block_source.use_source`: a resumable or streaming run), else
+    from the model in memory."""
     if (quantize_layer is None) == (quantize_group is None):
         raise TypeError("pass exactly one of quantize_layer and quantize_group")
     quantize_group = quantize_group or per_layer(quantize_layer)
     hooks = hooks or BlockHooks()
     by_module = {m: fqn for fqn, m in targets}
     _, blocks = find_blocks(model)
-    inputs = block_inputs(model, blocks, batches)
+    source = current_source()
+    if source is None:
+        inputs = block_inputs(model, blocks, batches)
+        last = _run_blocks(blocks, 0, by_module, inputs, quantize_group, true_sequential,
+                           hooks, None, desc)
+        _quantize_rest(model, blocks, by_module, inputs, last, batches, quantize_group, hooks)
+        return
+    source.begin(model, blocks, batches, targets)
+    last = _resumable_blocks(model, blocks, batches, by_module, quantize_group,
+                             true_sequential, hooks, source, desc)
+    _quantize_rest(model, blocks, by_module, source.inputs, last, batches, quantize_group,
+                   hooks, source)
+    source.end()
+
+
+def _run_blocks(blocks, start: int, by_module: dict, inputs: Inputs, quantize_group,
+                true_sequential: bool, hooks: BlockHooks, source, desc: str) -> Any:
+    """Quantize blocks[start:]; with a source, each is loaded before and handed to it after."""
     last = None
-    for block in tqdm(blocks, desc=desc, unit="block"):
-        inner = {m: by_module[m] for m in block.modules() if m in by_module}
-        last = _quantize_block(block, inner, inputs, quantize_group, true_sequential, hooks)
-        hooks.finish(block)
+    sink = source.activations.output if source is not None else None
+    with tqdm(desc=desc, unit="block", initial=start, total=len(blocks)) as bar:
+        for i in range(start, len(blocks)):
+            block = blocks[i]
+            if source is not None:
+                source.load(i, block)
+            inner = {m: by_module[m] for m in block.modules() if m in by_module}
+            last = _quantize_block(block, inner, inputs, quantize_group, true_sequential, hooks,
+                                   sink)
+            hooks.finish(block)
+            if source is not None:
+                source.activations.swap()
+                source.done(i, block, last, hooks.carried())
+            bar.update(1)
+    return last
+
+
+def _resumable_blocks(model, blocks, batches, by_module, quantize_group, true_sequential,
+                      hooks: BlockHooks, source, desc: str) -> Any:
+    """The block loop of a run with a source: finished blocks are restored, not redone."""
+    acts, start = source.activations, source.finished
+    # a resumed run captures the first block's inputs only for their kwargs (masks, rotary
+    # tables): the hidden states it writes go to the scratch file, then the stored ones count
+    inputs = block_inputs(model, blocks, batches, sink=acts.output if start else acts.capture)
+    source.inputs = inputs
+    if start:
+        source.resume(inputs)
+        carried = source.carried()
+        if carried is not None:
+            hooks.carry(inputs, carried)
+        for i in range(start):
+            source.restore(i, blocks[i])
+    last = _run_blocks(blocks, start, by_module, inputs, quantize_group, true_sequential,
+                       hooks, source, desc)
+    return source.template() if last is None else last
+
+
+def _quantize_rest(model, blocks, by_module: dict, inputs: Inputs, last, batches,
+                   quantize_group, hooks: BlockHooks, source=None) -> None:
+    """The targets outside the blocks (an untied head), one group each, last."""
     in_blocks = {m for b in blocks for m in b.modules()}
     rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
-    if rest:
+    if not rest:
+        return
+    if source is not None and source.rest_finished:
+        source.restore_rest(rest)
+    else:
         for m, H in zip(rest, outside_hessians(model, blocks, inputs, last, batches, rest)):
             quantize_group([(rest[m], m)], H)
         hooks.finish(None)
+        if source is not None:
+            source.rest_done(rest)
 
 
 def outside_hessians(model, blocks, inputs: Inputs, template, batches, rest: dict

@@ -22,7 +22,6 @@ x is fp32, not bf16: late in the cosine schedule AdamW's steps are far below bf1
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +54,8 @@ from torch import Tensor, nn
 
 from .config import GridConfig, check_finetune
 from .registry import constructs, handles, register_method
-from .validate import check_bool, check_int, check_number
+from .sharding import is_sharded, local, rows_held
+from .validate import check_bool, check_dir, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def register_codebook(name: str, relax, check=None) -> None:
 @register_method("disc",
                  summary="DiscQuant: each weight's grid neighbour chosen by KL distillation",
                  paper="Chee et al., DiscQuant (2025), arXiv:2501.06417",
-                 data_driven=True, order=20)
+                 data_driven=True, order=20, end_to_end=True)
 @dataclass
 class DiscConfig(GridConfig):
     """DiscQuant on the affine grid; see `disc_config`. `calibration` and `trainer_kwargs` are
@@ -129,11 +129,7 @@ class DiscConfig(GridConfig):
                              f"the RTN vertex), got {self.init!r}")
         check_bool(gradient_checkpointing=self.gradient_checkpointing,
                    incoherence=self.incoherence)
-        if isinstance(self.checkpoint_dir, os.PathLike):
-            self.checkpoint_dir = os.fspath(self.checkpoint_dir)
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            raise TypeError(f"checkpoint_dir must be a directory path or None, got "
-                            f"{type(self.checkpoint_dir).__name__}")
+        self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
             raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments "
                             f"(e.g. dict(devices=2, strategy='ddp')), got "
@@ -214,10 +210,11 @@ class Relaxation(nn.Module):
     def apply_pull(self, rho: float, clamp: float) -> None:
         """x.grad ← (1 − 2y) + clamp(ρ·x.grad, −c, c), in place (x.grad holds ∇ₓ(loss); y is
         the weight's position between its two candidates, 1 − 2y is stored as `pull`)."""
+        pull = rows_held(self.pull, self.x)  # sharded x (FSDP): the rows this process holds
         if self.x.grad is None:
-            self.x.grad = self.pull.float()
+            self.x.grad = _like_x(pull.float(), self.x)
         else:
-            self.x.grad.mul_(rho).clamp_(-clamp, clamp).add_(self.pull)
+            local(self.x.grad).mul_(rho).clamp_(-clamp, clamp).add_(pull)
 
 
 class RelaxedLinear(Relaxation):
@@ -323,6 +320,14 @@ class RelaxedLinear(Relaxation):
         return IncoherentQuantizedTensor.wrap(q, *self.rotation)
 
 
+def _like_x(t: Tensor, x) -> Tensor:
+    """`t` (this process's rows) as a gradient for x: a shard like x's when x is sharded."""
+    if not is_sharded(x):
+        return t
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(t, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())
+
+
 def hidden_mse(teacher_hidden, student_hidden) -> Tensor:
     """The intermediate-layer term: relative squared error of every layer's hidden state,
     ‖h_s − h_t‖² / ‖h_t‖², averaged over layers (the embeddings' output, identical in both,
@@ -340,8 +345,9 @@ def next_token_ce(student_logits: Tensor, ids: Tensor) -> Tensor:
 @torch.no_grad()
 def frac_at_vertex(layers: list[RelaxedLinear], tol: float = 1e-3) -> float:
     """Fraction of the variables within `tol` of 0 or 1."""
-    n = sum(l.x.numel() for l in layers)
-    at = sum(int(((l.x - 0.5).abs() >= 0.5 - tol).sum()) for l in layers)
+    xs = [local(l.x) for l in layers]  # sharded: this process's part (a progress figure)
+    n = sum(x.numel() for x in xs)
+    at = sum(int(((x - 0.5).abs() >= 0.5 - tol).sum()) for x in xs)
     return at / max(n, 1)
 
 

@@ -16,6 +16,7 @@ from discq.tensors.hadamard import (
 from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import Tensor, nn
 
+from .block_source import checkpointed
 from .calibration import as_batches
 from .capture import sequential_quantize
 from .config import GridConfig, check_finetune
@@ -23,7 +24,7 @@ from .gptq_core import gptq_quantize
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
 from .rtn import check_extras, finish
-from .validate import check_bool, check_int, check_number
+from .validate import check_bool, check_dir, check_int, check_number
 
 
 @register_method("gptq", summary="GPTQ/LDLQ: Hessian error feedback, layer by layer",
@@ -43,6 +44,7 @@ class GPTQConfig(GridConfig):
     lowrank: int = 0
     finetune: bool = False
     finetune_steps: int = 100
+    checkpoint_dir: str | None = None
 
     ALLOWED_GROUP_ALONG: ClassVar[tuple[str, ...]] = ("input", "output", "auto")
 
@@ -52,6 +54,7 @@ class GPTQConfig(GridConfig):
         check_int(1, block_size=self.block_size)                 # 128 in the paper
         check_extras(self)
         check_finetune(self)
+        self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
         check_bool(act_order=self.act_order, true_sequential=self.true_sequential)
 
 
@@ -61,7 +64,8 @@ def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = F
                 act_order: bool = True, block_size: int = 128, true_sequential: bool = True,
                 incoherence: bool = False, lowrank: int = 0,
                 scale_dtype: str = "float16", finetune: bool = False,
-                finetune_steps: int = 100, gguf: str | None = None) -> GPTQConfig:
+                finetune_steps: int = 100, gguf: str | None = None,
+                checkpoint_dir: str | None = None) -> GPTQConfig:
     """GPTQ with `calibration` = list of LongTensor [B, S] token batches
     (`discq.data.calibration_batches`). `incoherence=True` quantizes W̃ = R_out W R_inᵀ with
     the Hessian R_in H R_inᵀ (randomized Hadamard rotations, QuIP); `lowrank=r` adds a
@@ -69,13 +73,15 @@ def gptq_config(bits: int = 4, group_size: int | None = 128, symmetric: bool = F
     continuous (norms, biases, sign vectors) for `finetune_steps` steps against the original
     model's next-token distribution, codes fixed (as QuIP# does; needs Lightning).
     `gguf="Q4_K"` or a llama.cpp mixture `gguf="Q4_K_M"`: round onto llama.cpp's block grid
-    (block scales fitted when GPTQ first reaches the block) instead of bits/group_size."""
+    (block scales fitted when GPTQ first reaches the block) instead of bits/group_size.
+    `checkpoint_dir`: each finished block is saved there, and the same call started again
+    after a crash continues from the next block, ending with the uninterrupted result."""
     return GPTQConfig(bits=bits, group_size=group_size, symmetric=symmetric,
                       group_along=group_along, scale_dtype=scale_dtype, calibration=calibration,
                       damp=damp, act_order=act_order, block_size=block_size,
                       true_sequential=true_sequential, incoherence=incoherence,
                       lowrank=lowrank, finetune=finetune, finetune_steps=finetune_steps,
-                      gguf=gguf)
+                      gguf=gguf, checkpoint_dir=checkpoint_dir)
 
 
 def proxy_loss(W: Tensor, Wq: Tensor, H: Tensor) -> float:
@@ -128,5 +134,6 @@ def _gptq_model(model: nn.Module, config: GPTQConfig, targets) -> None:
 
     for fqn, m in targets:  # refuse NaN weights before hours of work, naming the layer
         check_finite(m.weight, fqn)
-    sequential_quantize(model, batches, targets, quantize_layer,
-                        true_sequential=config.true_sequential, desc="GPTQ")
+    with checkpointed(config.checkpoint_dir, config.to_json()):
+        sequential_quantize(model, batches, targets, quantize_layer,
+                            true_sequential=config.true_sequential, desc="GPTQ")

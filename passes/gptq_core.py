@@ -30,13 +30,17 @@ def inverse_cholesky_upper(H: Tensor, damp: float, name: str = "") -> Tensor:
     """U upper-triangular with UᵀU = (H + λI)⁻¹, λ = damp·mean(diag H). A failed Cholesky is
     retried with 10× more damping, with a warning."""
     mean_diag = H.diagonal().mean()
-    for attempt in range(6):
+    for attempt in range(6):  # at most three K×K matrices besides H at a time: K = 14k is 2.3 GB
         lam = damp * 10**attempt * mean_diag
-        Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        Hd = H.clone()
+        Hd.diagonal().add_(lam)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 if attempt:
                     warnings.warn(f"GPTQ {name}: Hessian not positive definite with damp={damp};"
@@ -97,13 +101,14 @@ class _Groups:
 
 def _prepare(W: Tensor, H: Tensor, act_order: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Dead columns zeroed (H_ii = 0 → H_ii = 1, W[:, i] = 0), act-order permutation."""
-    W, H = W.float().clone(), H.float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
+    W, diag = W.float().clone(), H.diagonal().float()
+    dead = diag == 0
     W[:, dead] = 0
-    perm = (torch.argsort(H.diagonal(), descending=True, stable=True) if act_order
+    perm = (torch.argsort(diag.masked_fill(dead, 1), descending=True, stable=True) if act_order
             else torch.arange(W.shape[1], device=W.device))
-    return W[:, perm], H[perm][:, perm], perm
+    H = H.float()[perm[:, None], perm]  # one permuted copy, no intermediate of its size
+    H.diagonal()[dead[perm]] = 1
+    return W[:, perm], H, perm
 
 
 def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
@@ -115,6 +120,7 @@ def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
     with _few_threads(W.device.type == "cpu" and N * block_size <= SMALL_UPDATE):
         W, H, perm = _prepare(W, H, act_order)
         U = inverse_cholesky_upper(H, damp, name)
+        del H  # the permuted copy: U is all the column loop needs
         pos = torch.empty_like(perm)
         pos[perm] = torch.arange(K, device=perm.device)  # original column -> permuted position
         groups = _Groups(grid, N, K, scale_dtype, W.device)

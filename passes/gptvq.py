@@ -14,18 +14,19 @@ from discq.tensors import kmeans, vq
 from discq.tensors.gptvq import VectorQuantizedTensor
 from torch import Tensor, nn
 
+from .block_source import checkpointed
 from .calibration import as_batches
 from .capture import sequential_quantize
 from .config import QuantConfig, check_finetune
 from .gptvq_core import VQLayout, gptvq_quantize, update_codebooks
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
-from .validate import check_bool, check_int, check_number
+from .validate import check_bool, check_dir, check_int, check_number
 
 
 @register_method("gptvq", summary="GPTVQ: vector codebooks (k-means, int8) with Hessian error "
                  "feedback", paper="van Baalen et al., GPTVQ (2024), arXiv:2402.15319",
-                 data_driven=True, affine_grid=False, order=15)
+                 data_driven=True, affine_grid=False, order=15, layer_cost=3.0)
 @dataclass
 class GPTVQConfig(QuantConfig):
     """GPTVQ; see `gptvq_config`."""
@@ -45,6 +46,7 @@ class GPTVQConfig(QuantConfig):
     true_sequential: bool = True
     finetune: bool = False
     finetune_steps: int = 100
+    checkpoint_dir: str | None = None
 
     def __post_init__(self):
         vq.check_bits_dim(self.bits, self.dim)
@@ -54,6 +56,7 @@ class GPTVQConfig(QuantConfig):
         check_number(positive=True, below=10, damp=self.damp)
         check_bool(codebook_update=self.codebook_update, true_sequential=self.true_sequential)
         check_finetune(self)
+        self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
         if self.codebook_bits != 8:
             raise ValueError(f"codebook_bits: codebooks are stored as int8 with one scale each "
                              f"(GPTVQ's setting); got {self.codebook_bits!r}")
@@ -74,7 +77,7 @@ def gptvq_config(bits: int = 2, dim: int = 2, group_size: int | None = None, cal
                  scale_block: int | None = None, damp: float = 0.01, block_size: int = 128,
                  codebook_steps: int = 25, codebook_lr: float = 0.05,
                  true_sequential: bool = True, finetune: bool = False,
-                 finetune_steps: int = 100) -> GPTVQConfig:
+                 finetune_steps: int = 100, checkpoint_dir: str | None = None) -> GPTVQConfig:
     """GPTVQ with `calibration` = token batches (`discq.data.calibration_batches`): `bits` per
     weight (2, 3, 4) as one index of bits·dim bits per vector of `dim` weights (1, 2 or 4;
     bits·dim <= 8) into an int8 codebook shared by a group of about `group_size` weights
@@ -84,13 +87,15 @@ def gptvq_config(bits: int = 2, dim: int = 2, group_size: int | None = None, cal
     `codebook_steps` Adam steps (rate `codebook_lr` in units of the weight's RMS: 0.05 is the
     paper's 1e-3 on Llama's weights) on the layer's output error. `scale_block=64`: 4-bit
     log-domain scales per 64 weights of a row (+0.0625 bits). `finetune=True` then tunes
-    norms and biases end to end, codes fixed."""
+    norms and biases end to end, codes fixed. `checkpoint_dir`: finished blocks are saved
+    there; the same call started again continues after the last one."""
     return GPTVQConfig(bits=bits, dim=dim, group_size=group_size, calibration=calibration,
                        kmeans_iters=kmeans_iters, codebook_update=codebook_update,
                        codebook_bits=codebook_bits, scale_block=scale_block, damp=damp,
                        block_size=block_size, codebook_steps=codebook_steps,
                        codebook_lr=codebook_lr, true_sequential=true_sequential,
-                       finetune=finetune, finetune_steps=finetune_steps)
+                       finetune=finetune, finetune_steps=finetune_steps,
+                       checkpoint_dir=checkpoint_dir)
 
 
 def layout_of(W: Tensor, config: GPTVQConfig, name: str = "") -> VQLayout:
@@ -136,6 +141,7 @@ def _gptvq_model(model: nn.Module, config: GPTVQConfig, targets) -> None:
     for fqn, m in targets:  # refuse bad weights and shapes before hours of work
         check_finite(m.weight, fqn)
         layout_of(m.weight, config, fqn)
-    sequential_quantize(model, batches, targets, quantize_layer,
-                        true_sequential=config.true_sequential,
-                        desc=f"GPTVQ {config.bits}-bit dim {config.dim}")
+    with checkpointed(config.checkpoint_dir, config.to_json()):
+        sequential_quantize(model, batches, targets, quantize_layer,
+                            true_sequential=config.true_sequential,
+                            desc=f"GPTVQ {config.bits}-bit dim {config.dim}")

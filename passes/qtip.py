@@ -29,7 +29,8 @@ from .validate import check_number
 
 @register_method("qtip", summary="QTIP: bitshift-trellis codes (Viterbi) + incoherence + "
                  "fine-tuning", paper="Tseng et al., QTIP (NeurIPS 2024), arXiv:2406.11235",
-                 data_driven=True, finetunes_itself=True, affine_grid=False, order=35)
+                 data_driven=True, finetunes_itself=True, affine_grid=False, order=35,
+                 layer_cost=4.0)
 @dataclass
 class QtipConfig(RotatedConfig):
     """QTIP; see `qtip_config` (the shared options: `RotatedConfig`)."""
@@ -59,7 +60,8 @@ def qtip_config(bits: int = 2, calibration=None, code: str = "hyb", finetune: bo
     `state_bits`: the trellis' state size L; QTIP's 16 is the best code, each bit less halves
     the quantization time (Viterbi visits 2^L states a step) at some cost in error.
     `finetune=True` then tunes sign vectors, norms and the HYB table block by block, and end
-    to end (`steps` optimizer steps; `ft_*` keywords as for `quip_sharp_config`).
+    to end (`steps` optimizer steps; `ft_*` keywords and `checkpoint_dir`, which makes the
+    run resumable, as for `quip_sharp_config`).
     `group_size`/`symmetric` exist for the command line's sake: trellis codes have neither,
     so they are ignored (with a warning if set)."""
     ignore_grid_options("qtip", "trellis codes", group_size, symmetric, finetune_options, steps)

@@ -79,6 +79,7 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None) ->
         for cfg, group in plan:
             cfg, group = cfg.bind(model, group) if group else (cfg, group)
             if group:
+                _check_memory(model, cfg, group)
                 _handler(cfg)(model, cfg, group)
                 _record_config(group, cfg)
     except BaseException:
@@ -88,6 +89,17 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None) ->
     for fn in AFTER_QUANTIZE:
         fn(model)
     return model
+
+
+def _check_memory(model: nn.Module, config: QuantConfig, targets) -> None:
+    """Refuse at once, with the estimate, a run this machine cannot hold (a streaming run has
+    checked its own plan, one block at a time)."""
+    from .block_source import current_source
+    from .memory_plan import calibration_tokens, check_fits, plan_run
+    if current_source() is None:
+        tokens = calibration_tokens(getattr(config, "calibration", None))
+        check_fits(plan_run(model, config, targets, tokens=tokens),
+                   f"quantize_ with {config.method}")
 
 
 def _plan(model: nn.Module, spec: dict, targets) -> list[tuple[QuantConfig, list]]:
@@ -136,6 +148,8 @@ def _record_config(targets, config: QuantConfig) -> None:
 
 def check_finite(W: torch.Tensor, fqn: str) -> None:
     """NaN/Inf in a weight makes every rounding method produce garbage: refuse, naming the layer."""
+    if W.is_meta:  # a streaming run's weight, not read yet: checked when its block is loaded
+        return
     if not torch.isfinite(W).all():
         n = int((~torch.isfinite(W)).sum())
         raise ValueError(f"layer {fqn or '<unnamed>'!r} has {n} NaN/Inf weight(s); fix or "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from discq.tensors.hadamard import layer_seed, rotate_hessian, rotate_weight, ro
 from discq.tensors.lattice import WEIGHT_RMS, LatticeQuantizedTensor, check_shape
 from torch import Tensor, nn
 
+from .block_source import checkpointed
 from .calibration import as_batches
 from .capture import (
     BlockHooks,
@@ -43,7 +45,7 @@ from .config import QuantConfig
 from .ldlq import ldlq
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
-from .validate import check_bool, check_int, check_number
+from .validate import check_bool, check_dir, check_int, check_number
 
 BLOCK = 8  # columns per lattice code
 
@@ -73,6 +75,7 @@ class RotatedConfig(QuantConfig):
                                         metadata={"serialize": False})
 
     def __post_init__(self):
+        self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
         check_int(0, seed=self.seed, ft_block_epochs=self.ft_block_epochs,
                   ft_steps=self.ft_steps)
         check_int(1, ft_batch_size=self.ft_batch_size, ft_patience=self.ft_patience)
@@ -88,7 +91,7 @@ class RotatedConfig(QuantConfig):
 
 @register_method("quip-sharp", summary="QuIP#: E8P lattice codes + incoherence + fine-tuning",
                  paper="Tseng et al., QuIP# (ICML 2024), arXiv:2402.04396", data_driven=True,
-                 finetunes_itself=True, affine_grid=False, order=30)
+                 finetunes_itself=True, affine_grid=False, order=30, layer_cost=3.0)
 @dataclass
 class QuipSharpConfig(RotatedConfig):
     """QuIP#; see `quip_sharp_config` (the shared options: `RotatedConfig`)."""
@@ -120,9 +123,11 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
     of block coordinate descent after BlockLDLQ (QuIP# uses 10; each costs about one LDLQ).
     `finetune=True` then tunes sign vectors and norms block by block, and sign vectors, norms
     and head end to end (`steps` optimizer steps, early-stopped on held-out calibration);
-    `ft_*` keywords set its options (see `QuipSharpConfig`); `checkpoint_dir` makes the end to
-    end stage resumable. `group_size`/`symmetric` exist for the command line's sake: lattice
-    codes have no groups and no zero point, so they are ignored (with a warning if set)."""
+    `ft_*` keywords set its options (see `QuipSharpConfig`); `checkpoint_dir` makes the run
+    resumable: finished blocks are saved there, and the same call started again continues
+    after the last one (and from the end-to-end stage's last checkpoint).
+    `group_size`/`symmetric` exist for the command line's sake: lattice codes have no groups
+    and no zero point, so they are ignored (with a warning if set)."""
     ignore_grid_options("quip-sharp", "lattice codes", group_size, symmetric, finetune_options,
                         steps)
     return QuipSharpConfig(bits=bits, calibration=calibration, finetune=finetune,
@@ -289,6 +294,15 @@ class RotatedBlocks(BlockHooks):
                 self.fp_inputs = _with_hidden(inputs, [input_hidden(a, k) for a, k in inputs])
             self.fp_out = block_outputs(block, self.fp_inputs)
 
+    def carried(self) -> list[Tensor] | None:
+        # the original model's inputs of the next block: a resumed run needs them back
+        if self.fp_inputs is None:
+            return None
+        return [input_hidden(a, k) for a, k in self.fp_inputs]
+
+    def carry(self, inputs: Inputs, tensors: list[Tensor]) -> None:
+        self.fp_inputs = _with_hidden(inputs, tensors)
+
     def after(self, block: nn.Module, inputs: Inputs) -> None:
         if not self.after_block:
             return
@@ -318,8 +332,10 @@ def rotated_quantize(model: nn.Module, config: RotatedConfig, targets, *,
         check_finite(m.weight, fqn)
         check_shape(*m.weight.shape)
     hooks = RotatedBlocks(config, quantize_group, after_block)
-    sequential_quantize(model, batches, targets, quantize_group=hooks.quantize_group,
-                        desc=desc, hooks=hooks)
+    blocks_dir = None if config.checkpoint_dir is None else Path(config.checkpoint_dir) / "blocks"
+    with checkpointed(blocks_dir, config.to_json()):
+        sequential_quantize(model, batches, targets, quantize_group=hooks.quantize_group,
+                            desc=desc, hooks=hooks)
 
 
 def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,

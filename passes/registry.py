@@ -38,6 +38,8 @@ class Method:
     finetunes_itself: bool = False  # False: `finetune=True` runs the generic end-to-end stage
     affine_grid: bool = True        # takes group_size / symmetric (lattice codes do not)
     order: int = 100                # where listings (CLI, demo) put it: cheapest first
+    layer_cost: float = 1.0         # rounding time per layer relative to GPTQ (memory_plan)
+    end_to_end: bool = False        # optimizes the whole model at once (DiscQuant), not blocks
     handler: Handler | None = None
     constructor: Callable | None = None
 
@@ -47,14 +49,14 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, *, summary: str, paper: str = "", data_driven: bool,
                     finetunes_itself: bool = False, affine_grid: bool = True,
-                    order: int = 100):
+                    order: int = 100, layer_cost: float = 1.0, end_to_end: bool = False):
     """Class decorator on a config dataclass: the method `name` exists, with this config."""
     def deco(cls):
         if name in METHODS and METHODS[name].config.__qualname__ != cls.__qualname__:
             raise ValueError(f"method name {name!r} is taken by {METHODS[name].config.__name__}")
         cls.method = name
         METHODS[name] = Method(name, cls, summary, paper, data_driven, finetunes_itself,
-                               affine_grid, order)
+                               affine_grid, order, layer_cost, end_to_end)
         return cls
     return deco
 

@@ -4,10 +4,12 @@ and what it got, as ValueError (a wrong value) or TypeError (a wrong kind of thi
     check_int(1, steps=config.steps)               # integer >= 1
     check_number(positive=True, lr=config.lr)       # finite, > 0 (positive=False: >= 0)
     check_bool(finetune=config.finetune)
+    config.checkpoint_dir = check_dir("checkpoint_dir", config.checkpoint_dir)  # str or None
 """
 from __future__ import annotations
 
 import math
+import os
 
 
 def check_int(minimum: int, **fields) -> None:
@@ -29,3 +31,12 @@ def check_bool(**fields) -> None:
     for name, v in fields.items():
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be True or False, got {v!r}")
+
+
+def check_dir(name: str, v):
+    """A directory path (str or os.PathLike) or None; returns it as a str (configs serialize)."""
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if v is not None and not isinstance(v, str):
+        raise TypeError(f"{name} must be a directory path or None, got {type(v).__name__}")
+    return v

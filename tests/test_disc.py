@@ -189,6 +189,57 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
     assert all(torch.equal(ranks[0][k], one[k]) for k in one)
 
 
+FSDP_RUN = """
+    import os, sys, torch
+    sys.path.insert(0, {tests!r})
+    from models import tiny_random_llama
+    import discq
+    from discq.training import ShardBytes
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 320, (2, 16), generator=g) for _ in range(8)]
+    model, bytes_ = tiny_random_llama(), ShardBytes()
+    kw = dict(strategy="fsdp", devices=2, accelerator="cpu", precision="32-true",
+              callbacks=[bytes_])
+    if len(sys.argv) > 3:
+        kw["max_steps"] = int(sys.argv[3])  # a run cut short after that many steps
+    discq.quantize_(model, discq.disc_config(2, 32, calibration=calib, steps=6, batch_size=2,
+                                             warmup=2, trainer_kwargs=kw,
+                                             checkpoint_dir=sys.argv[2]))
+    torch.save(dict(codes={{n: m.weight.codes() for n, m in model.named_modules()
+                            if hasattr(getattr(m, "weight", None), "codes")}},
+                    bytes=bytes_.out, classes=sorted({{type(m).__name__ for m in model.modules()}}),
+                    plain=not any(hasattr(p, "to_local") for p in model.parameters())),
+               sys.argv[1] + f".rank{{os.environ.get('LOCAL_RANK', 0)}}.pt")
+"""
+
+
+def test_fsdp_on_two_cpu_processes_equals_one_process_halves_memory_and_resumes(tmp_path):
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(textwrap.dedent(FSDP_RUN.format(tests=str(Path(__file__).parent))))
+
+    def run(out: str, *extra: str) -> list[dict]:
+        subprocess.run([sys.executable, str(script), str(tmp_path / out), str(tmp_path / "ck"),
+                        *extra], check=True, timeout=300, capture_output=True)
+        return [torch.load(tmp_path / f"{out}.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 320, (2, 16), generator=g) for _ in range(8)]
+    from discq.training import ShardBytes
+    single, bytes_ = tiny_random_llama(), ShardBytes()
+    discq.quantize_(single, disc_config(2, 32, calibration=calib, steps=6, batch_size=4,
+                                        warmup=2, trainer_kwargs=dict(accelerator="cpu",
+                                                                      callbacks=[bytes_], **FP32)))
+    one = _codes(single)
+    assert len(one) == 15
+    cut = run("cut", "3")  # two processes stopped after 3 of 6 steps (a checkpoint a step)...
+    assert not all(torch.equal(cut[0]["codes"][k], v) for k, v in one.items())
+    for rank in run("resumed"):  # ...and the same call again continues from there
+        assert all(torch.equal(rank["codes"][k], v) for k, v in one.items())
+        assert rank["plain"] and not any(c.startswith("FSDP") for c in rank["classes"])
+        # each process held half of the parameters (teacher weights, x) and of AdamW's moments
+        assert rank["bytes"]["params"] * 2 == bytes_.out["params"]
+        assert rank["bytes"]["optimizer"] * 2 == bytes_.out["optimizer"]
+
+
 def test_ranks_see_disjoint_batches_whose_union_is_the_single_process_batch():
     one = step_indices(5, 10, 4, seed=1)
     two = [step_indices(5, 10, 2, seed=1, rank=r, world=2) for r in (0, 1)]

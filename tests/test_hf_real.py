@@ -1,5 +1,5 @@
 """`make test-all`: the Hugging Face round trip on the real models. SmolLM2-135M (loaded from its
-GGUF file, so transformers first marks it GGUF-quantized) quantized with every method saves with
+GGUF file; `load_model` drops transformers' GGUF marks) quantized with every method saves with
 `save_pretrained` and reloads with `from_pretrained` in a fresh process with bit-identical logits,
 from safetensors only, in the bytes `bits_per_weight` promises; MiniLM does the same through
 `AutoModel`."""

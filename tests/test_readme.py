@@ -1,6 +1,6 @@
 """The README's Python blocks are run exactly as written, in a fresh directory: the quick-start
 (its first block), so the order it shows (quantize_, torch.compile, save, load) never breaks
-again, and (slow: SmolLM2) the GGUF export and the fast decode."""
+again, and (slow: SmolLM2) the GGUF export, the fast decode and streaming from disk."""
 import os
 import re
 import subprocess
@@ -43,3 +43,10 @@ def test_readme_gguf_export_runs_as_written(tmp_path):
 def test_readme_fast_decode_runs_as_written(tmp_path):
     out = run_block("discq.generate", tmp_path, timeout=1800)
     assert out.startswith("To be, or not to be") and len(out.split()) > 10
+
+
+@pytest.mark.slow
+def test_readme_streaming_runs_as_written(tmp_path):
+    out = run_block("quantize_pretrained", tmp_path, timeout=1800)
+    assert float(out.strip().splitlines()[-1]) == pytest.approx(3.375, abs=0.01)
+    assert (tmp_path / "smollm2-q3" / "model.safetensors.index.json").is_file()

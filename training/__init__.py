@@ -2,6 +2,7 @@
 next to their configs in `discq.passes`) import these modules on first use."""
 from .data import CalibrationDataModule, StepStream
 from .disc_module import DiscQuantModule
+from .fsdp import ShardBytes, ShardedStrategy, fsdp_strategy
 from .finetune import (
     BlockFinetuneModule,
     FinetuneConfig,
@@ -18,8 +19,11 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneModule",
     "FrozenReference",
+    "ShardBytes",
+    "ShardedStrategy",
     "StepStream",
     "Tunables",
     "finetune_",
     "finetune_block_",
+    "fsdp_strategy",
 ]

@@ -12,11 +12,13 @@ import torch
 from discq.passes.calibration import as_batches
 from discq.passes.disc import RELAXATIONS, DiscConfig, RelaxedLinear, mean_noise
 from discq.passes.quantize import check_finite, install_weight
+from discq.passes.sharding import is_sharded
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data import CalibrationDataModule
 from .disc_module import DiscQuantModule
+from .fsdp import unshard
 from .trainer import build_trainer, fit
 
 
@@ -96,12 +98,17 @@ def _trainer(config: DiscConfig) -> L.Trainer:
 
 
 def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:
-    module = DiscQuantModule(model, layers, config, mean_noise(layers))
+    blocks = decoder_blocks(model, layers)
+    module = DiscQuantModule(model, layers, config, mean_noise(layers), units=blocks)
     data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
-    with checkpointed(decoder_blocks(model, layers), config.gradient_checkpointing):
-        fit(_trainer(config), module, datamodule=data,
-            ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
+    try:
+        with checkpointed(blocks, config.gradient_checkpointing):
+            fit(_trainer(config), module, datamodule=data,
+                ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
+    finally:  # sharded by the FSDP strategy: whole again, as the caller gave it
+        if any(is_sharded(p) for p in model.parameters()):
+            unshard(model)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from discq.passes.disc import (
     next_token_ce,
 )
 from discq.passes.kl import forward_kl
+from discq.passes.sharding import is_sharded, local, rows_held
 from torch import nn
 
 
@@ -20,12 +21,19 @@ class DiscQuantModule(L.LightningModule):
     """`model` has its target linears replaced by `layers`; `noise` is δ̄² (mean_noise)."""
 
     def __init__(self, model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig,
-                 noise: float):
+                 noise: float, units: list[nn.Module] = ()):
         super().__init__()
         self.model = model
         self.layers = layers  # a plain list: they are submodules of model already
         self.config = config
         self.noise = noise
+        self.units = list(units)  # the decoder blocks: FSDP's units when sharded
+
+    def configure_model(self) -> None:
+        # under the sharded strategy (discq.training.fsdp) Lightning sets the device mesh
+        if self._device_mesh is not None:
+            from .fsdp import shard
+            shard(self.model, self.units, self._device_mesh["data_parallel"])
 
     # only the variables x are state: checkpoints stay small and never copy the model
     def state_dict(self, *args, **kwargs) -> dict:
@@ -38,9 +46,9 @@ class DiscQuantModule(L.LightningModule):
             raise ValueError(f"checkpoint has {len(state_dict)} variables, this run has "
                              f"{len(self.layers)} layers: was it written for another model or "
                              f"filter? Use another checkpoint_dir")
-        with torch.no_grad():
+        with torch.no_grad():  # a sharded x takes its rows of the (whole) saved one
             for i, l in enumerate(self.layers):
-                l.x.copy_(state_dict[f"x.{i}"])
+                local(l.x).copy_(rows_held(state_dict[f"x.{i}"], l.x))
 
     def _forward(self, ids: torch.Tensor, teacher: bool):
         """(logits [B, S, V], hidden states per layer or None)."""
@@ -84,7 +92,7 @@ class DiscQuantModule(L.LightningModule):
     def configure_optimizers(self):
         c = self.config
         xs = [l.x for l in self.layers]
-        fused = all(x.device.type in ("cpu", "cuda") for x in xs)
+        fused = all(x.device.type in ("cpu", "cuda") and not is_sharded(x) for x in xs)
         opt = torch.optim.AdamW(xs, lr=c.lr, weight_decay=0.01, fused=fused)
         warmup = min(c.warmup, c.steps // 4)  # a short run still gets most of its steps at lr
         sched = torch.optim.lr_scheduler.LambdaLR(

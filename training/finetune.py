@@ -154,6 +154,13 @@ def _split(n: int, fraction: float) -> tuple[list[int], list[int]]:
 
 def _trainer(config: FinetuneConfig, **kw) -> L.Trainer:
     from lightning.pytorch.callbacks import EarlyStopping
+
+    from .fsdp import ShardedStrategy
+    strategy = (config.trainer_kwargs or {}).get("strategy")
+    if strategy == "fsdp" or isinstance(strategy, ShardedStrategy):
+        raise ValueError("fine-tuning is not sharded: its quantized weights are tensor "
+                         "subclasses FSDP cannot split; use strategy='ddp' (DiscQuant takes "
+                         "strategy='fsdp')")
     stop = EarlyStopping("val_loss", patience=config.patience, mode="min", check_finite=True)
     return build_trainer(config.trainer_kwargs, callbacks=[stop], precision="32-true", **kw)
 

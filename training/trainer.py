@@ -90,7 +90,8 @@ def build_trainer(trainer_kwargs: dict | None = None, *, callbacks=(),
     validation) and `settings` (max_steps, precision, ...); with `checkpoint_dir`, a
     `ModelCheckpoint` writing `last.ckpt` every `checkpoint_every` steps, which a rerun with
     the same arguments resumes from; with `title`, the progress bar is a `StepsBar(title)`. `trainer_kwargs` (the user's) override all of it; their
-    "callbacks" are added to ours; a "ddp…" strategy name becomes `ddp_strategy(name)`."""
+    "callbacks" are added to ours; a "ddp…" or "fsdp" strategy name becomes
+    `ddp_strategy(name)`."""
     extra = dict(trainer_kwargs or {})
     kw = dict(devices=1, logger=False, enable_model_summary=False, enable_checkpointing=False,
               num_sanity_val_steps=0, **settings)
@@ -112,7 +113,11 @@ def build_trainer(trainer_kwargs: dict | None = None, *, callbacks=(),
 
 def ddp_strategy(strategy):
     """A "ddp…" strategy name becomes the same DDPStrategy without DDP's buffer broadcast before
-    every forward: every rank builds identical buffers (grids, codes), synced once."""
+    every forward: every rank builds identical buffers (grids, codes), synced once; "fsdp"
+    becomes discq's sharded strategy (FSDP2, CPU or GPU: `discq.training.fsdp`)."""
+    if strategy == "fsdp":
+        from .fsdp import fsdp_strategy
+        return fsdp_strategy()
     if not isinstance(strategy, str) or not strategy.startswith("ddp"):
         return strategy
     from lightning.pytorch.strategies import StrategyRegistry
