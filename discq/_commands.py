@@ -75,18 +75,17 @@ def _quantize_streaming(args: argparse.Namespace, out: Path) -> dict:
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--stream reads a transformers model directory (config.json and "
                          f"safetensors shards); {args.model!r} is not one")
-    if args.format != "hf" or args.head_bits:
-        raise ValueError("--stream writes the transformers layout (--format hf) and has no "
-                         "--head-bits; drop those options")
+    if args.format != "hf" or args.head_bits or args.checkpoint_dir:
+        raise ValueError("--stream writes the transformers layout (--format hf), has no "
+                         "--head-bits and resumes from <out>.partial by itself (no "
+                         "--checkpoint-dir); drop those options")
     calib = None
     if METHODS[args.method].data_driven:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(args.model)
         calib = calibration_batches(tok, args.calib, n_samples=args.n_calib, seq_len=args.seq_len)
     config = build_config(args.method, bits=args.bits, group_size=args.group_size or None,
-                          calibration=calib, symmetric=args.symmetric,
-                          **{k: v for k, v in _config_extras(args).items()
-                             if k != "checkpoint_dir"})
+                          calibration=calib, symmetric=args.symmetric, **_config_extras(args))
     t0 = time.perf_counter()
     quantize_pretrained(args.model, config, out, quantize_head=args.quantize_head,
                         dtype=getattr(torch, args.dtype) if args.dtype else None,

@@ -219,14 +219,11 @@ def quantize_pretrained(src_dir: str | os.PathLike, config, out_dir: str | os.Pa
 
 
 def _check_call(config, out: Path, overwrite: bool, dtype) -> None:
-    from discq.passes import DiscConfig, QuantConfig
+    from discq.passes import QuantConfig
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be one discq config (e.g. gptq_config(...)), got "
                         f"{type(config).__name__}")
-    if isinstance(config, DiscConfig):
-        raise ValueError("DiscQuant optimizes the whole model end to end, not block by block, so "
-                         "it cannot stream; shard it instead: disc_config(..., trainer_kwargs="
-                         "dict(strategy=discq.training.fsdp_strategy(), devices=2))")
+    # an end-to-end method (DiscQuant) is refused by the plan, which every run checks
     if getattr(config, "finetune", False):
         raise ValueError(f"{config.method}: fine-tuning end to end needs the whole model in "
                          f"memory; stream with finetune=False")

@@ -17,7 +17,6 @@ import contextvars
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -94,7 +93,6 @@ class CheckpointedBlocks:
         self.directory, self.settings = Path(directory), settings
         self.state: dict = {}
         self.activations: MappedActivations | None = None
-        self.inputs: list | None = None  # the driver's (args, kwargs) per calibration batch
 
     # ---- the run ---------------------------------------------------------------------------
     def begin(self, model: nn.Module, blocks: nn.ModuleList, batches, targets) -> None:
@@ -178,7 +176,3 @@ class CheckpointedBlocks:
         """Every block is done: the activation files are not needed any more."""
         if self.activations is not None:
             self.activations.remove()
-
-    def clear(self) -> None:
-        """Remove the checkpoint (after the whole run succeeded, where the caller wants that)."""
-        shutil.rmtree(self.directory, ignore_errors=True)

@@ -268,10 +268,10 @@ def sequential_quantize(model: nn.Module, batches, targets: list[tuple[str, nn.L
         _quantize_rest(model, blocks, by_module, inputs, last, batches, quantize_group, hooks)
         return
     source.begin(model, blocks, batches, targets)
-    last = _resumable_blocks(model, blocks, batches, by_module, quantize_group,
-                             true_sequential, hooks, source, desc)
-    _quantize_rest(model, blocks, by_module, source.inputs, last, batches, quantize_group,
-                   hooks, source)
+    inputs, last = _resumable_blocks(model, blocks, batches, by_module, quantize_group,
+                                     true_sequential, hooks, source, desc)
+    _quantize_rest(model, blocks, by_module, inputs, last, batches, quantize_group, hooks,
+                   source)
     source.end()
 
 
@@ -297,13 +297,13 @@ def _run_blocks(blocks, start: int, by_module: dict, inputs: Inputs, quantize_gr
 
 
 def _resumable_blocks(model, blocks, batches, by_module, quantize_group, true_sequential,
-                      hooks: BlockHooks, source, desc: str) -> Any:
-    """The block loop of a run with a source: finished blocks are restored, not redone."""
+                      hooks: BlockHooks, source, desc: str) -> tuple[Inputs, Any]:
+    """The block loop of a run with a source: finished blocks are restored, not redone.
+    Returns the last block's outputs as (args, kwargs) per batch, and its output template."""
     acts, start = source.activations, source.finished
     # a resumed run captures the first block's inputs only for their kwargs (masks, rotary
     # tables): the hidden states it writes go to the scratch file, then the stored ones count
     inputs = block_inputs(model, blocks, batches, sink=acts.output if start else acts.capture)
-    source.inputs = inputs
     if start:
         source.resume(inputs)
         carried = source.carried()
@@ -313,7 +313,7 @@ def _resumable_blocks(model, blocks, batches, by_module, quantize_group, true_se
             source.restore(i, blocks[i])
     last = _run_blocks(blocks, start, by_module, inputs, quantize_group, true_sequential,
                        hooks, source, desc)
-    return source.template() if last is None else last
+    return inputs, source.template() if last is None else last
 
 
 def _quantize_rest(model, blocks, by_module: dict, inputs: Inputs, last, batches,

@@ -57,7 +57,7 @@ def plan_run(model: nn.Module, config, targets: list[tuple[str, nn.Linear]], *,
     if stream and method.end_to_end:
         raise ValueError(f"{config.method} optimizes the whole model end to end, not block by "
                          f"block, so it cannot stream; shard it across processes instead "
-                         f"(trainer_kwargs=dict(strategy=discq.training.fsdp_strategy(), ...))")
+                         f"(trainer_kwargs=dict(strategy='fsdp', devices=2))")
     plan, bits = MemoryPlan(), getattr(config, "bits", 4)
     weights = [m.weight for _, m in targets]
     n_target = sum(w.numel() for w in weights)

@@ -306,6 +306,9 @@ def test_plan_and_streaming_from_the_command_line(tmp_path, capsys):
     code, _, err = cli("quantize", TINY_LLAMA, "--method", "rtn", "--checkpoint-dir",
                        tmp_path / "c", "--out", tmp_path / "r")
     assert code == 2 and "keeps no checkpoints" in err
+    code, _, err = cli("quantize", TINY_LLAMA, "--method", "gptq", "--stream",
+                       "--checkpoint-dir", tmp_path / "c", "--out", tmp_path / "r")
+    assert code == 2 and "resumes from <out>.partial" in err
     code, _, _ = cli("quantize", TINY_LLAMA, "--method", "gptq", "--calib", CALIB_TEXT,
                      "--n-calib", "4", "--seq-len", "64", "--eval-windows", "0",
                      "--checkpoint-dir", tmp_path / "c", "--out", tmp_path / "g")

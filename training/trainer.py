@@ -91,7 +91,7 @@ def build_trainer(trainer_kwargs: dict | None = None, *, callbacks=(),
     `ModelCheckpoint` writing `last.ckpt` every `checkpoint_every` steps, which a rerun with
     the same arguments resumes from; with `title`, the progress bar is a `StepsBar(title)`. `trainer_kwargs` (the user's) override all of it; their
     "callbacks" are added to ours; a "ddp…" or "fsdp" strategy name becomes
-    `ddp_strategy(name)`."""
+    `resolve_strategy(name)`."""
     extra = dict(trainer_kwargs or {})
     kw = dict(devices=1, logger=False, enable_model_summary=False, enable_checkpointing=False,
               num_sanity_val_steps=0, **settings)
@@ -106,12 +106,12 @@ def build_trainer(trainer_kwargs: dict | None = None, *, callbacks=(),
                                    every_n_train_steps=checkpoint_every,
                                    enable_version_counter=False))
     if "strategy" in extra:
-        extra["strategy"] = ddp_strategy(extra["strategy"])
+        extra["strategy"] = resolve_strategy(extra["strategy"])
     with quiet_lightning():  # its "GPU available ..." lines come from the constructor
         return L.Trainer(**{**kw, **extra, "callbacks": cbs})
 
 
-def ddp_strategy(strategy):
+def resolve_strategy(strategy):
     """A "ddp…" strategy name becomes the same DDPStrategy without DDP's buffer broadcast before
     every forward: every rank builds identical buffers (grids, codes), synced once; "fsdp"
     becomes discq's sharded strategy (FSDP2, CPU or GPU: `discq.training.fsdp`)."""
