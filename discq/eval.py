@@ -86,18 +86,31 @@ def perplexity(model: nn.Module, windows: Iterable[torch.Tensor], *,
     return math.exp(nll / count)
 
 
+def reference_logprobs(reference: nn.Module, windows: Iterable[torch.Tensor]) -> list:
+    """The reference's next-token log-probabilities on each window ([B, S-1, V] fp32 each),
+    for comparing many models against one reference without running it again
+    (`compare(reference, model, windows, cached=...)`). Memory: 4·S·V bytes a sequence."""
+    with _eval_mode(reference):
+        return [_logprobs(reference, ids) for ids in _windows(windows)]
+
+
 def compare(reference: nn.Module, model: nn.Module, windows: Iterable[torch.Tensor], *,
-            progress: bool = True) -> dict[str, float]:
+            progress: bool = True, cached: list | None = None) -> dict[str, float]:
     """How closely `model` follows `reference` on `windows`: both perplexities, the mean over
     positions of KL(p_reference ‖ p_model) of the next-token distributions (nats), and top1,
-    the fraction of positions where both predict the same most likely token."""
+    the fraction of positions where both predict the same most likely token. `cached`: the
+    reference's `reference_logprobs` on these windows, used instead of running it."""
     windows = _windows(windows)
+    if cached is not None and len(cached) != len(windows):
+        raise ValueError(f"cached holds {len(cached)} windows, windows has {len(windows)}; "
+                         f"compute it with reference_logprobs(reference, windows)")
     nll_m = nll_r = kl = agree = 0.0
     count = 0
     with _eval_mode(reference, model):
-        for ids in tqdm(windows, desc="compare", disable=not progress, leave=False):
+        for i, ids in enumerate(tqdm(windows, desc="compare", disable=not progress,
+                                     leave=False)):
             check_token_ids(model, ids)
-            lp_r = _logprobs(reference, ids)  # [B, S-1, V]
+            lp_r = _logprobs(reference, ids) if cached is None else cached[i]  # [B, S-1, V]
             lp_m = _logprobs(model, ids).to(lp_r.device)  # [B, S-1, V]
             target = ids[:, 1:].to(lp_r.device).unsqueeze(-1)  # [B, S-1, 1]
             nll_r -= lp_r.gather(-1, target).sum().item()

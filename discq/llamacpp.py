@@ -68,17 +68,35 @@ class LlamaCppModel(nn.Module):
         self.close()
 
 
+def _ggml_type(name: str, argument: str) -> int:
+    from gguf import GGMLQuantizationType
+    try:
+        return GGMLQuantizationType[name.upper()].value
+    except KeyError:
+        raise ValueError(f"{argument}={name!r} is not a GGML type; use one of "
+                         f"{[t.name for t in GGMLQuantizationType][:12]}, …") from None
+
+
 def quantize(source: str | os.PathLike, path: str | os.PathLike, mixture: str, *,
-             overwrite: bool = False, n_threads: int | None = None) -> Path:
+             overwrite: bool = False, n_threads: int | None = None,
+             token_embedding_type: str | None = None,
+             output_tensor_type: str | None = None) -> Path:
     """llama.cpp's own quantization of the GGUF `source` into `mixture` ("Q4_K_M", …), as
     `llama-quantize --allow-requantize` writes it (no importance matrix). Written to a
-    temporary file, then renamed."""
+    temporary file, then renamed. `token_embedding_type`/`output_tensor_type`: a GGML type
+    name ("F32", "Q8_0", …) for the embedding and head instead of the mixture's choice
+    (llama-quantize's --token-embedding-type/--output-tensor-type)."""
     check_mixture(mixture)
+    kept = {field: _ggml_type(name, field) for field, name in
+            (("token_embedding_type", token_embedding_type),
+             ("output_tensor_type", output_tensor_type)) if name is not None}
     llama_cpp, path = _llama_cpp(), Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mixture}")
+    for field, value in kept.items():
+        setattr(params, field, value)
     params.allow_requantize = True
     params.nthread = n_threads or torch.get_num_threads()
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"

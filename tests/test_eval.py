@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from models import tiny_random_bert, tiny_random_llama
 
-from discq.eval import compare, embedding_similarity, perplexity
+from discq.eval import compare, embedding_similarity, perplexity, reference_logprobs
 
 
 def perturbed(model, scale: float, seed: int = 0):
@@ -50,6 +50,16 @@ def test_kl_and_top1_degrade_with_the_noise(tiny_llama, tiny_windows):
     assert 0 < small["kl"] < large["kl"]
     assert large["top1"] < small["top1"] < 1
     assert large["perplexity"] > large["reference_perplexity"]
+
+
+def test_cached_reference_gives_the_same_scores(tiny_llama, tiny_windows):
+    model, windows = tiny_llama[0], tiny_windows[:2]
+    other = perturbed(model, 0.1)
+    cached = reference_logprobs(model, windows)
+    assert compare(model, other, windows, progress=False, cached=cached) == \
+        compare(model, other, windows, progress=False)
+    with pytest.raises(ValueError, match="reference_logprobs"):
+        compare(model, other, windows, progress=False, cached=cached[:1])
 
 
 def test_kl_is_forward_kl_of_next_token_distributions():

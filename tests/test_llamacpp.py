@@ -75,6 +75,17 @@ def test_metadata_written_from_transformers_runs_in_llama_cpp(smollm2, tmp_path)
     assert abs(theirs["perplexity"] / theirs["reference_perplexity"] - 1) < 0.01
 
 
+def test_quantizer_keeps_embedding_and_head_in_the_type_asked(tmp_path):
+    path = llamacpp.quantize(bundled_path("smollm2-135m"), tmp_path / "q.gguf", "Q4_0",
+                             token_embedding_type="F32", output_tensor_type="F32")
+    types = types_of(path)
+    assert types["token_embd.weight"] == "F32" and types["blk.0.ffn_up.weight"] == "Q4_0"
+    with pytest.raises(ValueError, match="token_embedding_type='F33' is not a GGML type"):
+        llamacpp.quantize(bundled_path("smollm2-135m"), tmp_path / "r.gguf", "Q4_0",
+                          token_embedding_type="F33")
+    assert not (tmp_path / "r.gguf").exists()
+
+
 def test_llama_cpp_model_refuses_long_sequences_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         llamacpp.LlamaCppModel(tmp_path / "none.gguf")

@@ -1,0 +1,108 @@
+"""The rows of the quality benchmark (`benchmarks/quality.py`): which quantizer, which width,
+which settings, in which Python environment. One place, so that the full and quick sets, the
+peers' configurations and the report's lines are read from the same table.
+
+Every data-driven quantizer, discq's and the peers', is given the same calibration tokens
+(`CALIB` sequences of 512 tokens of the calibration plays); heads and embeddings stay fp32 for
+all. A peer's settings are the ones its documentation recommends for the width (its README's
+example or preset), changed only where this 2-core machine forces it, and the row says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CALIB = {"full": 32, "quick": 8}  # calibration sequences of 512 tokens
+WIDTHS = [(2, 128), (2, 64), (3, 128), (3, 64), (4, 128), (4, 64)]  # (bits, group size)
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str          # unique, file-name safe: "discq-gptq-3b-g64"
+    line: str        # the plot's line / the table's method: "discq GPTQ"
+    runner: str      # module in benchmarks/runners/
+    env: str         # "main" (discq's environment) or "peers" (benchmarks/.peers, see Makefile)
+    spec: dict = field(default_factory=dict)  # passed to the runner: bits, group_size, settings
+    model: str = "smollm2"                    # "smollm2" (causal LM) or "minilm" (encoder)
+    sets: tuple = ("full",)
+
+
+def _discq(method: str, line: str, widths, settings: dict, quick=None, model="smollm2"):
+    for bits, g in widths:
+        tag = f"{bits}b" + (f"-g{g}" if g else "")
+        sets = ("full", "quick") if (bits, g) == quick else ("full",)
+        yield Row(f"{model}-discq-{method}-{tag}", line, "discq_runner", "main",
+                  {"method": method, "bits": bits, "group_size": g, **settings}, model, sets)
+
+
+def _peer(name: str, line: str, runner: str, env: str, widths, settings: dict, quick=None,
+          model="smollm2", quick_settings: dict | None = None):
+    """`quick_settings`: what the quick set's row changes (a smaller budget), if anything."""
+    for bits, g in widths:
+        tag = f"{bits}b" + (f"-g{g}" if g else "")
+        spec = {"bits": bits, "group_size": g, **settings}
+        if (bits, g) == quick and quick_settings:
+            yield Row(f"{model}-{name}-{tag}", line, runner, env, {**spec, **quick_settings},
+                      model, ("quick",))
+        sets = ("full", "quick") if (bits, g) == quick and not quick_settings else ("full",)
+        yield Row(f"{model}-{name}-{tag}", line, runner, env, spec, model, sets)
+
+
+def _llamacpp(types, quick):
+    for t in types:
+        sets = ("full", "quick") if t == quick else ("full",)
+        yield Row(f"smollm2-llamacpp-{t}", "llama.cpp (no imatrix)", "llamacpp_runner", "main",
+                  {"type": t}, "smollm2", sets)
+
+
+def smollm2_rows() -> list[Row]:
+    no_groups = [(2, None), (3, None), (4, None)]
+    rows = [
+        *_discq("rtn", "discq RTN", WIDTHS, {}, quick=(3, 64)),
+        *_discq("gptq", "discq GPTQ", WIDTHS, {}, quick=(3, 64)),
+        # DiscQuant's paper runs 1024 steps of 8x512 tokens on a GPU; 64 steps of 2x128 here,
+        # warm-started from RTN, is what 2 cores afford per width
+        *_discq("disc", "discq DiscQuant", [(2, 64), (3, 64), (4, 64)],
+                {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "rtn", "warmup": 6}),
+        # k-means iterations cut from GPTVQ's 100 to 10 (time); codebook update kept
+        *_discq("gptvq", "discq GPTVQ (2-D)", no_groups, {"dim": 2, "kmeans_iters": 10}),
+        *_discq("quip-sharp", "discq QuIP#", no_groups, {"finetune": False}, quick=(3, None)),
+        # 12-bit trellis state (QTIP: 16, over 20 minutes a width here), no fine-tuning
+        *_discq("qtip", "discq QTIP", no_groups, {"finetune": False, "state_bits": 12},
+                quick=(3, None)),
+        *_peer("torchao-rtn", "torchao RTN (intx, asym)", "torchao_runner", "main",
+               WIDTHS + [(5, 128), (6, 128), (8, 128)], {"algorithm": "affine"}, quick=(3, 64)),
+        *_peer("torchao-hqq", "torchao HQQ (scale only)", "torchao_runner", "main", WIDTHS,
+               {"algorithm": "hqq_scale_only"}, quick=(3, 64)),
+        *_peer("hqq", "HQQ", "hqq_runner", "peers", WIDTHS, {}, quick=(3, 64)),
+        *_peer("llmcompressor-gptq", "llm-compressor GPTQ", "llmcompressor_runner", "peers",
+               WIDTHS, {}, quick=(3, 64)),
+        # ~7 minutes a width on 2 cores even with the light recipe: the 3- and 4-bit presets
+        *_peer("autoround", "AutoRound", "autoround_runner", "peers",
+               [(3, 128), (4, 128)], {}, quick=(3, 128), quick_settings={"iters": 10}),
+        *_llamacpp(["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q6_K"],
+                   quick="Q3_K_S"),
+    ]
+    return rows
+
+
+def minilm_rows() -> list[Row]:
+    m = "minilm"
+    widths = [(2, 64), (3, 64), (4, 64)]
+    return [
+        *_discq("rtn", "discq RTN", widths, {}, quick=(3, 64), model=m),
+        *_discq("gptq", "discq GPTQ", widths, {}, quick=(3, 64), model=m),
+        *_discq("quip-sharp", "discq QuIP#", [(2, None), (3, None), (4, None)],
+                {"finetune": False}, model=m),
+        *_peer("torchao-rtn", "torchao RTN (intx, asym)", "torchao_runner", "main", widths,
+               {"algorithm": "affine"}, quick=(3, 64), model=m),
+        *_peer("hqq", "HQQ", "hqq_runner", "peers", widths, {}, quick=(3, 64), model=m),
+        *_peer("llmcompressor-gptq", "llm-compressor GPTQ", "llmcompressor_runner", "peers",
+               widths, {}, quick=(3, 64), model=m),
+    ]
+
+
+def rows(model: str, which: str) -> list[Row]:
+    """The set's rows, 3 and 4 bits first: a run cut short still has every line there."""
+    table = {"smollm2": smollm2_rows, "minilm": minilm_rows}[model]()
+    chosen = [r for r in table if which in r.sets]
+    return sorted(chosen, key=lambda r: r.spec.get("bits", 3) == 2)

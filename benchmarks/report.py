@@ -1,0 +1,223 @@
+"""Turns the committed benchmark results into `benchmarks/results/README.md` with its plots:
+perplexity (SmolLM2-135M) and embedding cosine (MiniLM) against bits per weight, one line per
+method and peer; the Pareto check at 3 and 4 bits; the speed ratios per layer shape.
+
+    python benchmarks/report.py [--quick]   (--quick: the bench-quick results, README_quick.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def lines(rows: list[dict]) -> dict[str, list[dict]]:
+    """Successful rows by plot line, each line sorted by bits per weight."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["ok"] and r["id"] != "fp32":
+            out.setdefault(r["line"], []).append(r)
+    return {k: sorted(v, key=lambda r: r["bits_per_weight"]) for k, v in sorted(out.items())}
+
+
+def is_discq(line: str) -> bool:
+    return line.startswith("discq")
+
+
+def plot(rows: list[dict], metric: str, path: Path, title: str, ylabel: str) -> None:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ref = next(r for r in rows if r["id"] == "fp32")[metric]
+    for i, (line, pts) in enumerate(lines(rows).items()):
+        x = [p["bits_per_weight"] for p in pts]
+        y = [p[metric] for p in pts]
+        ax.plot(x, y, "-o" if is_discq(line) else "--s", label=line, markersize=4,
+                linewidth=2 if is_discq(line) else 1.2, color=plt.cm.tab20(i % 20))
+    ax.axhline(ref, color="black", linewidth=0.8, linestyle=":", label="fp32")
+    if metric == "perplexity":
+        ax.set_yscale("log")
+        ax.set_ylim(ref * 0.95, ref * 4)  # 2-bit RTN and the like leave the plot upwards
+    else:
+        ax.set_ylim(0.8, 1.001)
+    ax.set_xlabel("bits per weight (decoder linears: codes, scales, zeros, codebooks)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows: list[dict], metric_cols: list[tuple[str, str, str]]) -> list[str]:
+    head = "| method | bits/weight | " + " | ".join(c[1] for c in metric_cols) + \
+        " | time (s) | peak RSS (GiB) | env |"
+    out = [head, "|" + "---|" * (5 + len(metric_cols))]
+    fp32 = next(r for r in rows if r["id"] == "fp32")
+    out.append("| fp32 | 32 | " + " | ".join(format(fp32.get(k, 0), f) for k, _, f in
+                                              metric_cols) + " |  |  |  |")
+    for line, pts in lines(rows).items():
+        for r in pts:
+            out.append(f"| {line} `{r['id'].split('-', 1)[1]}` | {r['bits_per_weight']:.3f} | "
+                       + " | ".join(format(r[k], f) for k, _, f in metric_cols)
+                       + f" | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['env']} |")
+    for r in rows:
+        if not r["ok"]:
+            out.append(f"| {r['line']} `{r['id'].split('-', 1)[1]}` | did not run: "
+                       f"{_one_line(r.get('error', '?'))} |" + " |" * (4 + len(metric_cols)))
+    return out
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split())[:300].replace("|", "/")
+
+
+def pareto(rows: list[dict], metric: str, lower_is_better: bool = True) -> list[str]:
+    """For every peer point between 3 and 5 bits: discq's best at no more bits than it."""
+    ours = [r for r in rows if r["ok"] and is_discq(r["line"])]
+    out = ["| peer point | bits | " + metric + " | discq's best at <= those bits | " + metric
+           + " | discq on or below |", "|---|---|---|---|---|---|"]
+    for line, pts in lines(rows).items():
+        if is_discq(line):
+            continue
+        for p in pts:
+            if not 3 <= p["bits_per_weight"] < 5:
+                continue
+            cands = [r for r in ours if r["bits_per_weight"] <= p["bits_per_weight"] + 1e-9]
+            best = min(cands, key=lambda r: r[metric] if lower_is_better else -r[metric],
+                       default=None)
+            if best is None:
+                out.append(f"| {line} `{p['id']}` | {p['bits_per_weight']:.3f} | "
+                           f"{p[metric]:.4g} | none | | no |")
+                continue
+            ok = best[metric] <= p[metric] if lower_is_better else best[metric] >= p[metric]
+            out.append(f"| {line} | {p['bits_per_weight']:.3f} | {p[metric]:.4g} | "
+                       f"{best['line']} ({best['bits_per_weight']:.3f}) | {best[metric]:.4g} "
+                       f"| {'yes' if ok else '**no**'} |")
+    return out
+
+
+def configs(rows: list[dict]) -> list[str]:
+    """One configuration per line as passed to the quantizer (the widest row's), so anyone can
+    check that no peer was handicapped; every row's is in the JSON."""
+    out = []
+    for line, pts in lines(rows).items():
+        r = pts[-1]
+        out += [f"- **{line}** (`{r['id']}`; versions: "
+                f"{', '.join(f'{k} {v}' for k, v in r.get('versions', {}).items())}):",
+                f"  `{json.dumps(r.get('config', {}), default=str)}`"]
+    return out
+
+
+def speed_section(speed: dict | None) -> list[str]:
+    if speed is None:
+        return []
+    layers = speed["layers"]
+    shapes = list(dict.fromkeys(r["shape"] for r in layers if r["batch"] == 1))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in layers) if v != "fp32"]
+    ms = {(r["shape"], r["variant"]): r["ms"] for r in layers if r["batch"] == 1}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(1, len(variants))
+    for i, v in enumerate(variants):
+        ratio = [ms[(s, "fp32")] / ms[(s, v)] if (s, v) in ms else 0 for s in shapes]
+        ax.bar([j + i * width for j in range(len(shapes))], ratio, width, label=v)
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=20,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("speed-up over fp32 (one token row)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "speed_layers.png", dpi=110)
+    plt.close(fig)
+    m = speed["machine"]
+    out = ["## Speed per layer shape (CPU, one activation row)", "",
+           f"From `speed_cpu.json` ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, layer "
+           f"tables of {speed.get('layers_from', {}).get('date', m['date'])}; command: "
+           f"`{speed.get('command', 'python benchmarks/speed.py')}`). Bars: fp32 time / "
+           f"variant time.", "", "![speed per layer](speed_layers.png)", ""]
+    if speed.get("decode"):
+        out += ["Decode of SmolLM2-135M (tokens/s, same run as llama.cpp):", "",
+                "| variant | tokens/s | MB/token | perplexity |", "|---|---|---|---|"]
+        out += [f"| {d['variant']} | {d['tokens_per_s']:.1f} | "
+                f"{d['bytes_per_token'] / 1e6:.0f} | {d.get('perplexity', float('nan')):.2f} |"
+                for d in speed["decode"]]
+        out.append("")
+    return out
+
+
+def header(res: dict) -> list[str]:
+    m = res["machine"]
+    cmds = sorted({r["command"] for r in res["rows"] if "command" in r})
+    dates = sorted({r["date"] for r in res["rows"] if "date" in r})
+    return [f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}; rows run "
+            f"{dates[0]}–{dates[-1]} by `{'`, `'.join(cmds)}`. Calibration: the same "
+            f"{res['n_calib']}x512 tokens of the calibration plays for every data-driven row; "
+            f"eval: {res['eval'][0]}x{res['eval'][1]} held-out tokens (hamlet). Every row "
+            f"quantizes the decoder's linear layers; embeddings and the output head stay fp32 "
+            f"for all (stated separately: they are not in the bits). Bits per weight count what "
+            f"each quantizer stores for those layers: codes at their width, 16-bit scales, "
+            f"zeros as stored (discq and torchao: 8-bit integers; HQQ: 16-bit floats; "
+            f"symmetric peers: none), codebooks and sign vectors; llama.cpp: its file's bytes. "
+            f"Time: the quantization call alone; peak RSS: the row's own process (libraries and "
+            f"the fp32 model included).", ""]
+
+
+def model_section(res: dict, name: str, quick: bool) -> list[str]:
+    suffix = "_quick" if quick else ""
+    if name == "smollm2":
+        cols = [("perplexity", "perplexity", ".2f"), ("kl", "KL", ".4f"), ("top1", "top-1", ".3f")]
+        plot(res["rows"], "perplexity", RESULTS / f"quality_smollm2{suffix}.png",
+             "SmolLM2-135M: held-out perplexity vs bits per weight", "perplexity (log)")
+        title, metric, low = "## SmolLM2-135M: perplexity against bits per weight", \
+            "perplexity", True
+    else:
+        cols = [("cosine", "embedding cosine", ".5f")]
+        plot(res["rows"], "cosine", RESULTS / f"quality_minilm{suffix}.png",
+             "all-MiniLM-L6-v2: sentence-embedding cosine to fp32 vs bits per weight",
+             "mean cosine similarity")
+        title, metric, low = "## MiniLM encoder: embedding cosine against bits per weight", \
+            "cosine", False
+    out = [title, "", *header(res), f"![{name}](quality_{name}{suffix}.png)", "",
+           *table(res["rows"], cols), "",
+           "Between 3 and 5 bits, every peer point against discq's best at no more bits:", "",
+           *pareto(res["rows"], metric, low), "", "Configurations as passed:", "",
+           *configs(res["rows"]), ""]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    suffix = "_quick" if a.quick else ""
+    out = ["# Benchmark results", "",
+           "Generated by `python benchmarks/report.py` from the JSON files here (`make bench` "
+           "regenerates everything; `make bench-quick` a small set into *_quick files). Every "
+           "file records its machine, versions, date and command.", ""]
+    for name in ("smollm2", "minilm"):
+        res = load(f"quality_{name}{suffix}")
+        if res is not None:
+            out += model_section(res, name, a.quick)
+    if not a.quick:
+        out += speed_section(load("speed_cpu"))
+        out += ["## Other results", ""]
+        out += [f"- [{p.name}]({p.name}): {p.read_text().splitlines()[0].lstrip('# ')}"
+                for p in sorted(RESULTS.glob("*.md"))
+                if p.name != "README.md" and not p.stem.endswith("_quick")]
+    (RESULTS / f"README{suffix}.md").write_text("\n".join(out) + "\n")
+    print(f"wrote {RESULTS / f'README{suffix}.md'}")
+
+
+if __name__ == "__main__":
+    main()
