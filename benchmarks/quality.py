@@ -11,7 +11,8 @@ every row the same way (`discq.eval.compare`, `discq.eval.embedding_similarity`)
 fails says why. Results accumulate in `benchmarks/results/quality_<model>.json` (a rerun of a
 row replaces it); `benchmarks/report.py` turns them into tables and plots.
 
-    python benchmarks/quality.py [--set full|quick] [--model smollm2|minilm|all] [--only SUBSTR]
+    python benchmarks/quality.py [--set full|quick] [--model smollm2|minilm|all] [--only S1,S2]
+                                 [--resume]   (--resume: skip rows already measured)
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ def save(path: Path, payload: dict) -> None:
     os.replace(tmp, path)  # a run stopped midway leaves the previous file whole
 
 
-def run(model: str, which: str, only: str | None, timeout: int) -> Path:
+def run(model: str, which: str, only: str | None, timeout: int,
+        resume: bool = False) -> Path:
     d = prepare(model, CALIB[which])
     reference = load_model(d / "fp32")
     name = f"quality_{model}" + ("_quick" if which == "quick" else "")
@@ -149,11 +151,13 @@ def run(model: str, which: str, only: str | None, timeout: int) -> Path:
                    eval=EVAL[model])
     table = rows(model, which)
     done = {r["id"]: r for r in payload["rows"]}
-    if only is None:  # a whole set: rows no longer in the table go
-        done = {k: v for k, v in done.items() if k in {r.id for r in table}}
+    done = {k: v for k, v in done.items() if k in {r.id for r in table}}  # removed rows go
     done["fp32"] = {"id": "fp32", "line": "fp32", "ok": True, "bits_per_weight": 32.0,
                     **scores(d, reference, reference)}
-    todo = [r for r in table if only is None or only in r.id]
+    todo = [r for r in table if only is None or any(o in r.id for o in only.split(","))]
+    if resume:  # rows already measured with the same settings are kept, not rerun
+        todo = [r for r in todo if not (done.get(r.id, {}).get("ok")
+                                        and done[r.id].get("spec") == r.spec)]
     for i, row in enumerate(todo, 1):
         t0 = time.perf_counter()
         meta = run_row(row, timeout)
@@ -179,11 +183,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", dest="which", choices=["full", "quick"], default="full")
     ap.add_argument("--model", choices=["smollm2", "minilm", "all"], default="all")
-    ap.add_argument("--only", help="run only the rows whose id contains this")
+    ap.add_argument("--only", help="run only the rows whose id contains one of these "
+                                   "(comma-separated)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip rows already in the results with the same settings")
     a = ap.parse_args()
     for model in (["smollm2", "minilm"] if a.model == "all" else [a.model]):
-        run(model, a.which, a.only, a.timeout)
+        run(model, a.which, a.only, a.timeout, a.resume)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def smollm2_rows() -> list[Row]:
         *_discq("qtip", "discq QTIP", no_groups, {"finetune": False, "state_bits": 12},
                 quick=(3, None)),
         *_peer("torchao-rtn", "torchao RTN (intx, asym)", "torchao_runner", "main",
-               WIDTHS + [(5, 128), (6, 128), (8, 128)], {"algorithm": "affine"}, quick=(3, 64)),
+               WIDTHS + [(5, 64), (6, 64), (8, 64)], {"algorithm": "affine"}, quick=(3, 64)),
         *_peer("torchao-hqq", "torchao HQQ (scale only)", "torchao_runner", "main", WIDTHS,
                {"algorithm": "hqq_scale_only"}, quick=(3, 64)),
         *_peer("hqq", "HQQ", "hqq_runner", "peers", WIDTHS, {}, quick=(3, 64)),

@@ -10,8 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+import sys
+
 import matplotlib
 
+sys.path.insert(0, str(Path(__file__).parent))
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -39,15 +42,22 @@ def is_discq(line: str) -> bool:
 def plot(rows: list[dict], metric: str, path: Path, title: str, ylabel: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     ref = next(r for r in rows if r["id"] == "fp32")[metric]
-    for i, (line, pts) in enumerate(lines(rows).items()):
+    count = {True: 0, False: 0}
+    for line, pts in lines(rows).items():
+        ours = is_discq(line)
+        color = (plt.cm.tab10 if ours else plt.cm.Dark2)(count[ours] % (10 if ours else 8))
+        count[ours] += 1
         x = [p["bits_per_weight"] for p in pts]
         y = [p[metric] for p in pts]
-        ax.plot(x, y, "-o" if is_discq(line) else "--s", label=line, markersize=4,
-                linewidth=2 if is_discq(line) else 1.2, color=plt.cm.tab20(i % 20))
+        ax.plot(x, y, "-o" if ours else "--s", label=line, markersize=4,
+                linewidth=2 if ours else 1.2, color=color)
     ax.axhline(ref, color="black", linewidth=0.8, linestyle=":", label="fp32")
     if metric == "perplexity":
         ax.set_yscale("log")
         ax.set_ylim(ref * 0.95, ref * 4)  # 2-bit RTN and the like leave the plot upwards
+        ticks = [t for t in (40, 45, 50, 60, 70, 80, 100, 125, 150) if ref * 0.95 <= t <= ref * 4]
+        ax.set_yticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
     else:
         ax.set_ylim(0.8, 1.001)
     ax.set_xlabel("bits per weight (decoder linears: codes, scales, zeros, codebooks)")
@@ -84,7 +94,7 @@ def _one_line(s: str) -> str:
 
 
 def pareto(rows: list[dict], metric: str, lower_is_better: bool = True) -> list[str]:
-    """For every peer point between 3 and 5 bits: discq's best at no more bits than it."""
+    """For every peer point between 3 and 6 bits: discq's best at no more bits than it."""
     ours = [r for r in rows if r["ok"] and is_discq(r["line"])]
     out = ["| peer point | bits | " + metric + " | discq's best at <= those bits | " + metric
            + " | discq on or below |", "|---|---|---|---|---|---|"]
@@ -92,7 +102,7 @@ def pareto(rows: list[dict], metric: str, lower_is_better: bool = True) -> list[
         if is_discq(line):
             continue
         for p in pts:
-            if not 3 <= p["bits_per_weight"] < 5:
+            if not 3 <= p["bits_per_weight"] < 6:
                 continue
             cands = [r for r in ours if r["bits_per_weight"] <= p["bits_per_weight"] + 1e-9]
             best = min(cands, key=lambda r: r[metric] if lower_is_better else -r[metric],
@@ -105,6 +115,34 @@ def pareto(rows: list[dict], metric: str, lower_is_better: bool = True) -> list[
             out.append(f"| {line} | {p['bits_per_weight']:.3f} | {p[metric]:.4g} | "
                        f"{best['line']} ({best['bits_per_weight']:.3f}) | {best[metric]:.4g} "
                        f"| {'yes' if ok else '**no**'} |")
+    return out
+
+
+def missing(res: dict, name: str, quick: bool) -> list[str]:
+    """Rows of the benchmark's table that these results do not have (a run cut short)."""
+    from quality_rows import rows
+    have = {r["id"] for r in res["rows"]}
+    absent = [r.id for r in rows(name, "quick" if quick else "full") if r.id not in have]
+    if not absent:
+        return []
+    return [f"Not in these results ({len(absent)} rows of the table; `python "
+            f"benchmarks/quality.py --model {name} --resume` adds them): "
+            + ", ".join(f"`{a}`" for a in absent), ""]
+
+
+def budgets(rows: list[dict], metric: str, lower_is_better: bool = True,
+            limits=(2.5, 3.5, 4.5)) -> list[str]:
+    """Each quantizer's best score within a bits-per-weight budget: the one-glance summary."""
+    out = ["| quantizer | " + " | ".join(f"best at <= {b} bits" for b in limits) + " |",
+           "|---|" + "---|" * len(limits)]
+    for line, pts in lines(rows).items():
+        cells = []
+        for b in limits:
+            fit = [p for p in pts if p["bits_per_weight"] <= b + 1e-9]
+            best = min(fit, key=lambda p: p[metric] if lower_is_better else -p[metric],
+                       default=None)
+            cells.append(f"{best[metric]:.4g} ({best['bits_per_weight']:.2f})" if best else "")
+        out.append(f"| {line} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -189,8 +227,10 @@ def model_section(res: dict, name: str, quick: bool) -> list[str]:
         title, metric, low = "## MiniLM encoder: embedding cosine against bits per weight", \
             "cosine", False
     out = [title, "", *header(res), f"![{name}](quality_{name}{suffix}.png)", "",
-           *table(res["rows"], cols), "",
-           "Between 3 and 5 bits, every peer point against discq's best at no more bits:", "",
+           f"Each quantizer's best {metric} within a budget of bits per weight (the bits it "
+           f"used in brackets):", "", *budgets(res["rows"], metric, low), "",
+           *table(res["rows"], cols), "", *missing(res, name, quick),
+           "Between 3 and 6 bits, every peer point against discq's best at no more bits:", "",
            *pareto(res["rows"], metric, low), "", "Configurations as passed:", "",
            *configs(res["rows"]), ""]
     return out
