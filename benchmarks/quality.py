@@ -109,11 +109,11 @@ def scores(d: Path, reference, model) -> dict:
     computed once); encoders: the mean cosine of sentence embeddings
     (`discq.eval.embedding_similarity`)."""
     from discq.eval import compare, embedding_similarity, reference_logprobs
-    ids = torch.load(d / "eval.pt")  # [n, seq]
+    ids = torch.load(d / "eval.pt", weights_only=True)  # [n, seq]
     if is_causal(d / "fp32"):
         windows = list(ids.split(1))
         key = (id(reference), str(d))
-        if key not in _CACHE:
+        if key not in _CACHE:  # the reference runs once per model, not once per row
             _CACHE.clear()
             _CACHE[key] = reference_logprobs(reference, windows)
         return compare(reference, model, windows, progress=False, cached=_CACHE[key])

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import status_gib  # noqa: E402
 
 
 @dataclass
@@ -32,13 +33,6 @@ class Inputs:
     calib: torch.Tensor      # [N, 512] calibration token ids, the same for every row
     work: Path               # the model's work directory (f32.gguf lives here)
     causal: bool
-
-
-def status_gib(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def is_causal(model_dir: Path) -> bool:
@@ -54,8 +48,8 @@ def load_model(model_dir: Path) -> torch.nn.Module:
 
 def load_inputs(work: Path, model: str) -> Inputs:
     d = work / model
-    return Inputs(load_model(d / "fp32"), d / "fp32", torch.load(d / "calib.pt"), d,
-                  is_causal(d / "fp32"))
+    calib = torch.load(d / "calib.pt", weights_only=True)  # [N, 512]
+    return Inputs(load_model(d / "fp32"), d / "fp32", calib, d, is_causal(d / "fp32"))
 
 
 def versions() -> dict:

@@ -57,7 +57,7 @@ def test_discq_row_is_judged_as_discq_judges_the_quantized_model(work, tiny_llam
     judged = quality.evaluate(work, out, reference)
     # the same calibration tokens, quantized in this process: same codes, same scores
     q = quality.load_model(work / "fp32")
-    calib = list(torch.load(work / "calib.pt").split(8))
+    calib = list(torch.load(work / "calib.pt", weights_only=True).split(8))
     discq.quantize_(q, discq.gptq_config(3, 32, calibration=calib), filter_fn=keep_head_filter(q))
     direct = quality.scores(work, reference, q)
     assert judged["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-4)
