@@ -201,9 +201,26 @@ def encode(y: Tensor) -> Tensor:
         raise ValueError(f"E8P codes 8 values at a time: the last dimension must be 8, got "
                          f"{tuple(y.shape)}")
     flat = y.reshape(-1, 8).float()
-    out = torch.cat([_nearest_chunk(c) for c in flat.split(CHUNK)]) if len(flat) else \
-        torch.zeros(0, dtype=torch.long, device=y.device)
-    return out.reshape(y.shape[:-1])
+    if flat.device.type == "cpu" and len(flat) and cpu_kernel():
+        from .kernels.lattice_cpu import e8p_encode
+        return e8p_encode(flat, abs_patterns("cpu"), pattern_index("cpu")).reshape(y.shape[:-1])
+    return encode_batched(flat).reshape(y.shape[:-1])
+
+
+def encode_batched(flat: Tensor) -> Tensor:
+    """The search as tensor operations over a batch (any device; CPU runs the C++ search):
+    flat [M, 8] float32 -> codes [M] int64."""
+    if not len(flat):
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
+    return torch.cat([_nearest_chunk(c) for c in flat.split(CHUNK)])
+
+
+def cpu_kernel() -> bool:
+    """The C++ search (`kernels/lattice_cpu.cpp`, the same search one vector at a time: QuIP#
+    calls `encode` once per 8 columns, and the batched torch version's ~40 operations a call
+    dominate on CPU) is built and loaded."""
+    from .kernels import lattice_cpu
+    return lattice_cpu.available()
 
 
 def quantize(y: Tensor) -> tuple[Tensor, Tensor]:

@@ -34,13 +34,18 @@ def weighted_distances(X: Tensor, w: Tensor, C: Tensor) -> Tensor:
             + w @ (C * C).transpose(1, 2))
 
 
+ASSIGN_CHUNK = 1024  # points per bmm: its [G, chunk, E] distances stay in cache for argmin
+
+
 def assign(X: Tensor, w: Tensor, C: Tensor) -> Tensor:
     """Nearest codeword of every point under the weighted distance: [G, P] int64. The point's
-    own term Σ w x² does not change the argmin, so it is left out and the rest is one bmm:
-    [w x, w] · [−2c, c²]ᵀ."""
+    own term Σ w x² does not change the argmin, so it is left out and the rest is a bmm:
+    [w x, w] · [−2c, c²]ᵀ, a chunk of points at a time (writing all [G, P, E] distances to
+    memory and reading them back for argmin costs twice as long on a CPU)."""
     w = w.expand_as(X)
-    return torch.cat([w * X, w], -1).bmm(torch.cat([-2 * C, C * C], -1).transpose(1, 2)
-                                         ).argmin(-1)
+    A = torch.cat([w * X, w], -1)  # [G, P, 2d]
+    B = torch.cat([-2 * C, C * C], -1).transpose(1, 2)  # [G, 2d, E]
+    return torch.cat([a.bmm(B).argmin(-1) for a in A.split(ASSIGN_CHUNK, 1)], 1)
 
 
 def update(X: Tensor, w: Tensor, a: Tensor, C: Tensor) -> Tensor:

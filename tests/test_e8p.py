@@ -42,16 +42,35 @@ def test_every_code_decodes_to_a_distinct_codebook_point():
     assert all(tuple(r.tolist()) in keys for r in sample)
 
 
+SEARCHES = {"cpu kernel": e8p.encode, "batched torch": e8p.encode_batched}
+
+
+@pytest.mark.parametrize("search", SEARCHES)
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10**6), st.sampled_from([0.3, 1.0, 2.0, 4.0]))
-def test_nearest_point_search_is_exact_against_brute_force(seed, size):
+@given(seed=st.integers(0, 10**6), size=st.sampled_from([0.3, 1.0, 2.0, 4.0]))
+def test_nearest_point_search_is_exact_against_brute_force(search, seed, size):
     """Against all 2^16 points, on Gaussian inputs of several sizes (large ones leave the
-    fast path for the 256-pattern search)."""
+    fast path for the 256-pattern search); both searches: the C++ one `encode` runs on CPU and
+    the batched one other devices run."""
+    assert e8p.cpu_kernel()  # the CPU kernel is built here; the test must not pass without it
     y = torch.randn(256, 8, generator=torch.Generator().manual_seed(seed)) * size
     T = e8p.decode_table()
     best = torch.cdist(y.double(), T.double()).min(-1).values
-    got = (e8p.decode(e8p.encode(y)).double() - y.double()).norm(dim=-1)
-    assert torch.allclose(got, best, atol=1e-9)
+    got = (e8p.decode(SEARCHES[search](y)).double() - y.double()).norm(dim=-1)
+    assert torch.allclose(got, best, atol=1e-6)
+
+
+def test_cpu_search_picks_the_batched_searchs_points():
+    """On 100k vectors over the sizes the lattice codes see, the C++ search and the batched
+    one agree code for code except at ties (equal distances up to float32 rounding)."""
+    y = torch.randn(100_000, 8, generator=torch.Generator().manual_seed(0)) * \
+        torch.tensor([0.5, 1.0, 1.5, 3.0]).repeat_interleave(25_000)[:, None]
+    a, b = e8p.encode(y), e8p.encode_batched(y)
+    differ = a != b
+    assert int(differ.sum()) <= 10
+    da = (e8p.decode(a[differ]) - y[differ]).pow(2).sum(-1)
+    db = (e8p.decode(b[differ]) - y[differ]).pow(2).sum(-1)
+    assert torch.allclose(da, db, rtol=1e-5, atol=1e-5)
 
 
 def test_encode_decode_round_trips_every_codebook_point():
@@ -71,6 +90,20 @@ def test_one_bit_e8_codebook_is_256_distinct_points_of_e8():
     best = torch.cdist(y, P).min(-1).values
     got = (e8p_residual.decode_e8_1bit(e8p_residual.encode_e8_1bit(y)) - y).norm(dim=-1)
     assert torch.allclose(got, best, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 12), st.integers(1, 40), st.integers(0, 10**6))
+def test_cpu_nearest_point_is_the_exhaustive_argmin(M, d, P, seed):
+    """`discq::nearest_cpu` (the 1-bit E8 stage on CPU) = argmin of the distances, any shape."""
+    from discq.tensors.kernels import lattice_cpu
+    assert lattice_cpu.available()
+    g = torch.Generator().manual_seed(seed)
+    y, pts = torch.randn(M, d, generator=g), torch.randn(P, d, generator=g)
+    got = lattice_cpu.nearest(y, pts)
+    dist = torch.cdist(y.double(), pts.double())
+    assert torch.allclose(dist.gather(1, got[:, None]).squeeze(1), dist.min(-1).values,
+                          atol=1e-5)
 
 
 def test_more_bits_code_gaussian_blocks_more_accurately():

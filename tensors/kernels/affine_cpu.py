@@ -1,12 +1,13 @@
-"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`, `trellis_cpu.cpp`, `vq_cpu.cpp`): one
-library, built once, loaded on demand.
+"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`, `trellis_cpu.cpp`, `vq_cpu.cpp`,
+`lattice_cpu.cpp`): one library, built once, loaded on demand.
 
 `discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace
 it), `discq::gguf_linear_cpu` in `gguf_cpu.py`, the trellis ops in `trellis_cpu.py`,
-`discq::vq_linear_cpu` in `vq_cpu.py`; all are implemented in C++. The C++ files are compiled
-the first time a CPU matmul wants them (about 30 s), with the system compiler (`$CXX`, default
-`c++`) against torch's headers, into `$DISCQ_CACHE/kernels/` (default
-`~/.cache/discq/kernels/`) under a hash of the sources, flags and torch version; later processes
+`discq::vq_linear_cpu` in `vq_cpu.py`, QuIP#'s lattice searches in `lattice_cpu.py`; all are
+implemented in C++. The C++ files are compiled the first time a CPU kernel is wanted (about a
+minute), with the system compiler (`$CXX`, default `c++`) against torch's headers, into
+`$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the sources, flags
+and torch version; later processes
 only load the cached library. Without a working compiler callers fall back to the torch
 reference (same values, slower) after one warning; `DISCQ_CPU_KERNEL=0` switches the kernels
 off, `DISCQ_CPU_KERNEL=portable` builds them without SIMD intrinsics.
@@ -28,7 +29,8 @@ from torch import Tensor
 from ..cache import cache_dir
 
 SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "gguf_cpu.cpp",
-                                                        "trellis_cpu.cpp", "vq_cpu.cpp")]
+                                                        "trellis_cpu.cpp", "vq_cpu.cpp",
+                                                        "lattice_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]  # part of the build's key
 BITS = (2, 3, 4, 8)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -104,7 +106,7 @@ def load(build: bool = True) -> bool:
         return False
     try:
         # once per machine and torch version: say why this call is slow
-        print("discq: building the CPU matmul kernels (once, about 30 s)", file=sys.stderr)
+        print("discq: building the CPU kernels (once, about a minute)", file=sys.stderr)
         _compile(path)
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
