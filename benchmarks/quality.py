@@ -163,6 +163,7 @@ def run(model: str, which: str, only: str | None, timeout: int,
         meta = run_row(row, timeout)
         judged = evaluate(d, WORK / "rows" / row.id, reference) if meta.get("ok") else {}
         done[row.id] = result_row(row, meta, judged)
+        done[row.id]["wall_seconds"] = time.perf_counter() - t0  # process + judging
         payload["rows"] = list(done.values())
         save(path, payload)
         print(f"[{i}/{len(todo)}] {_summary(done[row.id])}  ({time.perf_counter() - t0:.0f} s)",

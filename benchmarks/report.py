@@ -208,7 +208,21 @@ def header(res: dict) -> list[str]:
             f"zeros as stored (discq and torchao: 8-bit integers; HQQ: 16-bit floats; "
             f"symmetric peers: none), codebooks and sign vectors; llama.cpp: its file's bytes. "
             f"Time: the quantization call alone; peak RSS: the row's own process (libraries and "
-            f"the fp32 model included).", ""]
+            f"the fp32 model included).{_set_time(res['rows'])}", ""]
+
+
+def _set_time(rows: list[dict]) -> str:
+    """The set's time: each row's wall time (its process and its judging) summed."""
+    walls = [r["wall_seconds"] for r in rows if "wall_seconds" in r]
+    if not walls:
+        return ""
+    missing = sum(1 for r in rows if r.get("id") != "fp32" and "wall_seconds" not in r)
+    if not missing:
+        return (f" The set took {sum(walls) / 60:.0f} minutes (each row's process and judging, "
+                f"summed).")
+    return (f" Wall time (process and judging) is recorded for {len(walls)} rows: "
+            f"{sum(walls) / 60:.0f} minutes summed; the other {missing}, measured before it was "
+            f"recorded, are not in that sum.")
 
 
 def model_section(res: dict, name: str, quick: bool) -> list[str]:

@@ -121,3 +121,10 @@ def test_rows_are_unique_and_every_runner_exists():
         for r in full:
             assert (BENCH / "runners" / f"{r.runner}.py").exists()
             assert r.env in ("main", "peers")
+
+
+def test_set_time_sums_the_rows_wall_times_and_says_which_lack_one():
+    rows = [{"id": "fp32"}, {"id": "a", "wall_seconds": 90.0}, {"id": "b", "wall_seconds": 30.0}]
+    assert "The set took 2 minutes" in report._set_time(rows)
+    assert "the other 1, measured before" in report._set_time(rows + [{"id": "c"}])
+    assert report._set_time([{"id": "fp32"}, {"id": "c"}]) == ""
