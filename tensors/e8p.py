@@ -32,6 +32,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from .kernels import lattice_cpu
+
 SHIFT = 0.25       # the ±¼ offset chosen by bit 15
 N_CORE = 227       # patterns of norm² ≤ 10
 N_EXTRA = 29       # patterns of norm² 12
@@ -201,9 +203,9 @@ def encode(y: Tensor) -> Tensor:
         raise ValueError(f"E8P codes 8 values at a time: the last dimension must be 8, got "
                          f"{tuple(y.shape)}")
     flat = y.reshape(-1, 8).float()
-    if flat.device.type == "cpu" and len(flat) and cpu_kernel():
-        from .kernels.lattice_cpu import e8p_encode
-        return e8p_encode(flat, abs_patterns("cpu"), pattern_index("cpu")).reshape(y.shape[:-1])
+    if lattice_cpu.serves(flat):  # the same search in C++, a vector at a time
+        codes = lattice_cpu.e8p_encode(flat, abs_patterns("cpu"), pattern_index("cpu"))
+        return codes.reshape(y.shape[:-1])
     return encode_batched(flat).reshape(y.shape[:-1])
 
 
@@ -213,14 +215,6 @@ def encode_batched(flat: Tensor) -> Tensor:
     if not len(flat):
         return torch.zeros(0, dtype=torch.long, device=flat.device)
     return torch.cat([_nearest_chunk(c) for c in flat.split(CHUNK)])
-
-
-def cpu_kernel() -> bool:
-    """The C++ search (`kernels/lattice_cpu.cpp`, the same search one vector at a time: QuIP#
-    calls `encode` once per 8 columns, and the batched torch version's ~40 operations a call
-    dominate on CPU) is built and loaded."""
-    from .kernels import lattice_cpu
-    return lattice_cpu.available()
 
 
 def quantize(y: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import e8p
+from .kernels import lattice_cpu
 
 RESIDUAL_SCALE = {3: 2.04, 4: 3.45}
 STAGE_BITS = {2: (16,), 3: (16, 8), 4: (16, 16)}  # bits of each stage's code per 8 weights
@@ -61,9 +62,8 @@ def encode_e8_1bit(y: Tensor) -> Tensor:
     y: [..., 8] -> [...] int64."""
     P = e8_1bit_points(y.device)
     flat = y.reshape(-1, 8).float()
-    if flat.device.type == "cpu" and len(flat) and e8p.cpu_kernel():  # the same search in C++
-        from .kernels.lattice_cpu import nearest
-        return nearest(flat, P).reshape(y.shape[:-1])
+    if lattice_cpu.serves(flat):  # the same search in C++
+        return lattice_cpu.nearest(flat, P).reshape(y.shape[:-1])
     out = [((P * P).sum(-1) - 2 * c @ P.t()).argmin(-1) for c in flat.split(e8p.CHUNK)]
     return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)).reshape(y.shape[:-1])
 

@@ -41,7 +41,7 @@ def assign(X: Tensor, w: Tensor, C: Tensor) -> Tensor:
     """Nearest codeword of every point under the weighted distance: [G, P] int64. The point's
     own term Σ w x² does not change the argmin, so it is left out and the rest is a bmm:
     [w x, w] · [−2c, c²]ᵀ, a chunk of points at a time (writing all [G, P, E] distances to
-    memory and reading them back for argmin costs twice as long on a CPU)."""
+    memory and reading them back for argmin costs up to twice as long on a CPU)."""
     w = w.expand_as(X)
     A = torch.cat([w * X, w], -1)  # [G, P, 2d]
     B = torch.cat([-2 * C, C * C], -1).transpose(1, 2)  # [G, 2d, E]

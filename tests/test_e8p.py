@@ -5,6 +5,7 @@ import torch
 from discq.tensors import e8p, e8p_residual
 from discq.tensors.hadamard import rotate, rotate_weight, unrotate
 from discq.tensors.hadamard import rotation
+from discq.tensors.kernels import lattice_cpu
 from discq.tensors.kernels.e8p_ref import pack_lattice_codes, unpack_lattice_codes
 from discq.tensors.lattice import LatticeQuantizedTensor
 from hypothesis import given, settings
@@ -52,7 +53,7 @@ def test_nearest_point_search_is_exact_against_brute_force(search, seed, size):
     """Against all 2^16 points, on Gaussian inputs of several sizes (large ones leave the
     fast path for the 256-pattern search); both searches: the C++ one `encode` runs on CPU and
     the batched one other devices run."""
-    assert e8p.cpu_kernel()  # the CPU kernel is built here; the test must not pass without it
+    assert lattice_cpu.available()  # built here: the test must not pass without the kernel
     y = torch.randn(256, 8, generator=torch.Generator().manual_seed(seed)) * size
     T = e8p.decode_table()
     best = torch.cdist(y.double(), T.double()).min(-1).values
@@ -96,7 +97,6 @@ def test_one_bit_e8_codebook_is_256_distinct_points_of_e8():
 @given(st.integers(1, 300), st.integers(1, 12), st.integers(1, 40), st.integers(0, 10**6))
 def test_cpu_nearest_point_is_the_exhaustive_argmin(M, d, P, seed):
     """`discq::nearest_cpu` (the 1-bit E8 stage on CPU) = argmin of the distances, any shape."""
-    from discq.tensors.kernels import lattice_cpu
     assert lattice_cpu.available()
     g = torch.Generator().manual_seed(seed)
     y, pts = torch.randn(M, d, generator=g), torch.randn(P, d, generator=g)

@@ -7,10 +7,10 @@ it), `discq::gguf_linear_cpu` in `gguf_cpu.py`, the trellis ops in `trellis_cpu.
 implemented in C++. The C++ files are compiled the first time a CPU kernel is wanted (about a
 minute), with the system compiler (`$CXX`, default `c++`) against torch's headers, into
 `$DISCQ_CACHE/kernels/` (default `~/.cache/discq/kernels/`) under a hash of the sources, flags
-and torch version; later processes
-only load the cached library. Without a working compiler callers fall back to the torch
-reference (same values, slower) after one warning; `DISCQ_CPU_KERNEL=0` switches the kernels
-off, `DISCQ_CPU_KERNEL=portable` builds them without SIMD intrinsics.
+and torch version; later processes only load the cached library. Without a working compiler
+callers fall back to the torch reference (the same results up to float rounding, slower) after
+one warning; `DISCQ_CPU_KERNEL=0` switches the kernels off, `DISCQ_CPU_KERNEL=portable` builds
+them without SIMD intrinsics.
 """
 from __future__ import annotations
 

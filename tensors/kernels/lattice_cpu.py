@@ -30,6 +30,13 @@ def available() -> bool:
     return affine_cpu.load()
 
 
+def serves(flat: Tensor) -> bool:
+    """Whether the C++ searches take these vectors [M, d]: on CPU, at least one, library loaded
+    (BlockLDLQ asks for a few thousand vectors per 8 columns, where the batched torch search's
+    ~40 operations a call cost more than its arithmetic)."""
+    return flat.device.type == "cpu" and len(flat) > 0 and available()
+
+
 def e8p_encode(y: Tensor, patterns: Tensor, index: Tensor) -> Tensor:
     """y: [M, 8] -> codes [M] int64; `patterns` [256, 8] and `index` [4^8] are e8p.py's
     tables (`abs_patterns`, `pattern_index`)."""
