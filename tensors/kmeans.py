@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import kmeans_cpu
+
 
 def mahalanobis_init(X: Tensor, E: int) -> Tensor:
     """E initial codewords per group [G, E, d]: the points sorted by their Mahalanobis distance
@@ -41,10 +43,13 @@ def assign(X: Tensor, w: Tensor, C: Tensor) -> Tensor:
     """Nearest codeword of every point under the weighted distance: [G, P] int64. The point's
     own term Σ w x² does not change the argmin, so it is left out and the rest is a bmm:
     [w x, w] · [−2c, c²]ᵀ, a chunk of points at a time (writing all [G, P, E] distances to
-    memory and reading them back for argmin costs up to twice as long on a CPU)."""
+    memory and reading them back for argmin costs up to twice as long on a CPU); on CPU the
+    C++ kernel does each point's argmin without storing its distances."""
     w = w.expand_as(X)
     A = torch.cat([w * X, w], -1)  # [G, P, 2d]
     B = torch.cat([-2 * C, C * C], -1).transpose(1, 2)  # [G, 2d, E]
+    if kmeans_cpu.serves(A):  # the same argmin a row at a time in C++, products never stored
+        return kmeans_cpu.argmin_bmm(A, B)
     return torch.cat([a.bmm(B).argmin(-1) for a in A.split(ASSIGN_CHUNK, 1)], 1)
 
 

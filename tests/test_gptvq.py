@@ -12,7 +12,7 @@ from discq.passes.gptvq_core import VQLayout, gptvq_quantize, update_codebooks
 from discq.passes.kl import forward_kl
 from discq.tensors import kmeans, vq
 from discq.tensors.gptvq import VectorQuantizedTensor, from_groups, to_groups
-from discq.tensors.kernels import vq_cpu
+from discq.tensors.kernels import kmeans_cpu, vq_cpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,6 +102,33 @@ def test_assignment_is_the_weighted_nearest_codeword():
         torch.randn(2, 16, 2, generator=g)
     brute = (w[:, :, None] * (X[:, :, None] - C[:, None]) ** 2).sum(-1).argmin(-1)
     assert torch.equal(kmeans.assign(X, w, C), brute)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 700), st.integers(1, 6),
+       st.sampled_from([1, 7, 8, 64, 256]), st.integers(0, 10**6))
+def test_cpu_argmin_of_the_product_is_the_exhaustive_argmin(G, P, k, E, seed):
+    """`discq::argmin_bmm_cpu` (k-means assignment on CPU; E a multiple of 8 takes the AVX2
+    loop, others the portable one) picks a minimum of A @ B for every row, the first on ties."""
+    assert kmeans_cpu.serves(torch.zeros(1, 1, 1))
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(G, P, k, generator=g), torch.randn(G, k, E, generator=g)
+    got = kmeans_cpu.argmin_bmm(A, B)
+    D = A.double() @ B.double()  # [G, P, E]
+    assert got.shape == (G, P) and got.dtype == torch.int64
+    assert torch.allclose(D.gather(2, got[..., None]).squeeze(2), D.min(-1).values, atol=1e-5)
+    tied = torch.cat([B, B], 2)  # every minimum twice: the first copy is the answer
+    assert torch.equal(kmeans_cpu.argmin_bmm(A, tied), got)
+
+
+def test_assignment_without_the_cpu_kernel_is_the_same(monkeypatch):
+    """The torch path (other devices, no compiler) assigns the same codewords as the kernel."""
+    g = torch.Generator().manual_seed(2)
+    X, w, C = torch.randn(3, 3000, 2, generator=g), torch.rand(3, 1, 2, generator=g), \
+        torch.randn(3, 256, 2, generator=g)
+    fast = kmeans.assign(X, w, C)
+    monkeypatch.setattr(kmeans_cpu, "serves", lambda A: False)
+    assert torch.equal(kmeans.assign(X, w, C), fast)
 
 
 @pytest.mark.parametrize("seed", range(3))
