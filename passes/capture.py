@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_cache import FrozenChildren
+from .block_cache import FrozenChildren, hidden_state, like, returns_linear_output
 from .block_source import current_source
 from .hessian import HessianAccumulator
 from .hessian import StopForward as _StopForward
@@ -88,19 +88,9 @@ def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches,
     return captured
 
 
-def hidden_state(out) -> torch.Tensor:
-    """The hidden state in what a block returns (a tensor, or a tuple with it first)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def input_hidden(args: list, kwargs: dict) -> torch.Tensor:
     """The hidden state among the (args, kwargs) a block receives."""
     return args[0] if args else kwargs["hidden_states"]
-
-
-def _like(template, h: torch.Tensor):
-    """h in the container a block returns (a tensor, or a tuple with the hidden state first)."""
-    return (h, *template[1:]) if isinstance(template, (tuple, list)) else h
 
 
 def set_hidden(args: list, kwargs: dict, h: torch.Tensor) -> None:
@@ -115,7 +105,7 @@ def run_block(block: nn.Module, inputs: Inputs, *, update: bool,
               cache: FrozenChildren | None = None, sink: Sink | None = None) -> Any:
     """Run the block over every batch; with update=True its outputs become the inputs (kept
     by `sink` when given). A forward that raises _StopForward (a hook that has seen what it
-    needs) ends that batch. Returns the block's last output (the template for `_like`)."""
+    needs) ends that batch. Returns the block's last output (the template for `like`)."""
     out = None
     for i, (args, kwargs) in enumerate(inputs):
         if cache is not None:
@@ -130,24 +120,39 @@ def run_block(block: nn.Module, inputs: Inputs, *, update: bool,
     return out
 
 
-@torch.no_grad()
-def trace_block(block: nn.Module, targets, inputs: Inputs
-                ) -> tuple[list[list[nn.Linear]], list[nn.Module]]:
-    """(groups, events) from one forward on the first batch: the target linears grouped by
-    shared input tensor in execution order, and the call order of the targets and the block's
-    direct children (for `FrozenChildren`)."""
-    order: list[tuple[torch.Tensor, nn.Linear]] = []  # holding the tensors keeps them distinct
-    events: list[nn.Module] = []
-    watched = {m for m in block.modules() if m in targets} | set(block.children())
-    hooks = [m.register_forward_pre_hook(lambda m, a: events.append(m)) for m in watched]
-    hooks += [m.register_forward_hook(lambda m, a, o: order.append((a[0], m)))
-              for m in block.modules() if m in targets]
-    try:
-        args, kwargs = inputs[0]
-        block(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+class Trace:
+    """What one forward of a block on the first batch shows: `groups`, the target linears
+    grouped by shared input tensor in execution order; `events`, the call order of the targets
+    and the block's direct children; `produced`, the children that return one of their targets'
+    output, with that target and the child's output (all three for `FrozenChildren`)."""
+
+    def __init__(self, block: nn.Module, targets, inputs: Inputs):
+        order: list[tuple[torch.Tensor, nn.Linear]] = []  # holding tensors keeps them distinct
+        self.events: list[nn.Module] = []
+        outputs: dict[nn.Module, Any] = {}  # last output of each target and direct child
+        inner = [m for m in block.modules() if m in targets]
+        children = list(block.children())
+        hooks = [m.register_forward_pre_hook(lambda m, a: self.events.append(m))
+                 for m in set(inner) | set(children)]
+        hooks += [m.register_forward_hook(lambda m, a, o: order.append((a[0], m))) for m in inner]
+        hooks += [m.register_forward_hook(lambda m, a, o: outputs.__setitem__(m, o))
+                  for m in set(inner) | set(children)]
+        try:
+            args, kwargs = inputs[0]
+            block(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.groups = _grouped(order)
+        self.produced = {}
+        for c in children:
+            own = {m: outputs[m] for m in c.modules() if m in targets and m in outputs}
+            L = returns_linear_output(outputs.get(c), own) if own else None
+            if L is not None:  # the output's container, without the traced batch's tensor
+                self.produced[c] = (L, like(outputs[c], None))
+
+
+def _grouped(order: list[tuple[torch.Tensor, nn.Linear]]) -> list[list[nn.Linear]]:
     groups: list[tuple[torch.Tensor, list[nn.Linear]]] = []
     for x, m in order:
         group = next((g for t, g in groups if t is x), None)
@@ -155,12 +160,18 @@ def trace_block(block: nn.Module, targets, inputs: Inputs
             groups.append((x, [m]))
         elif m not in group:
             group.append(m)
-    return [g for _, g in groups], events
+    return [g for _, g in groups]
+
+
+@torch.no_grad()
+def trace_block(block: nn.Module, targets, inputs: Inputs) -> Trace:
+    """One forward of the block on the first batch, watched (`Trace`)."""
+    return Trace(block, targets, inputs)
 
 
 def linear_groups(block: nn.Module, targets, inputs: Inputs) -> list[list[nn.Linear]]:
     """The block's target linears grouped by shared input tensor, in execution order."""
-    return trace_block(block, targets, inputs)[0]
+    return trace_block(block, targets, inputs).groups
 
 
 @torch.no_grad()
@@ -168,11 +179,14 @@ def group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs,
                   cache: FrozenChildren | None = None) -> torch.Tensor:
     """H of the input `first` (and every linear of its group) reads. The block's forward stops
     as soon as that input exists (the rest of the block is skipped)."""
+    kept = cache.record_inputs(first) if cache is not None else None  # before acc's hook
     acc = HessianAccumulator(first, name, stop_after=True)
     try:
         run_block(block, inputs, update=False, cache=cache)
     finally:
         H = acc.remove()
+        if kept is not None:
+            kept.remove()
     return H
 
 
@@ -213,17 +227,22 @@ def _quantize_block(block, inner: dict, inputs: Inputs, quantize_group: Quantize
     if not inner:
         hooks.after(block, inputs)
         return run_block(block, inputs, update=True, sink=sink)
-    groups, events = trace_block(block, inner, inputs)
+    trace = trace_block(block, inner, inputs)
+    groups = trace.groups
     if not true_sequential:
         groups = [[m for g in groups for m in g]]
-    cache, done = FrozenChildren(block, set(inner), events), set()
+    # a streaming run keeps activations on disk: no layer inputs kept in memory; nor when the
+    # block changes after rounding (its outputs are then recomputed)
+    produced = {} if sink is not None or hooks.changes_block else trace.produced
+    cache, done = FrozenChildren(block, set(inner), trace.events, produced), set()
     try:
         for i, group in enumerate(groups):
             H = group_hessian(block, group[0], inner[group[0]], inputs, cache)
             quantize_group([(inner[m], m) for m in group], H)
             done.update(group)
-            if i + 1 < len(groups):  # memoize only what a later group's pass will reuse
-                cache.freeze(done)
+            # what the later groups' passes reuse; after the last, what the outputs' pass can
+            # take from a kept input (the MLP from down_proj's)
+            cache.freeze(done, last=i + 1 == len(groups))
         if hooks.changes_block:
             cache.close()
         hooks.after(block, inputs)
@@ -364,10 +383,10 @@ class _blocks_replaced:
         if self.state["calls"] > 1:
             raise _BlocksCalledUnusually("the first block ran twice in one forward")
         args0, kwargs0 = self.inputs[self.state["batch"]]
-        return _like(self.template, input_hidden(args0, kwargs0))
+        return like(self.template, input_hidden(args0, kwargs0))
 
     def _through(self, *args, **kwargs):
-        return _like(self.template, input_hidden(list(args), kwargs))
+        return like(self.template, input_hidden(list(args), kwargs))
 
     def __enter__(self) -> dict:
         for i, b in enumerate(self.blocks):

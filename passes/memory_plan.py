@@ -93,13 +93,14 @@ def plan_run(model: nn.Module, config, targets: list[tuple[str, nn.Linear]], *,
 
 
 def _seconds(method, config, weights, blocks, tokens: int) -> float:
-    """Rough: calibration forwards (about 5 per block, true-sequential) + layer rounding; for
+    """Rough: calibration forwards (about 3 per block: each layer's input computed once,
+    true-sequential, plus its Hessian's product) + layer rounding; for
     an end-to-end method, its steps of teacher and student forwards and the backward."""
     if not method.data_driven:
         return sum(w.numel() for w in weights) * 2e-8
     rate = matmul_rate()
     block_params = sum(p.numel() for b in blocks for p in b.parameters())
-    forward = 5 * 2 * block_params * tokens / rate
+    forward = 3 * 2 * block_params * tokens / rate
     layers = sum(2 * w.shape[0] * w.shape[1] ** 2 + w.shape[1] ** 3 for w in weights) / rate
     if method.end_to_end:
         return 10 * sum(w.numel() for w in weights) * _step_tokens(config) * config.steps / rate

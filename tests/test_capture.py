@@ -68,26 +68,36 @@ def _targets(model, head=False):
             if isinstance(m, nn.Linear) and (head or n != "lm_head")]
 
 
-def test_memoized_children_change_nothing_and_skip_work(monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_memoized_children_change_nothing_and_skip_work(monkeypatch, attention):
+    """Memoized children and kept layer inputs give bit-identical Hessians and outputs, with
+    attention computed once per batch (for o_proj's Hessian; trace aside) and gate/up once
+    (for down_proj's; the outputs' pass takes the MLP from down_proj's kept input). Eager
+    attention also returns its weights, so its output is not o_proj's alone: it is computed
+    again once (for gate/up's Hessian), then memoized."""
     batches = [_ids(2, 16), _ids(2, 16, seed=1)]
-    results, q_calls = [], []
+    results, counts = [], []
     for memoize in (True, False):
         if not memoize:
-            monkeypatch.setattr(FrozenChildren, "freeze", lambda self, done: None)
+            monkeypatch.setattr(FrozenChildren, "freeze", lambda self, done, last=False: None)
         model = tiny_random_llama(seed=2)
-        n = []
-        model.model.layers[0].self_attn.q_proj.register_forward_hook(
-            lambda *a, n=n: n.append(1))
+        model.set_attn_implementation(attention)
+        layer = model.model.layers[0]
+        n = {"q": [], "gate": []}
+        layer.self_attn.q_proj.register_forward_hook(lambda *a: n["q"].append(1))
+        layer.mlp.gate_proj.register_forward_hook(lambda *a: n["gate"].append(1))
         calls = {}
         sequential_quantize(model, batches, _targets(model), _rtn_recording(calls))
         results.append((calls, model(batches[0]).logits))
-        q_calls.append(len(n))
+        counts.append({k: len(v) - 1 for k, v in n.items()})  # less the check's forward
     (memo, y_memo), (plain, y_plain) = results
     assert memo.keys() == plain.keys()
     assert all(torch.equal(memo[k], plain[k]) for k in memo)
     assert torch.equal(y_memo, y_plain)
-    assert q_calls[0] < q_calls[1]  # attention was not recomputed for gate/up, down, outputs
-    assert "forward" not in vars(model.model.layers[0].self_attn)  # own forward restored
+    B = len(batches)  # plain: q in the trace, o's, gate/up's, down's and the outputs' passes
+    q = 1 + B if attention == "sdpa" else 1 + 2 * B
+    assert counts == [{"q": q, "gate": 1 + B}, {"q": 1 + 4 * B, "gate": 1 + 2 * B}]
+    assert "forward" not in vars(layer.self_attn) and "forward" not in vars(layer.mlp)
 
 
 def _head_input_hessian(model, batches):
