@@ -124,7 +124,7 @@ def scores(d: Path, reference, model) -> dict:
 def result_row(row: Row, meta: dict, judged: dict) -> dict:
     out = {"id": row.id, "line": row.line, "model": row.model, "env": row.env,
            "spec": row.spec, "ok": meta.get("ok", False), "date": time.strftime("%Y-%m-%d"),
-           "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": _command()}
     for k in ("seconds", "peak_rss_gib", "rss_before_gib", "config", "versions", "error"):
         if k in meta:
             out[k] = meta[k]
@@ -132,6 +132,10 @@ def result_row(row: Row, meta: dict, judged: dict) -> dict:
         out["bits_per_weight"] = meta["bits"] / meta["numel"]
         out.update(judged)
     return out
+
+
+def _command() -> str:
+    return "python benchmarks/quality.py " + " ".join(sys.argv[1:])
 
 
 def save(path: Path, payload: dict) -> None:
@@ -142,6 +146,9 @@ def save(path: Path, payload: dict) -> None:
 
 def run(model: str, which: str, only: str | None, timeout: int,
         resume: bool = False) -> Path:
+    """Run the set's rows (or those `only` names) for `model`; a run of the whole set records
+    its own wall time (preparation, the reference and every row) as the payload's "run"."""
+    started, t_start = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
     d = prepare(model, CALIB[which])
     reference = load_model(d / "fp32")
     name = f"quality_{model}" + ("_quick" if which == "quick" else "")
@@ -167,6 +174,13 @@ def run(model: str, which: str, only: str | None, timeout: int,
         payload["rows"] = list(done.values())
         save(path, payload)
         print(f"[{i}/{len(todo)}] {_summary(done[row.id])}  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    if only is None and not resume:  # every row ran, one after the other, in this process
+        payload["run"] = {"seconds": time.perf_counter() - t_start, "started": started,
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": len(todo),
+                          "command": _command()}
+        save(path, payload)
+        print(f"{model}: the whole set took {payload['run']['seconds'] / 60:.1f} minutes",
               flush=True)
     return path
 

@@ -208,11 +208,18 @@ def header(res: dict) -> list[str]:
             f"zeros as stored (discq and torchao: 8-bit integers; HQQ: 16-bit floats; "
             f"symmetric peers: none), codebooks and sign vectors; llama.cpp: its file's bytes. "
             f"Time: the quantization call alone; peak RSS: the row's own process (libraries and "
-            f"the fp32 model included).{_set_time(res['rows'])}", ""]
+            f"the fp32 model included).{_set_time(res['rows'], res.get('run'))}", ""]
 
 
-def _set_time(rows: list[dict]) -> str:
-    """The set's time: each row's wall time (its process and its judging) summed."""
+def _set_time(rows: list[dict], run: dict | None = None) -> str:
+    """The set's time: that of its last uninterrupted run of every row (and which rows ran
+    again after it), else each row's wall time (its process and its judging) summed."""
+    if run is not None:
+        later = sorted(r["id"] for r in rows if r.get("finished", "") > run["finished"])
+        return (f" The whole set ran in one process in {run['seconds'] / 60:.0f} minutes "
+                f"({run['rows']} rows, preparation and judging included; started "
+                f"{run['started']}, `{run['command']}`)"
+                + (f"; rerun after it: {', '.join(later)}." if later else "."))
     walls = [r["wall_seconds"] for r in rows if "wall_seconds" in r]
     if not walls:
         return ""

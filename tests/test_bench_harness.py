@@ -128,3 +128,29 @@ def test_set_time_sums_the_rows_wall_times_and_says_which_lack_one():
     assert "The set took 2 minutes" in report._set_time(rows)
     assert "the other 1, measured before" in report._set_time(rows + [{"id": "c"}])
     assert report._set_time([{"id": "fp32"}, {"id": "c"}]) == ""
+
+
+def test_set_time_of_a_whole_run_names_the_rows_rerun_after_it():
+    run = {"seconds": 6600.0, "started": "2026-12-04T10:00:00", "finished": "2026-12-04T11:50:00",
+           "rows": 2, "command": "python benchmarks/quality.py --set full"}
+    rows = [{"id": "a", "finished": "2026-12-04T10:30:00"},
+            {"id": "b", "finished": "2026-12-04T11:40:00"}]
+    text = report._set_time(rows, run)
+    assert "in one process in 110 minutes (2 rows" in text and "rerun" not in text
+    rows[0]["finished"] = "2026-12-05T09:00:00"
+    assert report._set_time(rows, run).endswith("rerun after it: a.")
+
+
+def test_a_whole_run_records_its_time_and_a_partial_one_keeps_it(monkeypatch, tmp_path):
+    rows = [quality_rows.Row(i, "line", "discq_runner", "main", {}, "smollm2") for i in "ab"]
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality, "prepare", lambda model, n: tmp_path)
+    monkeypatch.setattr(quality, "load_model", lambda d: None)
+    monkeypatch.setattr(quality, "scores", lambda d, ref, m: {"perplexity": 1.0})
+    monkeypatch.setattr(quality, "rows", lambda model, which: rows)
+    monkeypatch.setattr(quality, "run_row", lambda row, timeout: {"ok": False, "error": "no"})
+    path = quality.run("smollm2", "full", None, 10)
+    run = json.loads(path.read_text())["run"]
+    assert run["rows"] == 2 and run["seconds"] > 0
+    quality.run("smollm2", "full", "a", 10)  # one row again: the whole run's record stays
+    assert json.loads(path.read_text())["run"] == run
