@@ -134,9 +134,12 @@ class Trace:
         children = list(block.children())
         hooks = [m.register_forward_pre_hook(lambda m, a: self.events.append(m))
                  for m in set(inner) | set(children)]
-        hooks += [m.register_forward_hook(lambda m, a, o: order.append((a[0], m))) for m in inner]
-        hooks += [m.register_forward_hook(lambda m, a, o: outputs.__setitem__(m, o))
-                  for m in set(inner) | set(children)]
+        def seen(m, a, o):  # a target's input (for the groups), any watched module's output
+            if m in targets:
+                order.append((a[0], m))
+            outputs[m] = o
+
+        hooks += [m.register_forward_hook(seen) for m in set(inner) | set(children)]
         try:
             args, kwargs = inputs[0]
             block(*args, **kwargs)
