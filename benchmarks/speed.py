@@ -5,7 +5,8 @@ Per layer shape (SmolLM2-135M's and a 7B-class model's), batch 1 and 16: the tim
 (groups of 64, RTN) and GPTVQ's 2-bit 2-D codebooks, and torchao's int8 and int4 (intx, groups
 of 64) weight-only linears.
 Then greedy decode tokens/s of SmolLM2 through `discq.generate` (one compiled token step over a
-static KV cache) for fp32 and discq 4-bit in blocks of 32 (head fp32, and head 8-bit), beside
+static KV cache) for fp32 and discq 4-bit in blocks of 32 (head fp32, head 8-bit, and head 8-bit
+on 8-bit activations), beside
 llama.cpp (llama-cpp-python, `make install-llamacpp`) on its own Q4_0 quantization of the same
 model, with the weight bytes each reads per token and the share of this machine's measured
 memory bandwidth that reaches. Layers are timed twice: one layer called over and over
@@ -45,6 +46,7 @@ SHAPES = {"smollm2 q/o (576x576)": (576, 576), "smollm2 k/v (192x576)": (192, 57
           "smollm2 gate/up (1536x576)": (1536, 576), "smollm2 down (576x1536)": (576, 1536),
           "7B q/k/v/o (4096x4096)": (4096, 4096), "7B gate/up (11008x4096)": (11008, 4096)}
 LLAMA_ROW = "llama.cpp Q4_0 (its own quantizer)"
+INT8_ROW = "discq 4-bit g32, head 8-bit, 8-bit activations"
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
 BASELINE = {"cpu": "fp32", "cuda": "bf16"}
 # peak memory bandwidth (GB/s) by device name, first match wins (vendor data sheets)
@@ -204,6 +206,9 @@ def decode_models(device: str) -> tuple[dict, object]:
     discq.quantize_(q, discq.rtn_config(4, 32, symmetric=True), filter_fn=keep_head_filter(q))
     models["discq 4-bit g32, head fp32"] = q
     models["discq 4-bit g32, head 8-bit"] = discq.quantize_head_(copy.deepcopy(q), 8)
+    # the same weights decoded on 8-bit activations: a shallow copy, so each row keeps its own
+    # compiled decoder (discq.generate keeps one on the model)
+    models[INT8_ROW] = copy.copy(models["discq 4-bit g32, head 8-bit"])
     return models, tok
 
 
@@ -263,7 +268,7 @@ def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
     models, tok = decode_models(device)
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
     prompt = tok(text, return_tensors="pt").input_ids[:, :16].to(device)
-    runs = {name: functools.partial(_discq_tokens_per_s, m, prompt, tokens)
+    runs = {name: functools.partial(_discq_tokens_per_s, m, prompt, tokens, name == INT8_ROW)
             for name, m in models.items()}
     moved = {name: decode_bytes(m) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,8 +304,10 @@ def perplexities(models: dict, gguf, tok, device: str, windows: int = 4) -> dict
     decoded model, llama.cpp's file included (run by llama.cpp)."""
     from discq.data import eval_windows
     from discq.eval import perplexity
+    from discq.inference import plain_linears
     data = [w.to(device) for w in eval_windows(tok, "shakespeare", n_windows=windows)]
-    out = {name: perplexity(m, data, progress=False) for name, m in models.items()}
+    out = {name: perplexity(plain_linears(m, int8_activations=True) if name == INT8_ROW else m,
+                            data, progress=False) for name, m in models.items()}
     if gguf is not None:
         from discq.llamacpp import LlamaCppModel
         with LlamaCppModel(gguf, n_ctx=512) as peer:
@@ -308,10 +315,12 @@ def perplexities(models: dict, gguf, tok, device: str, windows: int = 4) -> dict
     return out
 
 
-def _discq_tokens_per_s(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+def _discq_tokens_per_s(model: nn.Module, prompt: torch.Tensor, tokens: int,
+                        int8_activations: bool = False) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
-        discq.generate(model, prompt, tokens, eos_token_id=None)
+        discq.generate(model, prompt, tokens, eos_token_id=None,
+                       int8_activations=int8_activations)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     return tokens / (time.perf_counter() - t0)
@@ -401,7 +410,9 @@ def decode_table(rows: list[dict], base: str) -> list[str]:
             "llama.cpp row computed by llama.cpp on its file. discq.generate decodes with the "
             "same weights and fp32 activations as discq eval (its one-row kernel and eval's "
             "dequantize-then-GEMM differ only in summation order), so this is the decoded "
-            "model's perplexity."]
+            "model's perplexity; the 8-bit-activation row is `discq.generate(..., "
+            "int8_activations=True)` and its perplexity `discq eval --int8-activations`'s "
+            "(each linear's input rounded per block of 32 in both)."]
     return out
 
 
@@ -450,6 +461,6 @@ if __name__ == "__main__":
         streamed = streamed_rows(shapes, rounds) if a.device == "cpu" else None
     result = {"machine": machine(), **info, "layers": layers, "streamed": streamed,
               "layers_from": layers_from, "command": " ".join(["python", *sys.argv]),
-              "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 3,
+              "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 5,
                                                              a.device)}
     write(name, result, markdown(result))

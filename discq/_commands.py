@@ -211,21 +211,31 @@ def evaluate(args: argparse.Namespace) -> dict:
     ref_name = args.reference or (source if source != args.model else None)
     reference = _load_any(ref_name)[0] if ref_name else None
     windows = eval_windows(tok, args.data, n_windows=args.n_windows, seq_len=args.seq_len)
+    if args.int8_activations:
+        from discq.inference import plain_linears
+        model = plain_linears(model, int8_activations=True)  # as discq.generate decodes it
     result = pipeline.evaluate(model, reference, windows)
-    return {"model": args.model, "reference": ref_name, **{k: round(v, 4) for k, v in result.items()}}
+    return {"model": args.model, "reference": ref_name,
+            **({"int8_activations": True} if args.int8_activations else {}),
+            **{k: round(v, 4) for k, v in result.items()}}
 
 
 def bench(args: argparse.Namespace) -> dict:
     from discq.passes import bits_per_weight
     model, tok, _ = _load_any(args.model)
     prompt = tok("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    if args.int8_activations and not args.compile:
+        raise ValueError("--int8-activations needs --compile (discq.generate's compiled step)")
     t0 = time.perf_counter()
-    speed = pipeline.greedy_decode_speed(model, prompt, args.tokens, lean=args.compile)
+    speed = pipeline.greedy_decode_speed(model, prompt, args.tokens, lean=args.compile,
+                                         int8_activations=args.int8_activations)
     try:
         bpw = round(bits_per_weight(model), 3)
     except ValueError:
         bpw = None  # not quantized
-    return {"model": args.model, "compiled": args.compile, "bits_per_weight": bpw,
+    return {"model": args.model, "compiled": args.compile,
+            **({"int8_activations": True} if args.int8_activations else {}),
+            "bits_per_weight": bpw,
             "tokens_per_s": round(speed, 2), "seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_gib": round(pipeline.peak_rss_gib(), 2)}
 

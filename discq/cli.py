@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", default=None,
                    help="original model to compare with (default: the one it was made from)")
     _add_data_args(e, "data", 8, 512)
+    e.add_argument("--int8-activations", action="store_true",
+                   help="evaluate with each quantized linear's input rounded to 8 bits per block "
+                        "of 32 (as `discq bench --compile --int8-activations` decodes)")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     b = sub.add_parser("bench", help="decode speed and memory of a (quantized) model")
     b.add_argument("model", help="a directory written by `discq quantize`, or a model name")
@@ -108,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true",
                    help="decode with discq.generate: one compiled token step over a static KV "
                         "cache (the first run compiles, minutes for a large model)")
+    b.add_argument("--int8-activations", action="store_true",
+                   help="with --compile: quantized linears take their input rounded to 8 bits "
+                        "per block of 32 and multiply in integers (faster on CPU; `discq eval "
+                        "--int8-activations` gives its perplexity)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     m = sub.add_parser("methods", help="list the registered rounding methods")
     m.add_argument("--json", action="store_true", help="print the list as JSON")

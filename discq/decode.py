@@ -17,7 +17,9 @@ one query row.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import warnings
 from dataclasses import dataclass
 
@@ -75,13 +77,14 @@ class Decoder:
     `max_cache_len` positions for `batch` sequences."""
 
     def __init__(self, model: nn.Module, batch: int, max_cache_len: int, sampling: Sampling,
-                 cpp_wrapper: bool = True):
+                 cpp_wrapper: bool = True, int8_activations: bool = False):
         from transformers import StaticCache
         self.sampling, self.cpp_wrapper = sampling, cpp_wrapper
+        self.int8_activations = int8_activations
         self.weights = _weights_key(model)
         leave_out = (model.__dict__.get(_ATTR),)
-        self.model = plain_linears(model, leave_out)  # the prefill's view
-        self.step_model = _one_query_attention(plain_linears(model, leave_out))
+        self.model = plain_linears(model, leave_out, int8_activations)  # the prefill's view
+        self.step_model = _one_query_attention(plain_linears(model, leave_out, int8_activations))
         self.batch, self.max_cache_len = batch, max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         device = next(model.parameters()).device
@@ -94,9 +97,13 @@ class Decoder:
         # the step in C++ end to end (Inductor's C++ wrapper): the Python wrapper's per-kernel
         # calls cost ~5 ms a token on SmolLM2; the prefill runs once per call and stays Python
         # (its C++ build with a dynamic length takes minutes)
+        # no guards at all on the step (Dynamo's guards on every tensor of the model cost ~1.5 ms
+        # a token on SmolLM2): its code object is this decoder's alone, its inputs have fixed
+        # shapes, it runs a view made here, and `fits` rebuilds the decoder when the model's
+        # weights are replaced (their values are read on every call)
         self.step = compile_apart(functools.partial(self._next, self.step_model), "step",
-                              {"cpp_wrapper": cpp_wrapper})
-        self.warm = False  # the step compiled and ran once
+                                  {"cpp_wrapper": cpp_wrapper,
+                                   "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
     def _next(self, model: nn.Module, ids: Tensor, u: Tensor | None) -> Tensor:
         """ids: [B, L] appended to the cache -> the next token ids [B, 1]."""
@@ -104,8 +111,9 @@ class Decoder:
         return pick(out.logits[:, -1], self.sampling, u)
 
     def fits(self, model: nn.Module, batch: int, length: int, sampling: Sampling, device,
-             cpp_wrapper: bool) -> bool:
+             cpp_wrapper: bool, int8_activations: bool) -> bool:
         return (cpp_wrapper == self.cpp_wrapper and batch == self.batch
+                and int8_activations == self.int8_activations
                 and length <= self.max_cache_len and sampling == self.sampling
                 and self.cache.layers[0].keys.device == device
                 and self.weights == _weights_key(model))
@@ -118,6 +126,12 @@ class Decoder:
         torch._dynamo.maybe_mark_dynamic(ids, 1)  # one prefill program for every prompt length
         tok = self.prefill(ids, noise())
         out, done = [tok], torch.zeros(B, dtype=torch.bool, device=ids.device)
+        with _no_gc():  # a collection of every Python object mid-decode stalls a token
+            self._loop(tok, out, done, max_new_tokens, eos, noise)
+        return torch.cat([ids, *out], dim=1)
+
+    def _loop(self, tok: Tensor, out: list, done: Tensor, max_new_tokens: int, eos: set[int],
+              noise) -> None:
         for _ in range(max_new_tokens - 1):
             if eos:
                 done |= _is_eos(tok[:, 0], eos)
@@ -126,18 +140,10 @@ class Decoder:
             tok = self._step(tok, noise())
             # a row that has ended repeats its end token (the model's output there is unused)
             out.append(torch.where(done[:, None], out[-1], tok) if eos else tok)
-        return torch.cat([ids, *out], dim=1)
 
     def _step(self, tok: Tensor, u: Tensor | None) -> Tensor:
-        """One token. After the first call, without Dynamo's guards (on every module of the
-        model: ~1 ms a token on SmolLM2): the step has a single graph and fixed input shapes,
-        it runs a view of the model made when the decoder was built, and `fits` rebuilds the
-        decoder when the model's weights are replaced (their values are read on every call)."""
-        if not self.warm:
-            self.warm = True
-            return self.step(tok, u)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.step(tok, u)
+        """One token: the compiled step (no guards, see __init__)."""
+        return self.step(tok, u)
 
     def _noise(self, generator, ids: Tensor):
         """A function giving each step's uniform noise [B, V] (None when greedy)."""
@@ -148,6 +154,19 @@ class Decoder:
         # uniform in (0, 1): log(-log(u)) must stay finite
         return lambda: torch.rand(shape, generator=generator, device=ids.device).clamp_(
             1e-20, 1 - 1e-7)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Python's cyclic garbage collector off (as it was, after): a full collection walks every
+    object of torch, transformers and the model, milliseconds at a random token."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _one_query_attention(view: nn.Module) -> nn.Module:
@@ -175,16 +194,20 @@ def _is_eos(tok: Tensor, eos: set[int]) -> Tensor:
 def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, eos_token_id: int | list[int] | None = -1,
              seed: int | None = None, max_cache_len: int | None = None,
-             cpp_wrapper: bool = True) -> Tensor:
+             cpp_wrapper: bool = True, int8_activations: bool = False) -> Tensor:
     """Continue `ids` [B, S] (token ids, every row a full prompt of S tokens) by up to
     `max_new_tokens` tokens: [B, S + T]. Greedy by default; `temperature` > 0 samples (from the
     `top_k` most likely tokens when given; `seed` makes it repeatable). Stops early once every
     row has produced an end token (`eos_token_id`; -1, the default, takes the model's generation
     config, None never stops early). The cache holds `max_cache_len` positions (default: the
-    next multiple of 256 at or above S + max_new_tokens); the compiled programs are kept on the
-    model and reused while batch, sampling and cache size fit. `cpp_wrapper` compiles the
+    smallest power of two, at least 64, at or above S + max_new_tokens: the step attends to
+    every cached position, so a short generation reads a short cache); the compiled programs
+    are kept on the model and reused while batch, sampling and cache size fit. `cpp_wrapper` compiles the
     token step's program to C++ end to end (Inductor's C++ wrapper): ~2 ms a token faster on
-    SmolLM2, but its first compile takes minutes on 2 cores (then cached on disk)."""
+    SmolLM2, but its first compile takes minutes on 2 cores (then cached on disk).
+    `int8_activations` rounds each quantized linear's input to 8 bits per block of 32 and
+    multiplies in integers (`discq.inference.plain_linears`): faster on CPU; `discq eval
+    --int8-activations` measures what it costs in perplexity."""
     if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
         raise TypeError(f"ids must be a [batch, length] LongTensor of token ids, got "
                         f"{getattr(ids, 'shape', type(ids))}")
@@ -199,14 +222,14 @@ def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature:
     if seed is not None:
         generator = torch.Generator(ids.device).manual_seed(seed)
     if not supports_static_cache(model):
-        return _fallback(model, ids, max_new_tokens, sampling, eos, generator)
+        return _fallback(model, ids, max_new_tokens, sampling, eos, generator, int8_activations)
     with torch.no_grad():
         decoder = getattr(model, _ATTR, None)
         if decoder is None or not decoder.fits(model, ids.shape[0], need, sampling, ids.device,
-                                               cpp_wrapper) or (
+                                               cpp_wrapper, int8_activations) or (
                 max_cache_len is not None and decoder.max_cache_len != max_cache_len):
-            size = max_cache_len or -(-need // 256) * 256
-            decoder = Decoder(model, ids.shape[0], size, sampling, cpp_wrapper)
+            size = max_cache_len or max(64, 1 << (need - 1).bit_length())
+            decoder = Decoder(model, ids.shape[0], size, sampling, cpp_wrapper, int8_activations)
             model.__dict__[_ATTR] = decoder  # not a submodule: never saved or moved
         return decoder.run(ids, max_new_tokens, eos, generator)
 
@@ -220,10 +243,12 @@ def _eos_ids(model: nn.Module, eos_token_id) -> set[int]:
     return {int(e) for e in ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)}
 
 
-def _fallback(model, ids, max_new_tokens, sampling: Sampling, eos: set[int], generator):
+def _fallback(model, ids, max_new_tokens, sampling: Sampling, eos: set[int], generator,
+              int8_activations: bool = False):
     """transformers' own generate, for caches that cannot be static."""
     warnings.warn(f"discq.generate: {type(model).__name__} does not decode with a static cache "
-                  "under one compiled graph; using transformers' generate (slower)", stacklevel=3)
+                  "under one compiled graph; using transformers' generate (slower"
+                  + (", float activations)" if int8_activations else ")"), stacklevel=3)
     if generator is not None:
         torch.manual_seed(int(torch.randint(2**31, (), generator=generator)))
     kw = {"do_sample": sampling.temperature > 0}

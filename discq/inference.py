@@ -7,6 +7,12 @@ parameter and buffer, in which each `nn.Linear` with a quantized weight is a `Pl
 weight's stored tensors as plain buffers and the format's op called on them directly (what
 `F.linear` with the weight lowers to, from the format's `linear_call`), so the compiled program
 guards plain tensors in C++. The view computes exactly what the model computes.
+
+`plain_linears(model, int8_activations=True)` instead calls each format's 8-bit-activation twin
+where it has one (`discq.tensors.ops.INT8_ACTIVATIONS`: the affine grid's
+`discq::affine_linear_q8`, activations rounded per block of 32 as llama.cpp's Q8_0, integer dot
+products): faster on CPU, at a small, measured cost in accuracy. Other formats, and layers whose
+input is not whole blocks of 32, keep float activations.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import itertools
 from torch import Tensor, nn
 
 from discq.tensors.base import QuantizedTensor
+from discq.tensors.ops import INT8_ACTIVATIONS
 
 
 class _Slot:
@@ -28,7 +35,7 @@ class _Slot:
 class PlainLinear(nn.Module):
     """`F.linear(x, W, bias)` for a quantized W, as its format's op over plain tensors."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, int8_activations: bool = False):
         super().__init__()
         w = linear.weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -38,6 +45,8 @@ class PlainLinear(nn.Module):
         # the op and its arguments, with placeholders for x, bias and each stored tensor
         self.op, args = w.linear_call(_Slot("x"), _Slot("bias"),
                                       {n: _Slot(n) for n in w.stored_tensors()})
+        if int8_activations and self.in_features % 32 == 0:  # whole blocks of 32 inputs
+            self.op = INT8_ACTIVATIONS.get(self.op, self.op)  # the same arguments
         # (is a slot, its name or the constant itself)
         self.args = tuple((True, a.name) if isinstance(a, _Slot) else (False, a) for a in args)
 
@@ -49,8 +58,10 @@ class PlainLinear(nn.Module):
         return self.op(*args)
 
 
-def plain_linears(model: nn.Module, leave_out: tuple = ()) -> nn.Module:
-    """A copy of the module tree sharing every tensor, quantized linears made `PlainLinear`;
+def plain_linears(model: nn.Module, leave_out: tuple = (), int8_activations: bool = False
+                  ) -> nn.Module:
+    """A copy of the module tree sharing every tensor, quantized linears made `PlainLinear`
+    (with `int8_activations`, on their formats' 8-bit-activation ops where they have one);
     attributes in `leave_out` (objects) are not copied (they become None in the view)."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     memo.update({id(o): None for o in leave_out})
@@ -58,5 +69,6 @@ def plain_linears(model: nn.Module, leave_out: tuple = ()) -> nn.Module:
     for name, m in list(view.named_modules()):
         if isinstance(m, nn.Linear) and isinstance(m.weight, QuantizedTensor):
             parent, _, leaf = name.rpartition(".")
-            setattr(view.get_submodule(parent) if parent else view, leaf, PlainLinear(m))
+            setattr(view.get_submodule(parent) if parent else view, leaf,
+                    PlainLinear(m, int8_activations))
     return view

@@ -88,15 +88,19 @@ def peak_rss_gib() -> float:
 
 
 def greedy_decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                        lean: bool = False) -> float:
+                        lean: bool = False, int8_activations: bool = False) -> float:
     """Tokens per second of greedy generation of exactly `new_tokens`, after one warm-up run:
-    with `lean`, discq.generate (compiled step, static cache; the warm-up compiles), else
-    transformers' eager generate."""
+    with `lean`, discq.generate (compiled step, static cache; the warm-up compiles; with
+    `int8_activations`, quantized linears on 8-bit activations), else transformers' eager
+    generate."""
+    if int8_activations and not lean:
+        raise ValueError("int8_activations needs lean=True (discq.generate's compiled step)")
     if lean:
         from discq.decode import generate
 
         def run():
-            generate(model, prompt, new_tokens, eos_token_id=None)
+            generate(model, prompt, new_tokens, eos_token_id=None,
+                     int8_activations=int8_activations)
     else:
         def run():
             model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -12,6 +12,10 @@ Where the matmul runs, by device and number of activation rows M:
   a multiple of 8), the torch reference in plain ops, which Inductor fuses.
 Inductor is given a decomposition that makes the same choice, so compiled programs call the
 kernels directly.
+
+`discq::affine_linear_q8` is the same product with x first rounded to 8 bits per block of 32
+(llama.cpp's Q8_0 activations); on CPU its kernel (`kernels/affine_q8_cpu.cpp`) multiplies in
+integers. Only `plain_linears(..., int8_activations=True)` calls it (`INT8_ACTIVATIONS`).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .kernels import affine_cpu
-from .kernels.affine_ref import affine_linear_ref, dequantize_packed
+from .kernels.affine_ref import affine_linear_ref, dequantize_packed, round_activations
 
 
 @torch.library.custom_op("discq::affine_linear", mutates_args=())
@@ -62,6 +66,40 @@ def _affine_linear_fake(x, qdata, scale, zero_point, bias, bits, group_size, alo
                         in_features):
     N = qdata.shape[0]
     return x.new_empty(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("discq::affine_linear_q8", mutates_args=())
+def affine_linear_q8(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
+                     bias: Tensor | None, bits: int, group_size: int, along_output: bool,
+                     in_features: int) -> Tensor:
+    """`affine_linear` with x rounded to 8 bits per block of 32 inputs (x̂, llama.cpp's Q8_0
+    activations): y = x̂ Ŵᵀ + b. On CPU the integer-dot kernel (`kernels/affine_q8_cpu.cpp`);
+    elsewhere x̂ formed in torch, then `affine_linear`'s kernels."""
+    return dispatch_q8(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                       in_features)
+
+
+def dispatch_q8(x, qdata, scale, zero_point, bias, bits, group_size, along_output, in_features):
+    if x.shape[-1] % 32:
+        raise ValueError(f"8-bit activations round blocks of 32 inputs; in_features is "
+                         f"{x.shape[-1]}: use float activations for this layer")
+    if (affine_cpu.supports_q8(x, scale, zero_point, bits, group_size, along_output)
+            and affine_cpu.load()):
+        return affine_cpu.affine_linear(x, qdata, scale, zero_point, bias, bits, group_size,
+                                        in_features, int8_activations=True)
+    return dispatch(round_activations(x), qdata, scale, zero_point, bias, bits, group_size,
+                    along_output, in_features)
+
+
+@affine_linear_q8.register_fake
+def _affine_linear_q8_fake(x, qdata, scale, zero_point, bias, bits, group_size, along_output,
+                           in_features):
+    return x.new_empty(*x.shape[:-1], qdata.shape[0])
+
+
+# op with float activations -> its twin with 8-bit activations and the same arguments
+# (discq.inference.plain_linears(..., int8_activations=True) swaps them)
+INT8_ACTIVATIONS = {torch.ops.discq.affine_linear.default: torch.ops.discq.affine_linear_q8.default}
 
 
 def _setup_context(ctx, inputs, output):
@@ -117,6 +155,7 @@ def _register_inductor_decomposition() -> None:
     # same choice as eager: the Triton triton_op, the C++ kernel (an extern call) or plain ops.
     from torch._inductor.decomposition import register_decomposition
     register_decomposition(torch.ops.discq.affine_linear.default)(dispatch)
+    register_decomposition(torch.ops.discq.affine_linear_q8.default)(dispatch_q8)
 
 
 def _tag_compile_caches() -> None:

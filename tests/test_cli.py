@@ -182,6 +182,15 @@ def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path
     assert model.get_input_embeddings().weight is head
     r = json.loads(discq("bench", out, "--tokens", "4", "--compile", "--json").stdout)
     assert r["tokens_per_s"] > 0 and r["compiled"] is True
+    # the 8-bit-activation path's cost, as discq.generate(int8_activations=True) decodes it
+    kw = ("--data", HELDOUT_TEXT, "--n-windows", "2", "--seq-len", "128", "--json")
+    e = json.loads(discq("eval", out, *kw).stdout)
+    e8 = json.loads(discq("eval", out, "--int8-activations", *kw).stdout)
+    assert e8["int8_activations"] is True and "int8_activations" not in e
+    assert e8["perplexity"] != e["perplexity"]
+    assert e8["perplexity"] == pytest.approx(e["perplexity"], rel=0.05)
+    done = discq("bench", out, "--int8-activations", check=False)
+    assert done.returncode == 2 and "--compile" in done.stderr and "Traceback" not in done.stderr
     done = discq("quantize", TINY_LLAMA, "--head-bits", "8", "--quantize-head",
                  "--out", tmp_path / "x", check=False)
     assert done.returncode == 2 and "head_bits" in done.stderr and "Traceback" not in done.stderr

@@ -191,7 +191,7 @@ PORTABLE = textwrap.dedent("""
     from discq.tensors.affine import AffineQuantizedTensor
     from discq.tensors.grid import AffineGrid
     from discq.tensors.kernels import affine_cpu
-    from discq.tensors.kernels.affine_ref import affine_linear_ref
+    from discq.tensors.kernels.affine_ref import affine_linear_ref, round_activations
     assert "-mavx2" not in affine_cpu._flags() and affine_cpu.load()
     worst = 1e9
     for bits, M, sym in itertools.product([2, 3, 4, 8], [1, 5, 70], [False, True]):
@@ -201,6 +201,13 @@ PORTABLE = textwrap.dedent("""
         args = (q.qdata, q.scale, q.zero_point, b, bits, 32)
         y = torch.ops.discq.affine_linear_cpu(x, *args, K)
         ref = affine_linear_ref(x, *args, False, K)
+        worst = min(worst, float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())))
+        # the 8-bit-activation kernel (affine_q8_cpu.cpp) on whole blocks of 32 inputs
+        x = x[:, :128]
+        q = AffineQuantizedTensor.from_hp(torch.randn(24, 128), AffineGrid(bits, 32, sym))
+        args = (q.qdata, q.scale, q.zero_point, b, bits, 32)
+        y = torch.ops.discq.affine_linear_q8_cpu(x, *args, 128)
+        ref = affine_linear_ref(round_activations(x), *args, False, 128)
         worst = min(worst, float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())))
     print(worst)
 """)

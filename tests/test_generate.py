@@ -142,3 +142,30 @@ def test_quantize_head_needs_a_linear_head():
         discq.quantize_head_(model, 4)  # selects the head: no "nothing was quantized" warning
     with pytest.raises(ValueError, match="quantized already"):
         discq.quantize_head_(model, 8)
+
+
+def test_int8_activations_decode_the_model_that_eval_scores(quantized_llama):
+    """generate(int8_activations=True) decodes greedily exactly what the 8-bit-activation view
+    (the one `discq eval --int8-activations` scores) predicts at every position."""
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(1))
+    out = discq.generate(quantized_llama, ids, 8, eos_token_id=None, cpp_wrapper=False,
+                         int8_activations=True)
+    view = plain_linears(quantized_llama, int8_activations=True)
+    assert any(m.op is torch.ops.discq.affine_linear_q8.default
+               for m in view.modules() if isinstance(m, PlainLinear))
+    with torch.no_grad():
+        logits = view(out[:, :-1]).logits[0, 5:]  # the prediction after each decoded prefix
+    assert torch.equal(logits.argmax(-1), out[0, 6:])
+    assert quantized_llama._discq_decoder.int8_activations
+    float_out = discq.generate(quantized_llama, ids, 8, eos_token_id=None, cpp_wrapper=False)
+    assert not quantized_llama._discq_decoder.int8_activations  # rebuilt, not reused
+    assert torch.equal(float_out, hf_greedy(quantized_llama, ids, 8))
+
+
+def test_the_default_cache_is_the_next_power_of_two():
+    model = tiny_random_llama(seed=9)
+    ids = torch.randint(0, 320, (1, 5))
+    discq.generate(model, ids, 4, eos_token_id=None, cpp_wrapper=False)
+    assert model._discq_decoder.max_cache_len == 64  # at least 64
+    discq.generate(model, ids, 70, eos_token_id=None, cpp_wrapper=False)
+    assert model._discq_decoder.max_cache_len == 128  # 75 positions

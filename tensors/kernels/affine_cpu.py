@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ..cache import cache_dir
 
-SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "gguf_cpu.cpp",
+SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "affine_q8_cpu.cpp",
+                                                        "gguf_cpu.cpp",
                                                         "trellis_cpu.cpp", "vq_cpu.cpp",
                                                         "lattice_cpu.cpp", "kmeans_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]  # part of the build's key
@@ -42,8 +43,19 @@ torch.library.define(
     "int group_size, int in_features) -> Tensor")
 
 
+torch.library.define(
+    "discq::affine_linear_q8_cpu",
+    "(Tensor x, Tensor qdata, Tensor scale, Tensor? zero_point, Tensor? bias, int bits, "
+    "int group_size, int in_features) -> Tensor")
+
+
 @torch.library.register_fake("discq::affine_linear_cpu")
 def _fake(x, qdata, scale, zero_point, bias, bits, group_size, in_features):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+@torch.library.register_fake("discq::affine_linear_q8_cpu")
+def _fake_q8(x, qdata, scale, zero_point, bias, bits, group_size, in_features):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
@@ -140,10 +152,21 @@ def supports(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, gro
             and (zero_point is None or zero_point.dtype == torch.uint8))
 
 
+def supports_q8(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int,
+                group_size: int, along_output: bool) -> bool:
+    """Whether the 8-bit-activation kernel serves this call: as `supports`, and whole blocks of
+    32 inputs in every group."""
+    return (supports(x, scale, zero_point, bits, group_size, along_output)
+            and x.shape[-1] % 32 == 0 and group_size % 32 == 0)
+
+
 def affine_linear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
-                  bias: Tensor | None, bits: int, group_size: int, in_features: int) -> Tensor:
-    """x: [..., K] -> [..., N] through the C++ kernel (call `load()` first)."""
+                  bias: Tensor | None, bits: int, group_size: int, in_features: int,
+                  int8_activations: bool = False) -> Tensor:
+    """x: [..., K] -> [..., N] through the C++ kernel (call `load()` first); with
+    `int8_activations`, x rounded to 8 bits per block of 32 first (`affine_linear_q8_cpu`)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    y = torch.ops.discq.affine_linear_cpu(x2, qdata, scale, zero_point, bias, bits, group_size,
-                                          in_features)
+    op = (torch.ops.discq.affine_linear_q8_cpu if int8_activations
+          else torch.ops.discq.affine_linear_cpu)
+    y = op(x2, qdata, scale, zero_point, bias, bits, group_size, in_features)
     return y.reshape(*x.shape[:-1], qdata.shape[0])

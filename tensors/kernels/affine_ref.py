@@ -30,6 +30,18 @@ def dequantize_packed(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, b
     return (Wr.t() if along_output else Wr).to(dtype)
 
 
+def round_activations(x: Tensor, block: int = 32) -> Tensor:
+    """x rounded to 8 bits per block of `block` inputs along the last dim (llama.cpp's Q8_0):
+    x̂ = d·round(x/d) with d = max|x_block| / 127, ties to even; computed in fp32 as the C++
+    kernel does (x times 1/d), returned in x's dtype. K a multiple of `block`."""
+    K = x.shape[-1]
+    xb = x.float().reshape(*x.shape[:-1], K // block, block)  # [..., K/32, 32]
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    xq = torch.round(xb * inv).clamp(-127, 127)
+    return (xq * d).reshape(x.shape).to(x.dtype)
+
+
 def affine_linear_ref(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Tensor | None,
                       bias: Tensor | None, bits: int, group_size: int, along_output: bool,
                       in_features: int) -> Tensor:

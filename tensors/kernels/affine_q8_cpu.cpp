@@ -1,0 +1,431 @@
+// y = x̂ Ŵᵀ + b for the packed affine grid with 8-bit activations: x rounded per block of 32
+// inputs to x̂ = d_b · xq (xq ∈ [-127, 127], d_b = max|x_b| / 127: llama.cpp's Q8_0), so each
+// block's Σ q·xq is an integer dot product. Per 32 weights that is one unpack of the codes to
+// bytes, one maddubs and one madd (16-bit pair sums, then 32-bit), where the float kernel
+// (affine_cpu.cpp) converts and multiplies 8 codes at a time: ~3x fewer instructions, and
+// decode on a few cores is bound by instructions, not by memory.
+//
+// Per row n and group g: Σ_k (q_k - z)·x̂_k = Σ_{b in g} d_b Σ q·xq - z Σ_{b in g} d_b Σ xq,
+// the second sum computed once per activation row (gsum) as in the float kernel.
+//
+// The AVX2 unpackers leave a block's 32 codes in whatever order costs no shuffles (code_at);
+// the activation codes are stored in the same order, so the dot product is unchanged. Above
+// GEMM_ROWS activation rows, x̂ is formed in float and the float op's dequantize-then-GEMM runs.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+constexpr int QB = 32;              // activations per 8-bit block
+constexpr int64_t GEMM_ROWS = 64;   // as in affine_cpu.cpp
+
+// Which code of a block sits at byte p after unpack<BITS> (see the unpackers).
+template <int BITS>
+constexpr int code_at(int p) {
+#ifdef DISCQ_AVX2
+  if constexpr (BITS == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+  if constexpr (BITS == 2) return 4 * (p % 8) + p / 8;
+  if constexpr (BITS == 3) return (p % 16 < 8 ? 0 : 16) + 8 * (p / 16) + p % 8;
+#endif
+  return p;
+}
+
+template <int BITS>
+constexpr int block_bytes() { return QB * BITS / 8; }
+
+
+struct Acts {
+  const int8_t* xq;     // [M, Kp] codes, each block in code_at order
+  const float* d;       // [M, KB] block scales
+  const float* gsum;    // [M, G] Σ_{b in g} d_b Σ xq_b
+};
+
+struct Problem {
+  Acts a;
+  const uint8_t* qdata;  // [N, Wb]
+  const uint8_t* zero;   // [N, G] or nullptr (symmetric: 2^(b-1))
+  const float* bias;     // [N] or nullptr
+  float* y;              // [M, N]
+  int64_t M, N, Kp, KB, G, Wb, blocks_per_group;
+};
+
+// One block's 32 activations -> max|x|, its codes (in code_at order) and their sum. The rounding
+// is x·(1/d) to nearest, ties to even, exactly as the torch reference (kernels/affine_ref.py,
+// round_activations).
+template <int BITS>
+inline int quantize_block(const float* xb, float& db, int8_t* out) {
+#ifdef DISCQ_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) {
+    v[k] = _mm256_loadu_ps(xb + 8 * k);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  db = _mm_cvtss_f32(m4) / 127.f;
+  const __m256 id = _mm256_set1_ps(db != 0.f ? 1.f / db : 0.f);
+  const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  __m256i q[4], sum = _mm256_setzero_si256();
+  for (int k = 0; k < 4; ++k) {
+    const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], id),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[k] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+    sum = _mm256_add_epi32(sum, q[k]);
+  }
+  // 32 int32 -> 32 int8 in natural order (packs interleave 128-bit lanes; the permute undoes it)
+  const __m256i p = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  alignas(32) int8_t nat[QB];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(nat), p);
+  for (int i = 0; i < QB; ++i) out[i] = nat[code_at<BITS>(i)];
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return _mm_cvtsi128_si32(s4);
+#else
+  float amax = 0.f;
+  for (int i = 0; i < QB; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  db = amax / 127.f;
+  const float id = db != 0.f ? 1.f / db : 0.f;
+  int sum = 0;
+  for (int i = 0; i < QB; ++i) {
+    const float v = std::nearbyint(xb[code_at<BITS>(i)] * id);
+    out[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+    sum += out[i];
+  }
+  return sum;
+#endif
+}
+
+// x: [M, K] float -> xq [M, K], d [M, KB] and gsum [M, G] (K a multiple of 32).
+template <int BITS>
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int64_t bpg, int8_t* xq,
+                   float* d, float* gsum) {
+  const int64_t KB = K / QB;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.f;
+      for (int64_t b = g * bpg; b < std::min(KB, (g + 1) * bpg); ++b) {
+        const int64_t at = m * K + b * QB;
+        const int sum = quantize_block<BITS>(x + at, d[m * KB + b], xq + at);
+        t += d[m * KB + b] * static_cast<float>(sum);
+      }
+      gsum[m * G + g] = t;
+    }
+}
+
+#ifdef DISCQ_AVX2
+// One block's 32 codes as bytes (signed for 8-bit: q - 128, so the dot fits maddubs).
+template <int BITS>
+inline __m256i unpack(const uint8_t* w) {
+  if constexpr (BITS == 4) {  // byte j holds codes 2j (low nibble) and 2j+1
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  } else if constexpr (BITS == 2) {  // byte j holds codes 4j..4j+3; lane l takes bits 2l
+    int64_t q;
+    std::memcpy(&q, w, 8);
+    const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(q), _mm256_setr_epi64x(0, 2, 4, 6));
+    return _mm256_and_si256(v, _mm256_set1_epi8(3));
+  } else if constexpr (BITS == 3) {
+    // four runs of 3 bytes; each 16-bit lane takes the two bytes holding one code (half h of
+    // v0 run h, of v1 run 2+h; lane l code l of the run), shifts it to bit 7 with a multiply
+    // (AVX2 has no per-lane 16-bit shift) and down to bit 0
+    int32_t hi;
+    std::memcpy(&hi, w + 8, 4);
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w));
+    b = _mm_insert_epi32(b, hi, 2);
+    const __m256i B = _mm256_broadcastsi128_si256(b);
+    const __m256i s0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                        3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6);
+    const __m256i s1 = _mm256_add_epi8(s0, _mm256_set1_epi8(6));
+    const __m256i mul = _mm256_setr_epi16(128, 16, 2, 64, 8, 1, 32, 4,
+                                          128, 16, 2, 64, 8, 1, 32, 4);
+    const __m256i mask = _mm256_set1_epi16(7);
+    const __m256i v0 = _mm256_and_si256(
+        _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(B, s0), mul), 7), mask);
+    const __m256i v1 = _mm256_and_si256(
+        _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(B, s1), mul), 7), mask);
+    return _mm256_packus_epi16(v0, v1);
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+  }
+}
+
+// Σ w·x over 32 bytes as 8 int32 lanes. maddubs takes unsigned × signed: 8-bit codes go in as
+// |w| against x with w's sign (|pair sum| ≤ 2·128·127 < 2^15; 2-4 bit codes ≤ 2·15·127).
+template <int BITS>
+inline __m256i dot(__m256i w, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 8)
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                             ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+}
+#endif
+
+// Zero point of group g of row n, for the dot above (8-bit codes entered it as q - 128).
+template <int BITS>
+inline float zero_of(const Problem& P, int64_t n, int64_t g) {
+  const float z = P.zero ? static_cast<float>(P.zero[n * P.G + g]) : float(1 << (BITS - 1));
+  return BITS == 8 ? z - 128.f : z;
+}
+
+// The G scales of one row as floats.
+template <typename S>
+inline void scales_f32(const S* s, int64_t G, float* out) {
+  int64_t g = 0;
+#ifdef DISCQ_AVX2
+  for (; g + 8 <= G; g += 8) {
+    if constexpr (std::is_same_v<S, float>) {
+      _mm256_storeu_ps(out + g, _mm256_loadu_ps(s + g));
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g));
+      _mm256_storeu_ps(out + g, std::is_same_v<S, c10::Half>
+                                    ? _mm256_cvtph_ps(h)
+                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+  }
+#endif
+  for (; g < G; ++g) out[g] = static_cast<float>(s[g]);
+}
+
+// c[b] = s[g(b)]·d[b] for the KB blocks of one (activation row, weight row) pair.
+inline void block_factors(const float* s, const float* d, int64_t KB, int64_t bpg, float* c) {
+  int64_t b = 0;
+#ifdef DISCQ_AVX2
+  if (bpg == 1)  // groups of 32: elementwise
+    for (; b + 8 <= KB; b += 8)
+      _mm256_storeu_ps(c + b, _mm256_mul_ps(_mm256_loadu_ps(s + b), _mm256_loadu_ps(d + b)));
+#endif
+  for (int64_t g = b / bpg; b < KB; ++g)
+    for (const int64_t b1 = std::min(KB, (g + 1) * bpg); b < b1; ++b) c[b] = s[g] * d[b];
+}
+
+// Σ_g s_g·z_g·gsum_g for one (activation row, weight row) pair, with the zero point as the dot
+// saw it: z[g] - z0 for a row's zero points z (z0 = 128 for 8-bit codes, which entered the dot
+// as q - 128; else 0), or z0 itself when z is nullptr (symmetric grids).
+inline float zero_term(const float* s, const uint8_t* z, float z0, const float* gsum, int64_t G) {
+  float t = 0.f;
+  int64_t g = 0;
+#ifdef DISCQ_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8) {
+    const __m256 zg =
+        z ? _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g)))),
+                          _mm256_set1_ps(z0))
+          : _mm256_set1_ps(z0);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(gsum + g)), zg,
+                          acc);
+  }
+  t = discq_simd::hsum(acc);
+#endif
+  for (; g < G; ++g) t += s[g] * (z ? static_cast<float>(z[g]) - z0 : z0) * gsum[g];
+  return t;
+}
+
+// What a tile needs besides the codes, computed once per tile: c[i][j][b] = s_{n0+j, g(b)} ·
+// d_{m0+i, b} (each block's dot product scaled by one FMA) and the zero-point terms
+// zt[i][j] = Σ_g s·z·gsum. `buf`: NR·G + MT·NR·KB floats (run() sizes it for the largest tile).
+template <int BITS, int MT, int NR, typename S>
+inline void tile_factors(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf,
+                         float (&zt)[MT][NR]) {
+  float* sf = buf;
+  for (int j = 0; j < NR; ++j) scales_f32(scale + (n0 + j) * P.G, P.G, sf + j * P.G);
+  // symmetric: z = 2^(b-1); 8-bit codes enter the dot as q - 128
+  const float z0 = P.zero ? (BITS == 8 ? 128.f : 0.f) : (BITS == 8 ? 0.f : float(1 << (BITS - 1)));
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NR; ++j) {
+      block_factors(sf + j * P.G, P.a.d + (m0 + i) * P.KB, P.KB, P.blocks_per_group,
+                    buf + NR * P.G + (i * NR + j) * P.KB);
+      zt[i][j] = zero_term(sf + j * P.G, P.zero ? P.zero + (n0 + j) * P.G : nullptr, z0,
+                           P.a.gsum + (m0 + i) * P.G, P.G);
+    }
+}
+
+#ifdef DISCQ_AVX2
+// y[m0..m0+MT, n0..n0+NR]: MT activation rows against NR weight rows, every code unpacked once
+// per tile and every activation block loaded once per tile.
+template <int BITS, int MT, int NR, typename S>
+void tile(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf) {
+  constexpr int BB = block_bytes<BITS>();
+  float zt[MT][NR];
+  tile_factors<BITS, MT, NR, S>(P, scale, m0, n0, buf, zt);
+  const float* c = buf + NR * P.G;
+  __m256 tot[MT][NR];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
+  // the next tile's weight rows, spread over this tile's blocks (NR·BB bytes a block): each
+  // call's rows are a short stream that the hardware prefetcher picks up too late (further
+  // ahead measured no better, within this machine's noise)
+  const int64_t na = n0 + NR;
+  const char* ahead = na + NR <= P.N ? reinterpret_cast<const char*>(P.qdata + na * P.Wb) : nullptr;
+  for (int64_t b = 0; b < P.KB; ++b) {
+    if (ahead)
+      for (int64_t off = b * NR * BB; off < (b + 1) * NR * BB; off += 64)
+        _mm_prefetch(ahead + off, _MM_HINT_T0);
+    __m256i w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = unpack<BITS>(P.qdata + (n0 + j) * P.Wb + b * BB);
+    for (int i = 0; i < MT; ++i) {
+      const __m256i xv = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(P.a.xq + (m0 + i) * P.Kp + b * QB));
+      for (int j = 0; j < NR; ++j)
+        tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot<BITS>(w[j], xv)),
+                                    _mm256_broadcast_ss(c + (i * NR + j) * P.KB + b), tot[i][j]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const float v = discq_simd::hsum(tot[i][j]) - zt[i][j];
+      P.y[(m0 + i) * P.N + n0 + j] = P.bias ? v + P.bias[n0 + j] : v;
+    }
+}
+#else
+// Portable: the same sums one code at a time (codes in natural order, code_at is the identity).
+template <int BITS>
+inline int code(const uint8_t* row, int64_t k) {
+  const int64_t bit = k * BITS;
+  if constexpr (BITS == 8) return static_cast<int>(row[k]) - 128;
+  const uint32_t two = row[bit / 8] | (bit % 8 + BITS > 8 ? row[bit / 8 + 1] << 8 : 0);
+  return static_cast<int>((two >> (bit % 8)) & ((1u << BITS) - 1));
+}
+
+template <int BITS, int MT, int NR, typename S>
+void tile(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf) {
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const int64_t m = m0 + i, n = n0 + j;
+      const uint8_t* row = P.qdata + n * P.Wb;
+      float v = 0.f;
+      for (int64_t g = 0; g < P.G; ++g) {
+        float acc = 0.f;
+        for (int64_t b = g * P.blocks_per_group; b < std::min(P.KB, (g + 1) * P.blocks_per_group); ++b) {
+          int32_t s = 0;
+          for (int p = 0; p < QB; ++p) s += code<BITS>(row, b * QB + p) * P.a.xq[m * P.Kp + b * QB + p];
+          acc += P.a.d[m * P.KB + b] * static_cast<float>(s);
+        }
+        const float sc = static_cast<float>(scale[n * P.G + g]);
+        v += sc * acc - sc * zero_of<BITS>(P, n, g) * P.a.gsum[m * P.G + g];
+      }
+      P.y[m * P.N + n] = P.bias ? v + P.bias[n] : v;
+    }
+}
+#endif
+
+// Rows m0..m0+MT (MT ≤ 4 at compile time) against output channels n0..n1.
+template <int BITS, int MT, typename S>
+void rows(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1, float* buf) {
+  constexpr int NR = MT == 1 ? 4 : 2;  // one activation row: four weight rows share its loads
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile<BITS, MT, NR, S>(P, scale, m0, n, buf);
+  for (; n < n1; ++n) tile<BITS, MT, 1, S>(P, scale, m0, n, buf);
+}
+
+template <int BITS, typename S>
+void run(const Problem& P, const S* scale) {
+  at::parallel_for(0, P.N, 64, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(4 * P.G + 8 * P.KB);  // tile_factors' scratch: NR ≤ 4, MT·NR ≤ 8
+    int64_t m0 = 0;
+    for (; m0 + 4 <= P.M; m0 += 4) rows<BITS, 4, S>(P, scale, m0, n0, n1, buf.data());
+    switch (P.M - m0) {
+      case 3: rows<BITS, 3, S>(P, scale, m0, n0, n1, buf.data()); break;
+      case 2: rows<BITS, 2, S>(P, scale, m0, n0, n1, buf.data()); break;
+      case 1: rows<BITS, 1, S>(P, scale, m0, n0, n1, buf.data()); break;
+      default: break;
+    }
+  });
+}
+
+template <int BITS>
+void quantize_and_run(const at::Tensor& xf, Problem& P, const at::Tensor& s, at::Tensor& xq,
+                      at::Tensor& d, at::Tensor& gsum) {
+  quantize_rows<BITS>(xf.data_ptr<float>(), P.M, P.Kp, P.G, P.blocks_per_group,
+                      xq.data_ptr<int8_t>(), d.data_ptr<float>(), gsum.data_ptr<float>());
+  P.a = {xq.data_ptr<int8_t>(), d.data_ptr<float>(), gsum.data_ptr<float>()};
+  switch (s.scalar_type()) {
+    case at::kFloat: return run<BITS, float>(P, s.data_ptr<float>());
+    case at::kHalf: return run<BITS, c10::Half>(P, s.data_ptr<c10::Half>());
+    case at::kBFloat16: return run<BITS, c10::BFloat16>(P, s.data_ptr<c10::BFloat16>());
+    default: TORCH_CHECK(false, "scale must be float32, float16 or bfloat16");
+  }
+}
+
+// x̂ in float, natural order: the GEMM path's activations.
+at::Tensor rounded(const at::Tensor& xf) {
+  const int64_t M = xf.size(0), K = xf.size(1), KB = K / QB;
+  at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, KB}, xf.options()), gsum = at::empty({M, KB}, xf.options());
+  quantize_rows<8>(xf.data_ptr<float>(), M, K, KB, 1, xq.data_ptr<int8_t>(),
+                   d.data_ptr<float>(), gsum.data_ptr<float>());  // 8: natural order
+  return at::mul(xq.to(at::kFloat).view({M, KB, QB}), d.unsqueeze(2)).view({M, K});
+}
+
+at::Tensor affine_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                                const std::optional<at::Tensor>& zero_point,
+                                const std::optional<at::Tensor>& bias, int64_t bits,
+                                int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [M, in_features]");
+  TORCH_CHECK(in_features % QB == 0 && group_size % QB == 0,
+              "8-bit activations need in_features and group_size multiples of 32");
+  TORCH_CHECK(qdata.scalar_type() == at::kByte && qdata.dim() == 2, "qdata must be 2-D uint8");
+  const int64_t M = x.size(0), N = qdata.size(0), K = in_features, G = (K + group_size - 1) / group_size;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G, "scale must be [N, G]");
+  TORCH_CHECK(qdata.size(1) >= K * bits / 8, "qdata is narrower than the packed rows");
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (M > GEMM_ROWS) {  // x̂ through the float op's dequantize-then-GEMM
+    static auto op = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("discq::affine_linear_cpu", "")
+        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                          int64_t, int64_t, int64_t)>();
+    return op.call(rounded(xf), qdata, scale, zero_point, bias, bits, group_size, in_features)
+        .to(x.scalar_type());
+  }
+  at::Tensor q = qdata.contiguous(), s = scale.contiguous(), z, b;
+  if (zero_point) {
+    TORCH_CHECK(zero_point->scalar_type() == at::kByte && zero_point->sizes() == scale.sizes(),
+                "zero_point must be uint8 shaped like scale");
+    z = zero_point->contiguous();
+  }
+  if (bias) b = bias->to(at::kFloat).contiguous();
+  at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, K / QB}, xf.options()), gsum = at::empty({M, G}, xf.options());
+  at::Tensor y = at::empty({M, N}, xf.options());
+  Problem P{{}, q.data_ptr<uint8_t>(), z.defined() ? z.data_ptr<uint8_t>() : nullptr,
+            b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+            M, N, K, K / QB, G, q.size(1), group_size / QB};
+  switch (bits) {
+    case 2: quantize_and_run<2>(xf, P, s, xq, d, gsum); break;
+    case 3: quantize_and_run<3>(xf, P, s, xq, d, gsum); break;
+    case 4: quantize_and_run<4>(xf, P, s, xq, d, gsum); break;
+    case 8: quantize_and_run<8>(xf, P, s, xq, d, gsum); break;
+    default: TORCH_CHECK(false, "discq::affine_linear_q8_cpu: bits must be 2, 3, 4 or 8, got ", bits);
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(discq, CPU, m) {
+  m.impl("affine_linear_q8_cpu", &affine_linear_q8_cpu);
+}
