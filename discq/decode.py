@@ -202,9 +202,9 @@ def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature:
     config, None never stops early). The cache holds `max_cache_len` positions (default: the
     smallest power of two, at least 64, at or above S + max_new_tokens: the step attends to
     every cached position, so a short generation reads a short cache); the compiled programs
-    are kept on the model and reused while batch, sampling and cache size fit. `cpp_wrapper` compiles the
-    token step's program to C++ end to end (Inductor's C++ wrapper): ~2 ms a token faster on
-    SmolLM2, but its first compile takes minutes on 2 cores (then cached on disk).
+    are kept on the model and reused while batch, sampling and cache size fit. `cpp_wrapper`
+    compiles the token step's program to C++ end to end (Inductor's C++ wrapper): ~2 ms a token
+    faster on SmolLM2, but its first compile takes minutes on 2 cores (then cached on disk).
     `int8_activations` rounds each quantized linear's input to 8 bits per block of 32 and
     multiplies in integers (`discq.inference.plain_linears`): faster on CPU; `discq eval
     --int8-activations` measures what it costs in perplexity."""

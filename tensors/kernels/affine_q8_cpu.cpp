@@ -183,13 +183,6 @@ inline __m256i dot(__m256i w, __m256i x) {
 }
 #endif
 
-// Zero point of group g of row n, for the dot above (8-bit codes entered it as q - 128).
-template <int BITS>
-inline float zero_of(const Problem& P, int64_t n, int64_t g) {
-  const float z = P.zero ? static_cast<float>(P.zero[n * P.G + g]) : float(1 << (BITS - 1));
-  return BITS == 8 ? z - 128.f : z;
-}
-
 // The G scales of one row as floats.
 template <typename S>
 inline void scales_f32(const S* s, int64_t G, float* out) {
@@ -312,21 +305,21 @@ inline int code(const uint8_t* row, int64_t k) {
 
 template <int BITS, int MT, int NR, typename S>
 void tile(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf) {
+  float zt[MT][NR];
+  tile_factors<BITS, MT, NR, S>(P, scale, m0, n0, buf, zt);
+  const float* c = buf + NR * P.G;
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NR; ++j) {
       const int64_t m = m0 + i, n = n0 + j;
       const uint8_t* row = P.qdata + n * P.Wb;
       float v = 0.f;
-      for (int64_t g = 0; g < P.G; ++g) {
-        float acc = 0.f;
-        for (int64_t b = g * P.blocks_per_group; b < std::min(P.KB, (g + 1) * P.blocks_per_group); ++b) {
-          int32_t s = 0;
-          for (int p = 0; p < QB; ++p) s += code<BITS>(row, b * QB + p) * P.a.xq[m * P.Kp + b * QB + p];
-          acc += P.a.d[m * P.KB + b] * static_cast<float>(s);
-        }
-        const float sc = static_cast<float>(scale[n * P.G + g]);
-        v += sc * acc - sc * zero_of<BITS>(P, n, g) * P.a.gsum[m * P.G + g];
+      for (int64_t b = 0; b < P.KB; ++b) {
+        int32_t dot = 0;
+        for (int p = 0; p < QB; ++p)
+          dot += code<BITS>(row, b * QB + p) * P.a.xq[m * P.Kp + b * QB + p];
+        v += c[(i * NR + j) * P.KB + b] * static_cast<float>(dot);
       }
+      v -= zt[i][j];
       P.y[m * P.N + n] = P.bias ? v + P.bias[n] : v;
     }
 }
