@@ -12,8 +12,9 @@ back to transformers' `generate`, with a warning saying so.
 
 The programs run views of the model (`discq.inference.plain_linears`: every tensor shared,
 quantized linears calling their op on plain tensors), so the compiled code guards plain tensors
-only; the token step's view computes attention in plain ops, cheaper than the SDPA kernel for
-one query row.
+only; linears that read the same input (q/k/v, gate/up) run as one call (`discq.siblings`); the
+token step's view computes attention in plain ops, cheaper than the SDPA kernel for one query
+row.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from discq.inference import plain_linears
+from discq.inference import plain_linears, shared_copy
+from discq.siblings import fuse_siblings
 
 _ATTR = "_discq_decoder"
 
@@ -82,17 +84,17 @@ class Decoder:
         self.sampling, self.cpp_wrapper = sampling, cpp_wrapper
         self.int8_activations = int8_activations
         self.weights = _weights_key(model)
-        leave_out = (model.__dict__.get(_ATTR),)
-        self.model = plain_linears(model, leave_out, int8_activations)  # the prefill's view
-        self.step_model = _one_query_attention(plain_linears(model, leave_out, int8_activations))
         self.batch, self.max_cache_len = batch, max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         device = next(model.parameters()).device
-        # allocate the cache outside the compiled programs (an eager step on a dummy token)
-        with torch.no_grad():
-            model(input_ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
-                  cache=self.cache, use_cache=True, logits_to_keep=1)
+        # the prefill's view; an eager step on a dummy token allocates the cache outside the
+        # compiled programs and shows which linears read the same input (discq.siblings)
+        self.model = plain_linears(model, (model.__dict__.get(_ATTR),), int8_activations)
+        dummy = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        fuse_siblings(self.model, lambda view: view(input_ids=dummy, cache=self.cache,
+                                                    use_cache=True, logits_to_keep=1))
         self.cache.reset()
+        self.step_model = _one_query_attention(shared_copy(self.model))
         self.prefill = compile_apart(functools.partial(self._next, self.model), "prefill")
         # the step in C++ end to end (Inductor's C++ wrapper): the Python wrapper's per-kernel
         # calls cost ~5 ms a token on SmolLM2; the prefill runs once per call and stays Python

@@ -35,16 +35,21 @@ class _Slot:
 class PlainLinear(nn.Module):
     """`F.linear(x, W, bias)` for a quantized W, as its format's op over plain tensors."""
 
-    def __init__(self, linear: nn.Linear, int8_activations: bool = False):
+    def __init__(self, weight: QuantizedTensor, bias: Tensor | None,
+                 int8_activations: bool = False):
         super().__init__()
-        w = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = linear.bias
-        for n, t in w.stored_tensors().items():
+        self.out_features, self.in_features = weight.shape
+        self.int8_activations = int8_activations
+        if bias is None or isinstance(bias, nn.Parameter):
+            self.bias = bias  # the model's own parameter, shared
+        else:
+            self.register_buffer("bias", bias, persistent=False)
+        self.source = (weight,)  # for discq.siblings (in a tuple: not a registered parameter)
+        for n, t in weight.stored_tensors().items():
             self.register_buffer(n, t, persistent=False)
         # the op and its arguments, with placeholders for x, bias and each stored tensor
-        self.op, args = w.linear_call(_Slot("x"), _Slot("bias"),
-                                      {n: _Slot(n) for n in w.stored_tensors()})
+        self.op, args = weight.linear_call(_Slot("x"), _Slot("bias"),
+                                           {n: _Slot(n) for n in weight.stored_tensors()})
         if int8_activations and self.in_features % 32 == 0:  # whole blocks of 32 inputs
             self.op = INT8_ACTIVATIONS.get(self.op, self.op)  # the same arguments
         # (is a slot, its name or the constant itself)
@@ -58,17 +63,25 @@ class PlainLinear(nn.Module):
         return self.op(*args)
 
 
+def shared_copy(model: nn.Module, leave_out: tuple = ()) -> nn.Module:
+    """A copy of the module tree sharing every tensor (parameters, buffers and the weights the
+    PlainLinears were made from); attributes in `leave_out` (objects) become None in the copy."""
+    tensors = itertools.chain(model.parameters(), model.buffers(),
+                              (m.source[0] for m in model.modules() if isinstance(m, PlainLinear)))
+    memo = {id(t): t for t in tensors}
+    memo.update({id(o): None for o in leave_out})
+    return copy.deepcopy(model, memo)
+
+
 def plain_linears(model: nn.Module, leave_out: tuple = (), int8_activations: bool = False
                   ) -> nn.Module:
     """A copy of the module tree sharing every tensor, quantized linears made `PlainLinear`
     (with `int8_activations`, on their formats' 8-bit-activation ops where they have one);
     attributes in `leave_out` (objects) are not copied (they become None in the view)."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    memo.update({id(o): None for o in leave_out})
-    view = copy.deepcopy(model, memo)
+    view = shared_copy(model, leave_out)
     for name, m in list(view.named_modules()):
         if isinstance(m, nn.Linear) and isinstance(m.weight, QuantizedTensor):
             parent, _, leaf = name.rpartition(".")
             setattr(view.get_submodule(parent) if parent else view, leaf,
-                    PlainLinear(m, int8_activations))
+                    PlainLinear(m.weight, m.bias, int8_activations))
     return view

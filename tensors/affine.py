@@ -70,6 +70,24 @@ class AffineQuantizedTensor(QuantizedTensor):
         return cls(pack_codes(codes, grid.bits), scale, grid.bits, g, grid.group_along,
                    torch.Size([N, K]), dtype, zero_point=zero)
 
+    @classmethod
+    def stack_outputs(cls, weights: list[QuantizedTensor]) -> AffineQuantizedTensor | None:
+        """Input groups only (a row's codes, scales and zero points are that row's alone), one
+        grid, no low-rank term."""
+        w0 = weights[0]
+
+        def kind(w):
+            return (type(w), w.bits, w.group_size, w.group_along, w.shape[1], w.dtype,
+                    w.scale.dtype, w.zero_point is None, w.lowrank_u is None, w.qdata.device)
+        if (w0.group_along != "input" or w0.lowrank_u is not None
+                or any(kind(w) != kind(w0) for w in weights)):
+            return None
+        z = None if w0.zero_point is None else torch.cat([w.zero_point for w in weights])
+        N = sum(w.shape[0] for w in weights)
+        return cls(torch.cat([w.qdata for w in weights]), torch.cat([w.scale for w in weights]),
+                   w0.bits, w0.group_size, "input", torch.Size([N, w0.shape[1]]), w0.dtype,
+                   zero_point=z)
+
     # ---- views ----------------------------------------------------------------------------
     @property
     def symmetric(self) -> bool:

@@ -62,6 +62,14 @@ class QuantizedTensor(TorchAOBaseTensor):
         op, args = self.linear_call(x, bias, self.stored_tensors())
         return op(*args)
 
+    @classmethod
+    def stack_outputs(cls, weights: list[QuantizedTensor]) -> QuantizedTensor | None:
+        """One weight whose output channels are those of `weights` in order (same in_features),
+        computing exactly what each computes on its own rows; None where the format cannot (its
+        stored tensors do not split by output channel). Lets linears that read the same input
+        run as one call (`discq.siblings`)."""
+        return None
+
     def rows(self, idx: Tensor) -> Tensor:
         """Rows `idx` [n] of the dequantized weight: [n, K]. Formats whose rows decode alone
         override this; the default decodes the whole matrix."""

@@ -13,7 +13,8 @@ reloads in a fresh process; the export graph pass emits it from `quantized_state
 save_quantized/load_quantized is bit-exact, also from and into a compiled model; transformers'
 save_pretrained/from_pretrained is bit-exact and stores no more bytes than the format's own;
 .to, clone and detach keep it; the bytes on disk are what `bits_per_weight` claims; corrupted stored
-tensors or attributes raise ValueError. `slow`: an AOTInductor package of it runs in a fresh
+tensors or attributes raise ValueError; weights stacked along the output channels (where the
+format stacks them) are each part on its rows. `slow`: an AOTInductor package of it runs in a fresh
 process (make test-all).
 """
 from __future__ import annotations
@@ -103,6 +104,18 @@ class FormatConformance:
                 type(q).from_stored({**parts, name: bad}, attrs)
         with pytest.raises(ValueError):
             type(q).from_stored(parts, {**attrs, "shape": [self.N + 1, self.K]})
+
+    def test_stacked_outputs_compute_each_weight_on_its_rows(self, W, q):
+        """`stack_outputs` is None (not stackable) or one weight whose rows are each part's."""
+        other = self.make(W.flip(0) * 0.5)
+        S = type(q).stack_outputs([q, other])
+        if S is None:
+            return
+        assert type(S) is type(q) and S.shape == (2 * self.N, self.K)
+        assert torch.equal(S.dequantize(), torch.cat([q.dequantize(), other.dequantize()]))
+        x = self.x(3)
+        y = torch.nn.functional.linear(x, S)
+        assert torch.allclose(y[:, :self.N], torch.nn.functional.linear(x, q), atol=ATOL)
 
     # ---- compile and export --------------------------------------------------------------
     def test_compile_fullgraph_equals_eager(self, q):

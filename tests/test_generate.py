@@ -44,7 +44,10 @@ def test_decoder_is_reused_and_rebuilt_when_weights_change():
     discq.quantize_(model, discq.rtn_config(2, 32))  # new weights: the old view would be stale
     b = discq.generate(model, ids, 4, eos_token_id=None, cpp_wrapper=False)
     view = model._discq_decoder.model
-    assert view.model.layers[1].mlp.up_proj.qdata is model.model.layers[1].mlp.up_proj.weight.qdata
+    assert view.model.layers[1].mlp.down_proj.qdata is model.model.layers[1].mlp.down_proj.weight.qdata
+    fused = view.model.layers[1].mlp.up_proj.group.fused  # gate and up stacked from the new weights
+    up = model.model.layers[1].mlp.up_proj.weight.qdata
+    assert torch.equal(fused.qdata[-up.shape[0]:], up)
     assert torch.equal(b, hf_greedy(model, ids, 4))
 
 

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "shares.h"
 #include "simd.h"
 
 namespace {
@@ -321,18 +322,25 @@ void dequantize_rows(const Problem& P, const S* scale, int64_t n0, int64_t n1) {
 constexpr int64_t GEMM_ROWS = 64;
 
 template <int BITS, typename S>
+void products(const Problem& P, const S* scale, int64_t n0, int64_t n1) {
+  int64_t m0 = 0;
+  for (; m0 + MB <= P.M; m0 += MB) block<BITS, MB, S>(P, scale, m0, n0, n1);
+  switch (P.M - m0) {  // compile-time row counts keep the accumulators in registers
+    case 3: block<BITS, 3, S>(P, scale, m0, n0, n1); break;
+    case 2: block<BITS, 2, S>(P, scale, m0, n0, n1); break;
+    case 1: gemv_rows<BITS, S>(P, scale, m0, n0, n1); break;
+    default: break;
+  }
+}
+
+template <int BITS, typename S>
 void run(const Problem& P, const S* scale, bool dequantize) {
-  // Output channels split across threads; ~64 rows per task keeps a task above thread overhead.
-  at::parallel_for(0, P.N, 64, [&](int64_t n0, int64_t n1) {
-    if (dequantize) return dequantize_rows<BITS, S>(P, scale, n0, n1);
-    int64_t m0 = 0;
-    for (; m0 + MB <= P.M; m0 += MB) block<BITS, MB, S>(P, scale, m0, n0, n1);
-    switch (P.M - m0) {  // compile-time row counts keep the accumulators in registers
-      case 3: block<BITS, 3, S>(P, scale, m0, n0, n1); break;
-      case 2: block<BITS, 2, S>(P, scale, m0, n0, n1); break;
-      case 1: gemv_rows<BITS, S>(P, scale, m0, n0, n1); break;
-      default: break;
-    }
+  if (dequantize)  // one long pass before a GEMM: equal parts, ~64 rows per task at least
+    return at::parallel_for(0, P.N, 64, [&](int64_t n0, int64_t n1) {
+      dequantize_rows<BITS, S>(P, scale, n0, n1);
+    });
+  discq_shares::for_chunks(P.N, 32, 64, [&](int64_t n0, int64_t n1) {
+    products<BITS, S>(P, scale, n0, n1);
   });
 }
 

@@ -32,7 +32,7 @@ SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "affine_q8_cp
                                                         "gguf_cpu.cpp",
                                                         "trellis_cpu.cpp", "vq_cpu.cpp",
                                                         "lattice_cpu.cpp", "kmeans_cpu.cpp")]
-HEADERS = [Path(__file__).with_name("simd.h")]  # part of the build's key
+HEADERS = [Path(__file__).with_name(n) for n in ("simd.h", "shares.h")]  # part of the build's key
 BITS = (2, 3, 4, 8)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {}

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "shares.h"
 #include "simd.h"
 
 namespace {
@@ -334,27 +335,44 @@ void rows(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1, 
   for (; n < n1; ++n) tile<BITS, MT, 1, S>(P, scale, m0, n, buf);
 }
 
+// Every activation row against output channels n0..n1.
+template <int BITS, typename S>
+void channels(const Problem& P, const S* scale, int64_t n0, int64_t n1, float* buf) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= P.M; m0 += 4) rows<BITS, 4, S>(P, scale, m0, n0, n1, buf);
+  switch (P.M - m0) {
+    case 3: rows<BITS, 3, S>(P, scale, m0, n0, n1, buf); break;
+    case 2: rows<BITS, 2, S>(P, scale, m0, n0, n1, buf); break;
+    case 1: rows<BITS, 1, S>(P, scale, m0, n0, n1, buf); break;
+    default: break;
+  }
+}
+
 template <int BITS, typename S>
 void run(const Problem& P, const S* scale) {
-  at::parallel_for(0, P.N, 64, [&](int64_t n0, int64_t n1) {
-    std::vector<float> buf(4 * P.G + 8 * P.KB);  // tile_factors' scratch: NR ≤ 4, MT·NR ≤ 8
-    int64_t m0 = 0;
-    for (; m0 + 4 <= P.M; m0 += 4) rows<BITS, 4, S>(P, scale, m0, n0, n1, buf.data());
-    switch (P.M - m0) {
-      case 3: rows<BITS, 3, S>(P, scale, m0, n0, n1, buf.data()); break;
-      case 2: rows<BITS, 2, S>(P, scale, m0, n0, n1, buf.data()); break;
-      case 1: rows<BITS, 1, S>(P, scale, m0, n0, n1, buf.data()); break;
-      default: break;
-    }
+  discq_shares::for_chunks(P.N, 32, 64, [&](int64_t n0, int64_t n1) {
+    thread_local std::vector<float> buf;  // tile_factors' scratch: NR ≤ 4, MT·NR ≤ 8
+    buf.resize(std::max<size_t>(buf.size(), 4 * P.G + 8 * P.KB));
+    channels<BITS, S>(P, scale, n0, n1, buf.data());
   });
 }
 
+// The activation codes, block scales and group sums live in buffers kept by the calling thread
+// across calls (a decode step makes ~200 calls; three allocations each were measurable).
+struct Scratch {
+  std::vector<int8_t> xq;
+  std::vector<float> d, gsum;
+};
+
 template <int BITS>
-void quantize_and_run(const at::Tensor& xf, Problem& P, const at::Tensor& s, at::Tensor& xq,
-                      at::Tensor& d, at::Tensor& gsum) {
-  quantize_rows<BITS>(xf.data_ptr<float>(), P.M, P.Kp, P.G, P.blocks_per_group,
-                      xq.data_ptr<int8_t>(), d.data_ptr<float>(), gsum.data_ptr<float>());
-  P.a = {xq.data_ptr<int8_t>(), d.data_ptr<float>(), gsum.data_ptr<float>()};
+void quantize_and_run(const float* xf, Problem& P, const at::Tensor& s) {
+  thread_local Scratch t;
+  t.xq.resize(std::max<size_t>(t.xq.size(), P.M * P.Kp));
+  t.d.resize(std::max<size_t>(t.d.size(), P.M * P.KB));
+  t.gsum.resize(std::max<size_t>(t.gsum.size(), P.M * P.G));
+  quantize_rows<BITS>(xf, P.M, P.Kp, P.G, P.blocks_per_group, t.xq.data(), t.d.data(),
+                      t.gsum.data());
+  P.a = {t.xq.data(), t.d.data(), t.gsum.data()};
   switch (s.scalar_type()) {
     case at::kFloat: return run<BITS, float>(P, s.data_ptr<float>());
     case at::kHalf: return run<BITS, c10::Half>(P, s.data_ptr<c10::Half>());
@@ -401,17 +419,15 @@ at::Tensor affine_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qdata, co
     z = zero_point->contiguous();
   }
   if (bias) b = bias->to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
-  at::Tensor d = at::empty({M, K / QB}, xf.options()), gsum = at::empty({M, G}, xf.options());
   at::Tensor y = at::empty({M, N}, xf.options());
   Problem P{{}, q.data_ptr<uint8_t>(), z.defined() ? z.data_ptr<uint8_t>() : nullptr,
             b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
             M, N, K, K / QB, G, q.size(1), group_size / QB};
   switch (bits) {
-    case 2: quantize_and_run<2>(xf, P, s, xq, d, gsum); break;
-    case 3: quantize_and_run<3>(xf, P, s, xq, d, gsum); break;
-    case 4: quantize_and_run<4>(xf, P, s, xq, d, gsum); break;
-    case 8: quantize_and_run<8>(xf, P, s, xq, d, gsum); break;
+    case 2: quantize_and_run<2>(xf.data_ptr<float>(), P, s); break;
+    case 3: quantize_and_run<3>(xf.data_ptr<float>(), P, s); break;
+    case 4: quantize_and_run<4>(xf.data_ptr<float>(), P, s); break;
+    case 8: quantize_and_run<8>(xf.data_ptr<float>(), P, s); break;
     default: TORCH_CHECK(false, "discq::affine_linear_q8_cpu: bits must be 2, 3, 4 or 8, got ", bits);
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
