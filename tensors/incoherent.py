@@ -48,6 +48,11 @@ class IncoherentQuantizedTensor(AffineQuantizedTensor):
                    q_out.float(), inner.bits, inner.group_size, inner.group_along, inner.shape,
                    inner.dtype, zero_point=inner.zero_point)
 
+    @classmethod
+    def stack_outputs(cls, weights) -> None:
+        """Not stackable: the output rotation mixes every output channel of its own weight."""
+        return None
+
     def rotated(self) -> AffineQuantizedTensor:
         """W̃ as a plain affine tensor."""
         return AffineQuantizedTensor(self.qdata, self.scale, self.bits, self.group_size,
