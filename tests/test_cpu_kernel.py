@@ -11,14 +11,14 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import discq
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.grid import AffineGrid
 from discq.tensors.kernels import affine_cpu
-from discq.tensors.kernels.affine_ref import affine_linear_ref
+from discq.tensors.kernels.affine_ref import affine_linear_ref, dequantize_packed
 
 SQNR_FLOOR_DB = 100.0  # fp32 sums in another order; bf16 rows are compared in their own dtype
 
@@ -78,11 +78,17 @@ def test_kernel_dtypes(scale_dtype, x_dtype):
 @given(N=st.integers(1, 70), runs=st.integers(1, 40), tail=st.integers(0, 7),
        M=st.integers(1, 9), bits=st.sampled_from([2, 3, 4, 8]), g_runs=st.integers(1, 8),
        sym=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(N=1, runs=11, tail=3, M=1, bits=4, g_runs=1, sym=False, bias=False, seed=126)
 def test_kernel_equals_reference_for_any_shape(N, runs, tail, M, bits, g_runs, sym, bias, seed):
     K = 8 * runs + (0 if bits == 8 else tail)
     x, args = case(N, K, M, bits, min(8 * g_runs, 8 * runs), sym, bias=bias, seed=seed)
     y, ref = kernel_and_ref(x, args)
-    assert sqnr_db(y, ref) > SQNR_FLOOR_DB or (ref.abs().max() < 1e-6 and y.abs().max() < 1e-6)
+    # fp32 sums in another order (the kernel may sum q·s·x and the zero point's z·s·Σx apart):
+    # within a few ulps of the sum of |terms|, however much a single output's terms cancel (an
+    # SQNR floor failed on one output of 0.057 made of terms ~1)
+    W = dequantize_packed(*args[:3], bits, args[5], False, K, torch.float32)
+    scale_of_terms = x.abs() @ (W.abs() + args[1].float().abs().amax() * 2 ** bits).t()
+    assert bool(((y - ref).abs() <= 1e-6 * scale_of_terms + 1e-6).all())
 
 
 @pytest.mark.parametrize("M", [65, 130])  # above 64 rows: dequantize once, one fp32 GEMM
