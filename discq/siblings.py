@@ -17,6 +17,7 @@ besides the model's own tensors (the decoder's views share one set).
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -71,7 +72,7 @@ def _calls(view: nn.Module, run: Callable[[nn.Module], object]) -> list[tuple[st
 
 def _groups(calls: list[tuple[str, Tensor, int]]) -> list[list[str]]:
     """Runs of consecutive calls on one unchanged input, of linears called once each."""
-    once = {n for n, *_ in calls if sum(c[0] == n for c in calls) == 1}
+    once = {n for n, k in Counter(n for n, *_ in calls).items() if k == 1}
     groups, prev = [], None
     for name, x, version in calls:
         if prev is not None and x is prev[1] and version == prev[2] and name in once:

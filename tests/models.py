@@ -11,6 +11,16 @@ def tiny_random_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_quantized_llama(seed: int) -> LlamaForCausalLM:
+    """tiny_random_llama with its MLP on the symmetric 4-bit grid and the attention on the
+    asymmetric 3-bit grid (groups of 32): both zero-point paths of the affine kernels."""
+    import discq
+    model = tiny_random_llama(seed=seed)
+    discq.quantize_(model, {"re:.*mlp.*": discq.rtn_config(4, 32, symmetric=True),
+                            "_default": discq.rtn_config(3, 32)})
+    return model
+
+
 def tiny_random_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from models import tiny_random_llama
+from models import tiny_quantized_llama, tiny_random_llama
 from transformers import AutoModelForCausalLM
 
 import discq
@@ -19,10 +19,7 @@ def hf_greedy(model, ids, n):
 
 @pytest.fixture(scope="module")
 def quantized_llama():
-    model = tiny_random_llama(seed=3)
-    discq.quantize_(model, {"re:.*mlp.*": discq.rtn_config(4, 32, symmetric=True),
-                            "_default": discq.rtn_config(3, 32)})
-    return model
+    return tiny_quantized_llama(seed=3)
 
 
 def test_greedy_equals_transformers_generate(quantized_llama):

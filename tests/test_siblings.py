@@ -1,7 +1,7 @@
 """discq.siblings: linears that read one input run as one call, computing what they computed."""
 import pytest
 import torch
-from models import tiny_random_llama
+from models import tiny_quantized_llama, tiny_random_llama
 from torch import nn
 
 import discq
@@ -13,10 +13,7 @@ from discq.tensors.grid import AffineGrid
 
 @pytest.fixture(scope="module")
 def model():
-    model = tiny_random_llama(seed=7)
-    discq.quantize_(model, {"re:.*mlp.*": discq.rtn_config(4, 32, symmetric=True),
-                            "_default": discq.rtn_config(3, 32)})
-    return model
+    return tiny_quantized_llama(seed=7)
 
 
 def kinds(view, layer):
