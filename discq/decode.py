@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from discq.graph_call import GraphCall
 from discq.inference import plain_linears, shared_copy
 from discq.siblings import fuse_siblings
 
@@ -64,14 +65,20 @@ def supports_static_cache(model: nn.Module) -> bool:
     return bool(getattr(model, "_can_compile_fullgraph", False)) and hasattr(model, "config")
 
 
-def compile_apart(fn, name: str, options: dict | None = None):
+def compile_apart(fn, name: str, options: dict | None = None, backend="inductor"):
     """torch.compile(fullgraph) of `fn` through a wrapper with its own code object: Dynamo keys
     compiled graphs by code object, so programs compiled from one shared code object (every
     module's forward) would chain their guards and each call would check the others'. Here the
     prefill and the step, and different models, never see each other's."""
     ns = {"fn": fn}
     exec(compile("def call(*args):\n    return fn(*args)\n", f"<discq {name}>", "exec"), ns)
-    return torch.compile(ns["call"], fullgraph=True, options=options)
+    return torch.compile(ns["call"], fullgraph=True, options=options, backend=backend)
+
+
+def _arguments_only(entries: list) -> list[bool]:
+    """Dynamo guard filter: keep the guards on the compiled call's arguments (`args...`) and on
+    the global state (grad mode, shape relations: named ""), drop those reached through globals."""
+    return [e.name == "" or e.name.startswith("args") for e in entries]
 
 
 class Decoder:
@@ -95,17 +102,26 @@ class Decoder:
                                                     use_cache=True, logits_to_keep=1))
         self.cache.reset()
         self.step_model = _one_query_attention(shared_copy(self.model))
-        self.prefill = compile_apart(functools.partial(self._next, self.model), "prefill")
+        # the prefill guards only its own arguments (the prompt's shape and dtype, the noise) and
+        # the global state: the ~10,000 guards on the model, its config and the cache cost ~2.5 ms
+        # a call on SmolLM2, and all of those are this decoder's own, checked by `fits`
+        self.prefill = compile_apart(functools.partial(self._next, self.model), "prefill",
+                                     {"guard_filter_fn": _arguments_only})
         # the step in C++ end to end (Inductor's C++ wrapper): the Python wrapper's per-kernel
         # calls cost ~5 ms a token on SmolLM2; the prefill runs once per call and stays Python
         # (its C++ build with a dynamic length takes minutes)
-        # no guards at all on the step (Dynamo's guards on every tensor of the model cost ~1.5 ms
-        # a token on SmolLM2): its code object is this decoder's alone, its inputs have fixed
-        # shapes, it runs a view made here, and `fits` rebuilds the decoder when the model's
-        # weights are replaced (their values are read on every call)
-        self.step = compile_apart(functools.partial(self._next, self.step_model), "step",
-                                  {"cpp_wrapper": cpp_wrapper,
-                                   "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+        # no guards at all on the step, and Dynamo itself skipped after its first call
+        # (discq.graph_call; Dynamo's guards on every tensor of the model cost ~1.5 ms a token
+        # on SmolLM2, fetching those tensors ~0.6 ms): its inputs have fixed shapes, it runs a
+        # view made here, and `fits` rebuilds the decoder when the model's weights are replaced
+        # (their values are read on every call)
+        self.step = GraphCall(functools.partial(self._next, self.step_model), "step",
+                              {"cpp_wrapper": cpp_wrapper})
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # a copy of the model gets no decoder: these programs read the original's tensors (the
+        # copy compiles its own on its first generate)
+        return None
 
     def _next(self, model: nn.Module, ids: Tensor, u: Tensor | None) -> Tensor:
         """ids: [B, L] appended to the cache -> the next token ids [B, 1]."""

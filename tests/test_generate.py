@@ -29,6 +29,9 @@ def test_greedy_equals_transformers_generate(quantized_llama):
         ids = torch.randint(0, 320, (1, S), generator=torch.Generator().manual_seed(S))
         out = discq.generate(quantized_llama, ids, 9, eos_token_id=None)
         assert torch.equal(out, hf_greedy(quantized_llama, ids, 9))
+    assert quantized_llama._discq_decoder.step._direct is not None  # Dynamo skipped (graph_call)
+    # a copy of the model does not carry programs that read the original's tensors
+    assert copy.deepcopy(quantized_llama).__dict__.get("_discq_decoder") is None
 
 
 def test_decoder_is_reused_and_rebuilt_when_weights_change():

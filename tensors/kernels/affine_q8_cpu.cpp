@@ -5,8 +5,8 @@
 // (affine_cpu.cpp) converts and multiplies 8 codes at a time: ~3x fewer instructions, and
 // decode on a few cores is bound by instructions, not by memory.
 //
-// Per row n and group g: Σ_k (q_k - z)·x̂_k = Σ_{b in g} d_b Σ q·xq - z Σ_{b in g} d_b Σ xq,
-// the second sum computed once per activation row (gsum) as in the float kernel.
+// Per row n and block b in group g: Σ_k (q_k - z)·x̂_k = s_g·d_b·Σ q·xq - s_g·z·d_b·Σ xq; the
+// integer dot is scaled by one FMA per block, d_b·Σ xq is computed once per activation row.
 //
 // The AVX2 unpackers leave a block's 32 codes in whatever order costs no shuffles (code_at);
 // the activation codes are stored in the same order, so the dot product is unchanged. Above
@@ -51,10 +51,14 @@ template <int BITS>
 constexpr int block_bytes() { return QB * BITS / 8; }
 
 
+// Blocks per row rounded up to whole vectors of 8: the per-block factors below are zero past KB,
+// so the tile's vector loops need no scalar tails.
+inline int64_t padded(int64_t KB) { return (KB + 7) / 8 * 8; }
+
 struct Acts {
   const int8_t* xq;     // [M, Kp] codes, each block in code_at order
-  const float* d;       // [M, KB] block scales
-  const float* gsum;    // [M, G] Σ_{b in g} d_b Σ xq_b
+  const float* d;       // [M, KBp] block scales d_b
+  const float* dxs;     // [M, KBp] d_b · Σ xq_b (the zero point's partner)
 };
 
 struct Problem {
@@ -63,7 +67,7 @@ struct Problem {
   const uint8_t* zero;   // [N, G] or nullptr (symmetric: 2^(b-1))
   const float* bias;     // [N] or nullptr
   float* y;              // [M, N]
-  int64_t M, N, Kp, KB, G, Wb, blocks_per_group;
+  int64_t M, N, Kp, KB, KBp, G, Wb, blocks_per_group;
 };
 
 // One block's 32 activations -> max|x|, its codes (in code_at order) and their sum. The rounding
@@ -117,21 +121,20 @@ inline int quantize_block(const float* xb, float& db, int8_t* out) {
 #endif
 }
 
-// x: [M, K] float -> xq [M, K], d [M, KB] and gsum [M, G] (K a multiple of 32).
+// x: [M, K] float -> xq [M, K], d and dxs [M, KBp] (K a multiple of 32; zero past K / 32).
 template <int BITS>
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int64_t bpg, int8_t* xq,
-                   float* d, float* gsum) {
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t KBp, int8_t* xq, float* d,
+                   float* dxs) {
   const int64_t KB = K / QB;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      float t = 0.f;
-      for (int64_t b = g * bpg; b < std::min(KB, (g + 1) * bpg); ++b) {
-        const int64_t at = m * K + b * QB;
-        const int sum = quantize_block<BITS>(x + at, d[m * KB + b], xq + at);
-        t += d[m * KB + b] * static_cast<float>(sum);
-      }
-      gsum[m * G + g] = t;
+  for (int64_t m = 0; m < M; ++m) {
+    float* dm = d + m * KBp;
+    for (int64_t b = 0; b < KB; ++b) {
+      const int sum = quantize_block<BITS>(x + m * K + b * QB, dm[b], xq + m * K + b * QB);
+      dxs[m * KBp + b] = dm[b] * static_cast<float>(sum);
     }
+    std::fill(dm + KB, dm + KBp, 0.f);
+    std::fill(dxs + m * KBp + KB, dxs + (m + 1) * KBp, 0.f);
+  }
 }
 
 #ifdef DISCQ_AVX2
@@ -203,99 +206,143 @@ inline void scales_f32(const S* s, int64_t G, float* out) {
   for (; g < G; ++g) out[g] = static_cast<float>(s[g]);
 }
 
-// c[b] = s[g(b)]·d[b] for the KB blocks of one (activation row, weight row) pair.
-inline void block_factors(const float* s, const float* d, int64_t KB, int64_t bpg, float* c) {
-  int64_t b = 0;
-#ifdef DISCQ_AVX2
-  if (bpg == 1)  // groups of 32: elementwise
-    for (; b + 8 <= KB; b += 8)
-      _mm256_storeu_ps(c + b, _mm256_mul_ps(_mm256_loadu_ps(s + b), _mm256_loadu_ps(d + b)));
-#endif
-  for (int64_t g = b / bpg; b < KB; ++g)
-    for (const int64_t b1 = std::min(KB, (g + 1) * bpg); b < b1; ++b) c[b] = s[g] * d[b];
-}
-
-// Σ_g s_g·z_g·gsum_g for one (activation row, weight row) pair, with the zero point as the dot
-// saw it: z[g] - z0 for a row's zero points z (z0 = 128 for 8-bit codes, which entered the dot
-// as q - 128; else 0), or z0 itself when z is nullptr (symmetric grids).
-inline float zero_term(const float* s, const uint8_t* z, float z0, const float* gsum, int64_t G) {
-  float t = 0.f;
-  int64_t g = 0;
-#ifdef DISCQ_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  for (; g + 8 <= G; g += 8) {
-    const __m256 zg =
-        z ? _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g)))),
-                          _mm256_set1_ps(z0))
-          : _mm256_set1_ps(z0);
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(gsum + g)), zg,
-                          acc);
-  }
-  t = discq_simd::hsum(acc);
-#endif
-  for (; g < G; ++g) t += s[g] * (z ? static_cast<float>(z[g]) - z0 : z0) * gsum[g];
-  return t;
-}
-
-// What a tile needs besides the codes, computed once per tile: c[i][j][b] = s_{n0+j, g(b)} ·
-// d_{m0+i, b} (each block's dot product scaled by one FMA) and the zero-point terms
-// zt[i][j] = Σ_g s·z·gsum. `buf`: NR·G + MT·NR·KB floats (run() sizes it for the largest tile).
-template <int BITS, int MT, int NR, typename S>
-inline void tile_factors(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf,
-                         float (&zt)[MT][NR]) {
-  float* sf = buf;
-  for (int j = 0; j < NR; ++j) scales_f32(scale + (n0 + j) * P.G, P.G, sf + j * P.G);
-  // symmetric: z = 2^(b-1); 8-bit codes enter the dot as q - 128
+// The weight side of NR rows, per block (zero past KB): sb[j][b] = s_{n0+j, g(b)} and
+// szb[j][b] = s·ẑ with ẑ the zero point as the dot saw it: z - z0 for a row's zero points z
+// (z0 = 128 for 8-bit codes, which entered the dot as q - 128; else 0), or z0 itself for
+// symmetric grids (2^(b-1); 0 for 8-bit codes). `sg`: G floats of scratch.
+template <int BITS, int NR, typename S>
+void weight_factors(const Problem& P, const S* scale, int64_t n0, float* sb, float* szb,
+                    float* sg) {
   const float z0 = P.zero ? (BITS == 8 ? 128.f : 0.f) : (BITS == 8 ? 0.f : float(1 << (BITS - 1)));
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NR; ++j) {
-      block_factors(sf + j * P.G, P.a.d + (m0 + i) * P.KB, P.KB, P.blocks_per_group,
-                    buf + NR * P.G + (i * NR + j) * P.KB);
-      zt[i][j] = zero_term(sf + j * P.G, P.zero ? P.zero + (n0 + j) * P.G : nullptr, z0,
-                           P.a.gsum + (m0 + i) * P.G, P.G);
+  const int64_t bpg = P.blocks_per_group;
+  for (int j = 0; j < NR; ++j) {
+    float* sj = sb + j * P.KBp;
+    float* zj = szb + j * P.KBp;
+    if (bpg == 1) {
+      scales_f32(scale + (n0 + j) * P.G, P.G, sj);
+    } else {
+      scales_f32(scale + (n0 + j) * P.G, P.G, sg);
+      for (int64_t b = 0; b < P.KB; ++b) sj[b] = sg[b / bpg];
     }
+    std::fill(sj + P.KB, sj + P.KBp, 0.f);
+    if (const uint8_t* z = P.zero ? P.zero + (n0 + j) * P.G : nullptr)
+      for (int64_t b = 0; b < P.KB; ++b) zj[b] = sj[b] * (static_cast<float>(z[b / bpg]) - z0);
+    else
+      for (int64_t b = 0; b < P.KB; ++b) zj[b] = sj[b] * z0;
+    std::fill(zj + P.KB, zj + P.KBp, 0.f);
+  }
 }
 
 #ifdef DISCQ_AVX2
+// The sums of T = MT·NR (activation row, weight row) pairs from their accumulators (a pair's
+// sum is that of its 8 lanes), four pairs per hadd tree. Every pair's lanes are added in the
+// same order whatever the tile, so an output does not depend on the tile it fell in (fused
+// sibling linears give the bits of separate calls).
+template <int T>
+inline void pair_sums(const __m256 (&t)[T], float (&out)[T]) {
+  for (int p = 0; p < T; p += 4) {
+    __m256 u[4];
+    for (int q = 0; q < 4; ++q) u[q] = p + q < T ? t[p + q] : _mm256_setzero_ps();
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(u[0], u[1]), _mm256_hadd_ps(u[2], u[3]));
+    alignas(16) float r[4];  // a = [Σ lanes 0-3 of pairs p..p+3 | Σ lanes 4-7 of the same]
+    _mm_store_ps(r, _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
+    for (int q = 0; p + q < T && q < 4; ++q) out[p + q] = r[q];
+  }
+}
+
+// Four vectors of 8 blocks each (pairs p..p+3) -> [block][4]: two 4x4 transposes, one per
+// 128-bit half (blocks 0-3 and 4-7).
+inline void transpose4(const __m256 (&v)[4], __m256 (&u)[4]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  u[0] = _mm256_shuffle_ps(t0, t2, 0x44);  // [block 0 | block 4]
+  u[1] = _mm256_shuffle_ps(t0, t2, 0xEE);  // [block 1 | block 5]
+  u[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  u[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// T pair vectors (pair p's factors for 8 consecutive blocks) -> c[block][TS] for those blocks,
+// TS = 4 or 8 slots a block (slots past T hold zeros): the main loop then broadcasts a block's
+// factors from one line at constant offsets.
+template <int T>
+inline void store_block_major(const __m256 (&cv)[T], float* c) {
+  __m256 v[2][4], u[2][4];
+  for (int p = 0; p < 8; ++p) v[p / 4][p % 4] = p < T ? cv[p] : _mm256_setzero_ps();
+  transpose4(v[0], u[0]);
+  if constexpr (T <= 4) {
+    for (int k = 0; k < 4; k += 2) {
+      _mm256_storeu_ps(c + 4 * k, _mm256_permute2f128_ps(u[0][k], u[0][k + 1], 0x20));
+      _mm256_storeu_ps(c + 16 + 4 * k, _mm256_permute2f128_ps(u[0][k], u[0][k + 1], 0x31));
+    }
+  } else {
+    transpose4(v[1], u[1]);
+    for (int k = 0; k < 4; ++k) {
+      _mm256_storeu_ps(c + 8 * k, _mm256_permute2f128_ps(u[0][k], u[1][k], 0x20));
+      _mm256_storeu_ps(c + 32 + 8 * k, _mm256_permute2f128_ps(u[0][k], u[1][k], 0x31));
+    }
+  }
+}
+
+// The block factors c[b][i·NR + j] = s_{j,g(b)}·d_{i,b} (each block's integer dot scaled by
+// one FMA), and the accumulators' starting lanes: the zero point's term -Σ_b d·Σxq·s·ẑ, spread
+// over lanes that are summed at the end anyway.
+template <int MT, int NR>
+inline void tile_setup(const Problem& P, const float* sb, const float* szb, int64_t m0,
+                       float* c, __m256 (&tot)[MT * NR]) {
+  constexpr int T = MT * NR, TS = T <= 4 ? 4 : 8;
+  const int64_t KBp = P.KBp;
+  const float* d = P.a.d + m0 * KBp;
+  const float* dxs = P.a.dxs + m0 * KBp;
+  for (int p = 0; p < T; ++p) tot[p] = _mm256_setzero_ps();
+  for (int64_t v = 0; v < KBp; v += 8) {
+    __m256 cv[T];
+    for (int i = 0; i < MT; ++i) {
+      const __m256 di = _mm256_loadu_ps(d + i * KBp + v), dx = _mm256_loadu_ps(dxs + i * KBp + v);
+      for (int j = 0; j < NR; ++j) {
+        cv[i * NR + j] = _mm256_mul_ps(_mm256_loadu_ps(sb + j * KBp + v), di);
+        tot[i * NR + j] = _mm256_fnmadd_ps(dx, _mm256_loadu_ps(szb + j * KBp + v), tot[i * NR + j]);
+      }
+    }
+    store_block_major<T>(cv, c + v * TS);
+  }
+}
+
 // y[m0..m0+MT, n0..n0+NR]: MT activation rows against NR weight rows, every code unpacked once
 // per tile and every activation block loaded once per tile.
-template <int BITS, int MT, int NR, typename S>
-void tile(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf) {
-  constexpr int BB = block_bytes<BITS>();
-  float zt[MT][NR];
-  tile_factors<BITS, MT, NR, S>(P, scale, m0, n0, buf, zt);
-  const float* c = buf + NR * P.G;
-  __m256 tot[MT][NR];
-  for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NR; ++j) tot[i][j] = _mm256_setzero_ps();
-  // the next tile's weight rows, spread over this tile's blocks (NR·BB bytes a block): each
-  // call's rows are a short stream that the hardware prefetcher picks up too late (further
-  // ahead measured no better, within this machine's noise)
-  const int64_t na = n0 + NR;
-  const char* ahead = na + NR <= P.N ? reinterpret_cast<const char*>(P.qdata + na * P.Wb) : nullptr;
-  for (int64_t b = 0; b < P.KB; ++b) {
+template <int BITS, int MT, int NR>
+void tile(const Problem& P, const float* sb, const float* szb, int64_t m0, int64_t n0,
+          const char* ahead, float* c) {
+  constexpr int BB = block_bytes<BITS>(), T = MT * NR, TS = T <= 4 ? 4 : 8;
+  __m256 tot[T];
+  tile_setup<MT, NR>(P, sb, szb, m0, c, tot);
+  // local copies: the stores through y and c would otherwise make the compiler reload P's fields
+  const int64_t Kp = P.Kp, Wb = P.Wb, KB = P.KB;
+  const int8_t* xb = P.a.xq + m0 * Kp;
+  const uint8_t* wb = P.qdata + n0 * Wb;
+  for (int64_t b = 0; b < KB; ++b, xb += QB, wb += BB, c += TS) {
+    // the next rows, spread over this tile's blocks: a call's rows are a short stream that the
+    // hardware prefetcher picks up too late
     if (ahead)
       for (int64_t off = b * NR * BB; off < (b + 1) * NR * BB; off += 64)
         _mm_prefetch(ahead + off, _MM_HINT_T0);
     __m256i w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = unpack<BITS>(P.qdata + (n0 + j) * P.Wb + b * BB);
+    for (int j = 0; j < NR; ++j) w[j] = unpack<BITS>(wb + j * Wb);
     for (int i = 0; i < MT; ++i) {
-      const __m256i xv = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(P.a.xq + (m0 + i) * P.Kp + b * QB));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + i * Kp));
       for (int j = 0; j < NR; ++j)
-        tot[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot<BITS>(w[j], xv)),
-                                    _mm256_broadcast_ss(c + (i * NR + j) * P.KB + b), tot[i][j]);
+        tot[i * NR + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot<BITS>(w[j], xv)),
+                                          _mm256_broadcast_ss(c + i * NR + j), tot[i * NR + j]);
     }
   }
+  float out[T];
+  pair_sums<T>(tot, out);
   for (int i = 0; i < MT; ++i)
-    for (int j = 0; j < NR; ++j) {
-      const float v = discq_simd::hsum(tot[i][j]) - zt[i][j];
-      P.y[(m0 + i) * P.N + n0 + j] = P.bias ? v + P.bias[n0 + j] : v;
-    }
+    for (int j = 0; j < NR; ++j)
+      P.y[(m0 + i) * P.N + n0 + j] = out[i * NR + j] + (P.bias ? P.bias[n0 + j] : 0.f);
 }
 #else
-// Portable: the same sums one code at a time (codes in natural order, code_at is the identity).
+// Portable: the same sums one code at a time (codes in natural order, code_at is the identity),
+// from the same block factors and zero-point terms.
 template <int BITS>
 inline int code(const uint8_t* row, int64_t k) {
   const int64_t bit = k * BITS;
@@ -304,11 +351,9 @@ inline int code(const uint8_t* row, int64_t k) {
   return static_cast<int>((two >> (bit % 8)) & ((1u << BITS) - 1));
 }
 
-template <int BITS, int MT, int NR, typename S>
-void tile(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf) {
-  float zt[MT][NR];
-  tile_factors<BITS, MT, NR, S>(P, scale, m0, n0, buf, zt);
-  const float* c = buf + NR * P.G;
+template <int BITS, int MT, int NR>
+void tile(const Problem& P, const float* sb, const float* szb, int64_t m0, int64_t n0,
+          const char*, float*) {
   for (int i = 0; i < MT; ++i)
     for (int j = 0; j < NR; ++j) {
       const int64_t m = m0 + i, n = n0 + j;
@@ -318,42 +363,54 @@ void tile(const Problem& P, const S* scale, int64_t m0, int64_t n0, float* buf) 
         int32_t dot = 0;
         for (int p = 0; p < QB; ++p)
           dot += code<BITS>(row, b * QB + p) * P.a.xq[m * P.Kp + b * QB + p];
-        v += c[(i * NR + j) * P.KB + b] * static_cast<float>(dot);
+        v += sb[j * P.KBp + b] * P.a.d[m * P.KBp + b] * static_cast<float>(dot)
+             - P.a.dxs[m * P.KBp + b] * szb[j * P.KBp + b];
       }
-      v -= zt[i][j];
       P.y[m * P.N + n] = P.bias ? v + P.bias[n] : v;
     }
 }
 #endif
 
-// Rows m0..m0+MT (MT ≤ 4 at compile time) against output channels n0..n1.
-template <int BITS, int MT, typename S>
-void rows(const Problem& P, const S* scale, int64_t m0, int64_t n0, int64_t n1, float* buf) {
-  constexpr int NR = MT == 1 ? 4 : 2;  // one activation row: four weight rows share its loads
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<BITS, MT, NR, S>(P, scale, m0, n, buf);
-  for (; n < n1; ++n) tile<BITS, MT, 1, S>(P, scale, m0, n, buf);
+// Every activation row against weight rows n0..n0+NR: their factors once, then tiles of up to
+// 4 activation rows (one row: NR = 4, four weight rows sharing its loads; else NR = 2).
+// `buf`: 2·NR·KBp + 8·KBp + G floats.
+template <int BITS, int NR, typename S>
+void column(const Problem& P, const S* scale, int64_t n0, float* buf) {
+  float* sb = buf;
+  float* szb = sb + NR * P.KBp;
+  float* c = szb + NR * P.KBp;
+  weight_factors<BITS, NR, S>(P, scale, n0, sb, szb, c + 8 * P.KBp);
+  // the next rows, prefetched over the first tile's blocks
+  const char* ahead = n0 + 2 * NR <= P.N
+                          ? reinterpret_cast<const char*>(P.qdata + (n0 + NR) * P.Wb) : nullptr;
+  int64_t m0 = 0;
+  if constexpr (NR <= 2)
+    for (; m0 + 4 <= P.M; m0 += 4, ahead = nullptr) tile<BITS, 4, NR>(P, sb, szb, m0, n0, ahead, c);
+  switch (P.M - m0) {
+    case 3: tile<BITS, 3, NR>(P, sb, szb, m0, n0, ahead, c); break;
+    case 2: tile<BITS, 2, NR>(P, sb, szb, m0, n0, ahead, c); break;
+    case 1: tile<BITS, 1, NR>(P, sb, szb, m0, n0, ahead, c); break;
+    default: break;
+  }
 }
 
 // Every activation row against output channels n0..n1.
-template <int BITS, typename S>
+template <int BITS, int NR, typename S>
 void channels(const Problem& P, const S* scale, int64_t n0, int64_t n1, float* buf) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= P.M; m0 += 4) rows<BITS, 4, S>(P, scale, m0, n0, n1, buf);
-  switch (P.M - m0) {
-    case 3: rows<BITS, 3, S>(P, scale, m0, n0, n1, buf); break;
-    case 2: rows<BITS, 2, S>(P, scale, m0, n0, n1, buf); break;
-    case 1: rows<BITS, 1, S>(P, scale, m0, n0, n1, buf); break;
-    default: break;
-  }
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) column<BITS, NR, S>(P, scale, n, buf);
+  for (; n < n1; ++n) column<BITS, 1, S>(P, scale, n, buf);
 }
 
 template <int BITS, typename S>
 void run(const Problem& P, const S* scale) {
   discq_shares::for_chunks(P.N, 32, 64, [&](int64_t n0, int64_t n1) {
-    thread_local std::vector<float> buf;  // tile_factors' scratch: NR ≤ 4, MT·NR ≤ 8
-    buf.resize(std::max<size_t>(buf.size(), 4 * P.G + 8 * P.KB));
-    channels<BITS, S>(P, scale, n0, n1, buf.data());
+    thread_local std::vector<float> buf;  // column's scratch, NR ≤ 4
+    buf.resize(std::max<size_t>(buf.size(), 16 * P.KBp + P.G));
+    if (P.M == 1)
+      channels<BITS, 4, S>(P, scale, n0, n1, buf.data());
+    else
+      channels<BITS, 2, S>(P, scale, n0, n1, buf.data());
   });
 }
 
@@ -361,18 +418,17 @@ void run(const Problem& P, const S* scale) {
 // across calls (a decode step makes ~200 calls; three allocations each were measurable).
 struct Scratch {
   std::vector<int8_t> xq;
-  std::vector<float> d, gsum;
+  std::vector<float> d, dxs;
 };
 
 template <int BITS>
 void quantize_and_run(const float* xf, Problem& P, const at::Tensor& s) {
   thread_local Scratch t;
   t.xq.resize(std::max<size_t>(t.xq.size(), P.M * P.Kp));
-  t.d.resize(std::max<size_t>(t.d.size(), P.M * P.KB));
-  t.gsum.resize(std::max<size_t>(t.gsum.size(), P.M * P.G));
-  quantize_rows<BITS>(xf, P.M, P.Kp, P.G, P.blocks_per_group, t.xq.data(), t.d.data(),
-                      t.gsum.data());
-  P.a = {t.xq.data(), t.d.data(), t.gsum.data()};
+  t.d.resize(std::max<size_t>(t.d.size(), P.M * P.KBp));
+  t.dxs.resize(std::max<size_t>(t.dxs.size(), P.M * P.KBp));
+  quantize_rows<BITS>(xf, P.M, P.Kp, P.KBp, t.xq.data(), t.d.data(), t.dxs.data());
+  P.a = {t.xq.data(), t.d.data(), t.dxs.data()};
   switch (s.scalar_type()) {
     case at::kFloat: return run<BITS, float>(P, s.data_ptr<float>());
     case at::kHalf: return run<BITS, c10::Half>(P, s.data_ptr<c10::Half>());
@@ -385,9 +441,9 @@ void quantize_and_run(const float* xf, Problem& P, const at::Tensor& s) {
 at::Tensor rounded(const at::Tensor& xf) {
   const int64_t M = xf.size(0), K = xf.size(1), KB = K / QB;
   at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
-  at::Tensor d = at::empty({M, KB}, xf.options()), gsum = at::empty({M, KB}, xf.options());
-  quantize_rows<8>(xf.data_ptr<float>(), M, K, KB, 1, xq.data_ptr<int8_t>(),
-                   d.data_ptr<float>(), gsum.data_ptr<float>());  // 8: natural order
+  at::Tensor d = at::empty({M, KB}, xf.options()), dxs = at::empty({M, KB}, xf.options());
+  quantize_rows<8>(xf.data_ptr<float>(), M, K, KB, xq.data_ptr<int8_t>(), d.data_ptr<float>(),
+                   dxs.data_ptr<float>());  // 8: natural order
   return at::mul(xq.to(at::kFloat).view({M, KB, QB}), d.unsqueeze(2)).view({M, K});
 }
 
@@ -422,7 +478,7 @@ at::Tensor affine_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qdata, co
   at::Tensor y = at::empty({M, N}, xf.options());
   Problem P{{}, q.data_ptr<uint8_t>(), z.defined() ? z.data_ptr<uint8_t>() : nullptr,
             b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
-            M, N, K, K / QB, G, q.size(1), group_size / QB};
+            M, N, K, K / QB, padded(K / QB), G, q.size(1), group_size / QB};
   switch (bits) {
     case 2: quantize_and_run<2>(xf.data_ptr<float>(), P, s); break;
     case 3: quantize_and_run<3>(xf.data_ptr<float>(), P, s); break;
