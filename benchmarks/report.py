@@ -178,14 +178,16 @@ def speed_section(speed: dict | None) -> list[str]:
     fig.tight_layout()
     fig.savefig(RESULTS / "speed_layers.png", dpi=110)
     plt.close(fig)
-    m = speed["machine"]
+    m = {**speed["machine"], **(speed.get("layers_from") or {})}  # the layer tables' machine
     out = ["## Speed per layer shape (CPU, one activation row)", "",
            f"From `speed_cpu.json` ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, layer "
-           f"tables of {speed.get('layers_from', {}).get('date', m['date'])}; command: "
+           f"tables of {m['date']}; command: "
            f"`{speed.get('command', 'python benchmarks/speed.py')}`). Bars: fp32 time / "
            f"variant time.", "", "![speed per layer](speed_layers.png)", ""]
     if speed.get("decode"):
-        out += ["Decode of SmolLM2-135M (tokens/s, same run as llama.cpp):", "",
+        d = speed["machine"]
+        out += [f"Decode of SmolLM2-135M (tokens/s, same run as llama.cpp; {d['cpu']}, "
+                f"{d['date']}):", "",
                 "| variant | tokens/s | MB/token | perplexity |", "|---|---|---|---|"]
         out += [f"| {d['variant']} | {d['tokens_per_s']:.1f} | "
                 f"{d['bytes_per_token'] / 1e6:.0f} | {d.get('perplexity', float('nan')):.2f} |"

@@ -356,23 +356,33 @@ def title(r: dict) -> str:
     return f"# Speed on {where}, torch {m['torch']}, {m['date']}"
 
 
+def kernels_used(r: dict) -> str:
+    if r["device"] != "cpu":
+        return ("discq runs its Triton kernels; bandwidth = weight bytes + activations in and "
+                "out, per call.")
+    if not any("gptvq" in x["variant"] for x in r["layers"]):  # layer tables from before GPTVQ
+        return "discq runs its fused C++ kernel (up to 64 rows, so both batches here)."
+    return ("discq runs its fused C++ kernels (affine: up to 64 rows, so both batches here; "
+            "GPTVQ: up to 16 rows, codeword tables at batch 1, decoded rows at 16).")
+
+
 def markdown(r: dict) -> str:
     base, cpu = BASELINE[r["device"]], r["device"] == "cpu"
     how = ("Time of the `torch.compile`d linear (ms; each variant's best of round-robin samples "
            f"of ~20 ms); speed-up vs compiled {base} in parentheses. RTN weights; groups of 64. "
-           + ("discq runs its fused C++ kernels (affine: up to 64 rows, so both batches here; "
-              "GPTVQ: up to 16 rows, codeword tables at batch 1, decoded rows at 16)." if cpu else
-              "discq runs its Triton kernels; bandwidth = weight bytes + activations in and out, "
-              "per call."))
+           + kernels_used(r))
     hot = ("One layer called over and over (its weight stays in the CPU's caches; each call also "
            "pays the compiled function's fixed cost):" if cpu else "One layer called over and over:")
     lines = [title(r), ""]
     if r.get("command"):
         lines += [f"Command: `{r['command']}`", ""]
     if r.get("layers_from"):
-        lines += [f"The layer tables are from the run of {r['layers_from']['date']} (torch "
-                  f"{r['layers_from']['torch']}, same machine); the decode table was rerun "
-                  f"alone (`--decode-only`) on the date above.", ""]
+        lf = r["layers_from"]
+        where = ("same machine" if lf.get("cpu", r["machine"]["cpu"]) == r["machine"]["cpu"]
+                 else f"on another machine: {lf['cpu']}")
+        lines += [f"The layer tables are from the run of {lf['date']} (torch {lf['torch']}, "
+                  f"{where}); the decode table was rerun alone (`--decode-only`) on the date "
+                  "and machine above.", ""]
     lines += [how, "", hot, ""]
     lines += layer_table(r["layers"], "batch", base, r.get("peak_gbps"))
     if r.get("streamed"):
@@ -453,7 +463,8 @@ if __name__ == "__main__":
     if a.decode_only:
         old = json.loads((RESULTS / f"{name}.json").read_text())
         layers, streamed = old["layers"], old.get("streamed")
-        layers_from = old.get("layers_from") or {k: old["machine"][k] for k in ("date", "torch")}
+        layers_from = {k: old["machine"][k] for k in ("date", "torch", "cpu")}
+        layers_from.update(old.get("layers_from") or {})  # a rerun of a rerun keeps the first
     else:
         layers = layer_rows(shapes, [1, 16], rounds, a.device)
         # the streamed table answers a CPU question (weights beyond the caches); a GPU's

@@ -250,60 +250,26 @@ inline void pair_sums(const __m256 (&t)[T], float (&out)[T]) {
   }
 }
 
-// Four vectors of 8 blocks each (pairs p..p+3) -> [block][4]: two 4x4 transposes, one per
-// 128-bit half (blocks 0-3 and 4-7).
-inline void transpose4(const __m256 (&v)[4], __m256 (&u)[4]) {
-  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-  u[0] = _mm256_shuffle_ps(t0, t2, 0x44);  // [block 0 | block 4]
-  u[1] = _mm256_shuffle_ps(t0, t2, 0xEE);  // [block 1 | block 5]
-  u[2] = _mm256_shuffle_ps(t1, t3, 0x44);
-  u[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
-}
-
-// T pair vectors (pair p's factors for 8 consecutive blocks) -> c[block][TS] for those blocks,
-// TS = 4 or 8 slots a block (slots past T hold zeros): the main loop then broadcasts a block's
-// factors from one line at constant offsets.
-template <int T>
-inline void store_block_major(const __m256 (&cv)[T], float* c) {
-  __m256 v[2][4], u[2][4];
-  for (int p = 0; p < 8; ++p) v[p / 4][p % 4] = p < T ? cv[p] : _mm256_setzero_ps();
-  transpose4(v[0], u[0]);
-  if constexpr (T <= 4) {
-    for (int k = 0; k < 4; k += 2) {
-      _mm256_storeu_ps(c + 4 * k, _mm256_permute2f128_ps(u[0][k], u[0][k + 1], 0x20));
-      _mm256_storeu_ps(c + 16 + 4 * k, _mm256_permute2f128_ps(u[0][k], u[0][k + 1], 0x31));
-    }
-  } else {
-    transpose4(v[1], u[1]);
-    for (int k = 0; k < 4; ++k) {
-      _mm256_storeu_ps(c + 8 * k, _mm256_permute2f128_ps(u[0][k], u[1][k], 0x20));
-      _mm256_storeu_ps(c + 32 + 8 * k, _mm256_permute2f128_ps(u[0][k], u[1][k], 0x31));
-    }
-  }
-}
-
-// The block factors c[b][i·NR + j] = s_{j,g(b)}·d_{i,b} (each block's integer dot scaled by
+// The block factors c[i·NR + j][b] = s_{j,g(b)}·d_{i,b} (each block's integer dot scaled by
 // one FMA), and the accumulators' starting lanes: the zero point's term -Σ_b d·Σxq·s·ẑ, spread
 // over lanes that are summed at the end anyway.
 template <int MT, int NR>
 inline void tile_setup(const Problem& P, const float* sb, const float* szb, int64_t m0,
                        float* c, __m256 (&tot)[MT * NR]) {
-  constexpr int T = MT * NR, TS = T <= 4 ? 4 : 8;
+  constexpr int T = MT * NR;
   const int64_t KBp = P.KBp;
   const float* d = P.a.d + m0 * KBp;
   const float* dxs = P.a.dxs + m0 * KBp;
   for (int p = 0; p < T; ++p) tot[p] = _mm256_setzero_ps();
   for (int64_t v = 0; v < KBp; v += 8) {
-    __m256 cv[T];
     for (int i = 0; i < MT; ++i) {
       const __m256 di = _mm256_loadu_ps(d + i * KBp + v), dx = _mm256_loadu_ps(dxs + i * KBp + v);
       for (int j = 0; j < NR; ++j) {
-        cv[i * NR + j] = _mm256_mul_ps(_mm256_loadu_ps(sb + j * KBp + v), di);
+        _mm256_storeu_ps(c + (i * NR + j) * KBp + v,
+                         _mm256_mul_ps(_mm256_loadu_ps(sb + j * KBp + v), di));
         tot[i * NR + j] = _mm256_fnmadd_ps(dx, _mm256_loadu_ps(szb + j * KBp + v), tot[i * NR + j]);
       }
     }
-    store_block_major<T>(cv, c + v * TS);
   }
 }
 
@@ -312,14 +278,14 @@ inline void tile_setup(const Problem& P, const float* sb, const float* szb, int6
 template <int BITS, int MT, int NR>
 void tile(const Problem& P, const float* sb, const float* szb, int64_t m0, int64_t n0,
           const char* ahead, float* c) {
-  constexpr int BB = block_bytes<BITS>(), T = MT * NR, TS = T <= 4 ? 4 : 8;
+  constexpr int BB = block_bytes<BITS>(), T = MT * NR;
   __m256 tot[T];
   tile_setup<MT, NR>(P, sb, szb, m0, c, tot);
   // local copies: the stores through y and c would otherwise make the compiler reload P's fields
-  const int64_t Kp = P.Kp, Wb = P.Wb, KB = P.KB;
+  const int64_t Kp = P.Kp, Wb = P.Wb, KB = P.KB, KBp = P.KBp;
   const int8_t* xb = P.a.xq + m0 * Kp;
   const uint8_t* wb = P.qdata + n0 * Wb;
-  for (int64_t b = 0; b < KB; ++b, xb += QB, wb += BB, c += TS) {
+  for (int64_t b = 0; b < KB; ++b, xb += QB, wb += BB) {
     // the next rows, spread over this tile's blocks: a call's rows are a short stream that the
     // hardware prefetcher picks up too late
     if (ahead)
@@ -331,7 +297,8 @@ void tile(const Problem& P, const float* sb, const float* szb, int64_t m0, int64
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + i * Kp));
       for (int j = 0; j < NR; ++j)
         tot[i * NR + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot<BITS>(w[j], xv)),
-                                          _mm256_broadcast_ss(c + i * NR + j), tot[i * NR + j]);
+                                          _mm256_broadcast_ss(c + (i * NR + j) * KBp + b),
+                                          tot[i * NR + j]);
     }
   }
   float out[T];
