@@ -46,7 +46,7 @@ SHAPES = {"smollm2 q/o (576x576)": (576, 576), "smollm2 k/v (192x576)": (192, 57
           "smollm2 gate/up (1536x576)": (1536, 576), "smollm2 down (576x1536)": (576, 1536),
           "7B q/k/v/o (4096x4096)": (4096, 4096), "7B gate/up (11008x4096)": (11008, 4096)}
 LLAMA_ROW = "llama.cpp Q4_0 (its own quantizer)"
-INT8_ROW = "discq 4-bit g32, head 8-bit, 8-bit activations"
+INT8 = ", 8-bit activations"  # rows decoded with discq.generate(..., int8_activations=True)
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
 BASELINE = {"cpu": "fp32", "cuda": "bf16"}
 # peak memory bandwidth (GB/s) by device name, first match wins (vendor data sheets)
@@ -196,7 +196,9 @@ def streamed_rows(shapes: dict, rounds: int, stream_bytes: int = 2**26) -> list[
 
 def decode_models(device: str) -> tuple[dict, object]:
     """The decode variants of SmolLM2-135M: fp32 and discq's 4-bit grid in blocks of 32
-    (symmetric: llama.cpp's Q4_0 values), head in fp32 and head (tied to the embedding) 8-bit."""
+    (symmetric: llama.cpp's Q4_0 values), head in fp32 and head (tied to the embedding) 8-bit,
+    the latter on 8-bit activations, and the 3-bit grid with the 8-bit head on 8-bit activations
+    (RTN weights: speed does not depend on the rounding method)."""
     from discq.models import load_model
     from discq.pipeline import keep_head_filter
     model, tok = load_model("smollm2-135m")
@@ -208,7 +210,10 @@ def decode_models(device: str) -> tuple[dict, object]:
     models["discq 4-bit g32, head 8-bit"] = discq.quantize_head_(copy.deepcopy(q), 8)
     # the same weights decoded on 8-bit activations: a shallow copy, so each row keeps its own
     # compiled decoder (discq.generate keeps one on the model)
-    models[INT8_ROW] = copy.copy(models["discq 4-bit g32, head 8-bit"])
+    models["discq 4-bit g32, head 8-bit" + INT8] = copy.copy(models["discq 4-bit g32, head 8-bit"])
+    q3 = copy.deepcopy(model)
+    discq.quantize_(q3, discq.rtn_config(3, 32, symmetric=True), filter_fn=keep_head_filter(q3))
+    models["discq 3-bit g32, head 8-bit" + INT8] = discq.quantize_head_(q3, 8)
     return models, tok
 
 
@@ -268,7 +273,7 @@ def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
     models, tok = decode_models(device)
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
     prompt = tok(text, return_tensors="pt").input_ids[:, :16].to(device)
-    runs = {name: functools.partial(_discq_tokens_per_s, m, prompt, tokens, name == INT8_ROW)
+    runs = {name: functools.partial(_discq_tokens_per_s, m, prompt, tokens, name.endswith(INT8))
             for name, m in models.items()}
     moved = {name: decode_bytes(m) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -306,7 +311,7 @@ def perplexities(models: dict, gguf, tok, device: str, windows: int = 4) -> dict
     from discq.eval import perplexity
     from discq.inference import plain_linears
     data = [w.to(device) for w in eval_windows(tok, "shakespeare", n_windows=windows)]
-    out = {name: perplexity(plain_linears(m, int8_activations=True) if name == INT8_ROW else m,
+    out = {name: perplexity(plain_linears(m, int8_activations=True) if name.endswith(INT8) else m,
                             data, progress=False) for name, m in models.items()}
     if gguf is not None:
         from discq.llamacpp import LlamaCppModel
@@ -420,9 +425,11 @@ def decode_table(rows: list[dict], base: str) -> list[str]:
             "llama.cpp row computed by llama.cpp on its file. discq.generate decodes with the "
             "same weights and fp32 activations as discq eval (its one-row kernel and eval's "
             "dequantize-then-GEMM differ only in summation order), so this is the decoded "
-            "model's perplexity; the 8-bit-activation row is `discq.generate(..., "
-            "int8_activations=True)` and its perplexity `discq eval --int8-activations`'s "
-            "(each linear's input rounded per block of 32 in both)."]
+            "model's perplexity; the 8-bit-activation rows are `discq.generate(..., "
+            "int8_activations=True)` and their perplexity `discq eval --int8-activations`'s "
+            "(each linear's input rounded per block of 32 in both). discq's weights are RTN's "
+            "(speed does not depend on the rounding method; the quality tables compare methods "
+            "at each width)."]
     return out
 
 
