@@ -185,9 +185,9 @@ def speed_section(speed: dict | None) -> list[str]:
            f"`{speed.get('command', 'python benchmarks/speed.py')}`). Bars: fp32 time / "
            f"variant time.", "", "![speed per layer](speed_layers.png)", ""]
     if speed.get("decode"):
-        d = speed["machine"]
-        out += [f"Decode of SmolLM2-135M (tokens/s, same run as llama.cpp; {d['cpu']}, "
-                f"{d['date']}):", "",
+        dm = speed["machine"]  # the decode table's machine
+        out += [f"Decode of SmolLM2-135M (tokens/s, same run as llama.cpp; {dm['cpu']}, "
+                f"{dm['date']}):", "",
                 "| variant | tokens/s | MB/token | perplexity |", "|---|---|---|---|"]
         out += [f"| {d['variant']} | {d['tokens_per_s']:.1f} | "
                 f"{d['bytes_per_token'] / 1e6:.0f} | {d.get('perplexity', float('nan')):.2f} |"
