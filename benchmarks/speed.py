@@ -383,7 +383,7 @@ def markdown(r: dict) -> str:
         lines += [f"Command: `{r['command']}`", ""]
     if r.get("layers_from"):
         lf = r["layers_from"]
-        where = ("same machine" if lf.get("cpu", r["machine"]["cpu"]) == r["machine"]["cpu"]
+        where = ("same machine" if lf["cpu"] == r["machine"]["cpu"]
                  else f"on another machine: {lf['cpu']}")
         lines += [f"The layer tables are from the run of {lf['date']} (torch {lf['torch']}, "
                   f"{where}); the decode table was rerun alone (`--decode-only`) on the date "
