@@ -117,6 +117,17 @@ def assign(model: nn.Module, values: dict) -> None:
             module._buffers[attr] = v
 
 
+def record_configs(model: nn.Module, quantized: dict) -> None:
+    """Each quantized parameter's config, from a manifest's `quantized` entries, back on its
+    module (a later save writes it again)."""
+    from discq.passes.inspect import set_layer_config
+    for key, spec in quantized.items():
+        module_name, _, attr = key.rpartition(".")
+        if spec.get("config") is not None:
+            module = model.get_submodule(module_name) if module_name else model
+            set_layer_config(module, attr, spec["config"])
+
+
 def check_buffers(model: nn.Module) -> None:
     """Non-persistent buffers (rotary tables, position ids) are not saved, so a skeleton must
     hold them for real: parameters may be on meta, these may not."""
@@ -131,15 +142,14 @@ def check_buffers(model: nn.Module) -> None:
 
 def load_into(model: nn.Module, manifest_file: Path, weights_file: Path,
               device: torch.device) -> None:
+    from discq.passes.prepare import prepare_skeleton
     check_buffers(model)
     manifest = read_manifest(manifest_file)
+    prepare_skeleton(model, list(manifest["quantized"]))
     tensors = read_tensors(weights_file, manifest, device)
     values = resolve(model, manifest, tensors, weights_file)
     assign(model, values)
-    for fqn, module in model.named_modules():
-        spec = manifest["quantized"].get(f"{fqn}.weight" if fqn else "weight")
-        if spec and spec.get("config") is not None:
-            module.discq_config = spec["config"]
+    record_configs(model, manifest["quantized"])
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
         raise CheckpointError(f"{weights_file}: tensors still on the meta device: {left[:5]}")

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from discq._load import record_configs
+from discq.passes.prepare import prepare_skeleton
 from discq.passes.quantize import after_quantize
 from discq.quiet import quiet_dependencies
 from discq.tensors.base import FORMATS, QuantizedTensor, unwrap_compiled
@@ -83,6 +85,9 @@ def part_names() -> list[str]:
     return sorted(names)
 
 
+PARTS = frozenset(part_names())
+
+
 class BuildQuantized(ConversionOps):
     """Load operation: the parts of one quantized weight, as read from the checkpoint, become
     the `QuantizedTensor` of its format (`from_stored`)."""
@@ -96,13 +101,14 @@ class BuildQuantized(ConversionOps):
         # keys: the source patterns that matched ("weight", "weight.qdata"); values: lists
         tensors = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
         spec = self.hf_quantizer.quantization_config.layers.get(full_layer_name)
+        plain = [k for k in tensors if k.rpartition(".")[2] not in PARTS]  # the param itself
         if spec is None:  # a full-precision weight: as it is
-            if set(tensors) != {"weight"}:
+            if len(plain) != len(tensors):
                 raise ValueError(f"{full_layer_name}: quantized parts {sorted(tensors)} in the "
                                  f"checkpoint but no entry in quantization_config.layers")
-            return {full_layer_name: tensors["weight"]}
+            return {full_layer_name: tensors[plain[0]]}
         parts = {f"{full_layer_name}.{k.rpartition('.')[2]}": v for k, v in tensors.items()
-                 if k != "weight"}  # "weight" is the placeholder (PLACEHOLDER)
+                 if k not in plain}  # the plain name holds the placeholder (PLACEHOLDER)
         return {full_layer_name: build_quantized(full_layer_name, spec, parts, "checkpoint")}
 
 
@@ -116,9 +122,17 @@ class DiscqHfQuantizer(HfQuantizer):
 
     @property
     def serialized_names(self) -> dict[str, list[str]]:
-        # the parts first: a regex alternation tries its branches in order, and "weight" alone
-        # would also match the start of "weight.qdata"
-        return {"weight": [*(f"weight.{n}" for n in part_names()), "weight"]}
+        # per parameter name ("weight"; an expert stack with its module's name, as
+        # "experts.down_proj": a bare "down_proj" would also match "shared_expert.down_proj.
+        # weight.qdata"), its parts first: a regex alternation tries its branches in order, and
+        # "weight" alone would also match the start of "weight.qdata"
+        params = {"weight"} | {".".join(k.split(".")[-2:]) for k in
+                               self.quantization_config.layers if not k.endswith(".weight")}
+        return {p: [*(f"{p}.{n}" for n in part_names()), p] for p in sorted(params)}
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
+        prepare_skeleton(model, list(self.quantization_config.layers))
+        return model
 
     def get_load_operations(self) -> dict:
         return {"deserialize": BuildQuantized}
@@ -127,19 +141,11 @@ class DiscqHfQuantizer(HfQuantizer):
         return False  # checkpoints arrive quantized
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
-        # transformers keeps the conversions a load used, to reverse them on save; a quantizer's
-        # load operation has no reverse there yet, and our saved state dict is already in
-        # checkpoint layout (get_state_dict_and_metadata), so ours is not kept for reversal
-        used = getattr(model, "_weight_conversions", None) or []
-        model._weight_conversions = [c for c in used if not any(
-            isinstance(op, BuildQuantized) for op in getattr(c, "operations", ()))]
-        layers = self.quantization_config.layers
-        for name, p in model.named_parameters():
+        keep_layout(model, self.quantization_config.layers)
+        for p in model.parameters():
             if isinstance(p, QuantizedTensor):
                 p.requires_grad_(False)  # codes are not trained
-                module = model.get_submodule(name.rpartition(".")[0])
-                if (layers.get(name) or {}).get("config") is not None:
-                    module.discq_config = layers[name]["config"]
+        record_configs(model, self.quantization_config.layers)
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module):
@@ -164,6 +170,28 @@ class DiscqHfQuantizer(HfQuantizer):
         return True
 
 
+def keep_layout(model: nn.Module, quantized) -> None:
+    """transformers reverses, on save, the conversions a load applies (a stacked expert tensor
+    is written back as one tensor per expert); neither our load operation nor the merge of a
+    quantized stack has a reverse, and our saved state dict is already in the layout we load,
+    so those conversions are not kept for reversal (renamings are)."""
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+    used = getattr(model, "_weight_conversions", None)
+    if used is None:  # built, not loaded: the mapping transformers would reverse on save
+        used = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                if not isinstance(c, PrefixChange)]
+
+    def reversible(c) -> bool:
+        if any(isinstance(op, BuildQuantized) for op in getattr(c, "operations", ())):
+            return False
+        return not isinstance(c, WeightConverter) or not any(
+            re.search(t, name) for t in c.target_patterns for name in quantized)
+    model._weight_conversions = [c for c in used if reversible(c)]
+
+
 @after_quantize
 def attach(model: nn.Module, metadata: dict | None = None) -> None:
     """Make a transformers model quantized by `discq.quantize_` save with `save_pretrained`:
@@ -176,6 +204,7 @@ def attach(model: nn.Module, metadata: dict | None = None) -> None:
     if metadata is None and isinstance(old, DiscqHfConfig):
         metadata = old.metadata  # a second quantize_ keeps what a first save recorded
     config = DiscqHfConfig.of_model(model, metadata)
+    keep_layout(model, config.layers)
     model.config.quantization_config = config
     model.hf_quantizer = DiscqHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True

@@ -67,9 +67,10 @@ def _collect(model: nn.Module, with_tensors: bool = True, skip=None
 
 
 def _layer_config(model: nn.Module, key: str) -> dict | None:
-    module_name = key.rpartition(".")[0]
+    from discq.passes.inspect import layer_config
+    module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    return getattr(module, "discq_config", None)
+    return layer_config(module, attr)
 
 
 def _manifest(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module,
@@ -121,6 +122,8 @@ def _write(tmp: Path, model: nn.Module, tensors, meta, tokenizer, metadata) -> N
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
+        if not getattr(config, "architectures", None):  # a model built from a config
+            config.architectures = [type(model).__name__]  # load_quantized rebuilds it by name
         config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

@@ -15,10 +15,10 @@ from discq.tensors.base import QuantizedTensor
 
 
 def keep_head_filter(model: nn.Module):
-    """Filter that selects every nn.Linear except the output head (kept in full precision, as in
-    the GPTQ and DiscQuant papers)."""
+    """Filter that selects every weight matrix except the output head (kept in full precision,
+    as in the GPTQ and DiscQuant papers)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return lambda m, fqn: isinstance(m, nn.Linear) and m is not head
+    return lambda m, fqn: m is not head
 
 
 def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int | None,

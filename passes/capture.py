@@ -34,11 +34,18 @@ Inputs = list[tuple[list, dict]]  # per calibration batch: the (args, kwargs) a 
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(fqn, blocks) of the longest ModuleList of modules containing nn.Linear."""
+    """(fqn, blocks) of the longest ModuleList of modules containing weight matrices (linears,
+    Conv1D, experts); an exploded expert stack is not a list of blocks."""
+    from .experts import ExpertLinears, is_experts
+    from .matrices import is_conv1d
+
+    def weighty(c):
+        return isinstance(c, nn.Linear) or is_conv1d(c) or is_experts(c)
+
     best = None
     for fqn, m in model.named_modules():
-        holds_linears = isinstance(m, nn.ModuleList) and len(m) > 0 and all(
-            any(isinstance(c, nn.Linear) for c in b.modules()) for b in m)
+        holds_linears = isinstance(m, nn.ModuleList) and not isinstance(m, ExpertLinears) \
+            and len(m) > 0 and all(any(weighty(c) for c in b.modules()) for b in m)
         if holds_linears and (best is None or len(m) > len(best[1])):
             best = (fqn, m)
     if best is None:
@@ -193,6 +200,39 @@ def group_hessian(block: nn.Module, first: nn.Linear, name: str, inputs: Inputs,
     return H
 
 
+@torch.no_grad()
+def expert_hessians(block: nn.Module, linears: list[nn.Linear], names: list[str],
+                    inputs: Inputs, cache: FrozenChildren | None = None
+                    ) -> tuple[list[torch.Tensor], list[int]]:
+    """The Hessians of one stack's expert linears (each reading its own routed tokens) and their
+    token counts, from one pass of the block per batch: every expert is called in each
+    forward, in order (`experts._ExplodedForward`), so the pass stops after the last one."""
+    accs = [HessianAccumulator(m, n) for m, n in zip(linears, names)]
+
+    def stop(module, args):
+        raise _StopForward
+
+    handle = linears[-1].register_forward_pre_hook(stop)  # after its accumulator's hook
+    try:
+        run_block(block, inputs, update=False, cache=cache)
+    finally:
+        handle.remove()
+        Hs = [a.remove() for a in accs]
+    return shrink_few_tokens(Hs, [a.n for a in accs]), [a.n for a in accs]
+
+
+def shrink_few_tokens(Hs: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """An expert that saw fewer calibration tokens than its input width K has a rank-deficient,
+    noisy Hessian (none at all with no token): it is pulled toward the stack's pooled Hessian
+    (what the tokens entering this layer look like), H ← (n·H + (K − n)·H̄) / K."""
+    total = sum(counts)
+    if total == 0:  # no expert of the stack saw a token: nothing to weigh errors by
+        return [torch.eye(H.shape[0], dtype=H.dtype, device=H.device) for H in Hs]
+    pooled = sum(n * H for n, H in zip(counts, Hs)) / total
+    K = Hs[0].shape[0]
+    return [H if n >= K else (n * H + (K - n) * pooled) / K for H, n in zip(Hs, counts)]
+
+
 QuantizeGroup = Callable[[list[tuple[str, nn.Linear]], torch.Tensor], None]
 
 
@@ -238,9 +278,12 @@ def _quantize_block(block, inner: dict, inputs: Inputs, quantize_group: Quantize
     # block changes after rounding (its outputs are then recomputed)
     produced = {} if sink is not None or hooks.changes_block else trace.produced
     cache, done = FrozenChildren(block, set(inner), trace.events, produced), set()
+    stacks, pending = expert_stacks(block), {}
     try:
         for i, group in enumerate(groups):
-            H = group_hessian(block, group[0], inner[group[0]], inputs, cache)
+            if group[0] not in pending:
+                pending = _next_hessians(block, groups, i, inner, inputs, cache, stacks)
+            H = pending.pop(group[0])
             quantize_group([(inner[m], m) for m in group], H)
             done.update(group)
             # what the later groups' passes reuse; after the last, what the outputs' pass can
@@ -253,6 +296,32 @@ def _quantize_block(block, inner: dict, inputs: Inputs, quantize_group: Quantize
                          cache=None if hooks.changes_block else cache)
     finally:
         cache.close()
+
+
+def expert_stacks(block: nn.Module) -> dict[nn.Linear, nn.Module]:
+    """Each expert linear of the block (an exploded stack) -> its stack."""
+    from .experts import ExpertLinears
+    return {lin: s for s in block.modules() if isinstance(s, ExpertLinears) for lin in s}
+
+
+def _next_hessians(block, groups, i: int, inner: dict, inputs: Inputs, cache,
+                   stacks: dict) -> dict[nn.Linear, torch.Tensor]:
+    """The Hessian of group i, or, where groups i, i+1, ... are single experts of one stack
+    (they read distinct routed tokens, and rounding one does not change another's input), all
+    of theirs from one pass; the experts' token counts are kept on their linears."""
+    first = groups[i][0]
+    stack = stacks.get(first)
+    peers = []
+    for g in groups[i:]:
+        if len(g) != 1 or stacks.get(g[0]) is not stack or stack is None:
+            break
+        peers.append(g[0])
+    if len(peers) < 2:
+        return {first: group_hessian(block, first, inner[first], inputs, cache)}
+    Hs, counts = expert_hessians(block, peers, [inner[m] for m in peers], inputs, cache)
+    for m, n in zip(peers, counts):
+        m.discq_tokens = n
+    return dict(zip(peers, Hs))
 
 
 def per_layer(quantize_layer: QuantizeLayer) -> QuantizeGroup:

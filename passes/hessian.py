@@ -27,6 +27,10 @@ class HessianAccumulator:
             raise ValueError(f"calibration activations entering layer {self.name!r} contain "
                              f"NaN/Inf; check the model in fp32 and the calibration data")
         m = x.shape[0]
+        if m == 0:  # an expert no token was routed to in this batch
+            if self.stop_after:
+                raise StopForward
+            return
         self.H.mul_(self.n / (self.n + m))
         self.n += m
         x = x * (2.0 / self.n) ** 0.5

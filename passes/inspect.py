@@ -26,3 +26,21 @@ def bits_per_weight(model: nn.Module) -> float:
     if numel == 0:
         raise ValueError("bits_per_weight: the model has no quantized weight; run quantize_ first")
     return bits / numel
+
+
+def layer_config(module: nn.Module, param: str = "weight") -> dict | None:
+    """The config (as a dict) a quantized parameter of `module` was made with, if recorded: a
+    linear keeps it as `discq_config`, an experts module one per stack in `discq_configs`."""
+    per_param = getattr(module, "discq_configs", None) or {}
+    if param in per_param:
+        return per_param[param]
+    return getattr(module, "discq_config", None) if param == "weight" else None
+
+
+def set_layer_config(module: nn.Module, param: str, config: dict | None) -> None:
+    if config is None:
+        return
+    if param == "weight":
+        module.discq_config = config
+    else:
+        module.__dict__.setdefault("discq_configs", {})[param] = config

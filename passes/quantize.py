@@ -1,6 +1,7 @@
 """`quantize_(model, config, *, filter_fn=None)`: the one entry point."""
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Callable
@@ -10,19 +11,31 @@ from discq.tensors.base import QuantizedTensor, unwrap_compiled
 from torch import nn
 
 from .config import QuantConfig
+from .inspect import set_layer_config
+from .matrices import Coverage, Matrix, candidates, coverage, router_matrices
+from .prepare import Prepared
 from .registry import method_of
+from .validate import check_bool
+
+log = logging.getLogger("discq")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
 def is_linear(module: nn.Module, fqn: str = "") -> bool:
-    """Default filter: every `nn.Linear` whose weight is not quantized yet."""
+    """A filter selecting the `nn.Linear` layers whose weight is not quantized yet (and no
+    Conv1D or experts)."""
     return isinstance(module, nn.Linear) and not isinstance(module.weight, QuantizedTensor)
 
 
 def select_linears(model: nn.Module, filter_fn: FilterFn) -> list[tuple[str, nn.Linear]]:
     return [(fqn, m) for fqn, m in model.named_modules()
             if isinstance(m, nn.Linear) and filter_fn(m, fqn)]
+
+
+def select_matrices(model: nn.Module, filter_fn: FilterFn | None) -> list[Matrix]:
+    """The matrices `quantize_(model, config, filter_fn=filter_fn)` would quantize."""
+    return _select(candidates(model), filter_fn)[0]
 
 
 DEFAULT_KEY = "_default"
@@ -52,43 +65,88 @@ def _check_args(model, config) -> None:
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a discq config such as rtn_config(bits=4), or a dict "
                         f"of module names/patterns to configs, got {type(config).__name__}")
-    if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer: discq quantizes the "
-                         f"weights of nn.Linear modules")
 
 
-def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None) -> nn.Module:
-    """Quantize, in place, the `nn.Linear` layers of `model` that `filter_fn(module, fqn)`
-    selects (default: all) with `config`. Returns `model`.
+def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None,
+              calibrate_all_experts: bool = False) -> nn.Module:
+    """Quantize, in place, the weight matrices of `model` that `filter_fn(module, fqn)` selects
+    (default: all but mixture-of-experts routers) with `config`. Returns `model`.
 
-    `config` is one config, or a dict from module names to configs: an exact name
-    ("lm_head"), a regular expression matched against the whole name ("re:.*mlp.*", tried in
-    the dict's order), and "_default" for every other selected layer. An exact name wins over
-    patterns; `None` leaves the module in full precision. Each layer's config is recorded and
-    saved in the manifest. If any method fails or is interrupted, every weight is put back."""
+    Weight matrices are `nn.Linear` layers, transformers' `Conv1D` layers (GPT-2; each becomes
+    the nn.Linear it is) and the stacked experts of mixture-of-experts layers, named by their
+    parameter (`model.layers.0.mlp.experts.gate_up_proj`; `filter_fn` gets the experts module).
+    `config` is one config, or a dict from names to configs: an exact name ("lm_head"), a
+    regular expression matched against the whole name ("re:.*mlp.*", tried in the dict's
+    order), and "_default" for every other selected matrix. An exact name wins over patterns;
+    `None` leaves the matrix in full precision; a router is quantized only when named exactly.
+    Each matrix's config is recorded and saved in the manifest. An output head tied to the
+    token embedding stays tied (one quantized tensor). `calibrate_all_experts`: methods that
+    measure layer inputs send every calibration token through every expert (the layer's output
+    still follows the router). What is left in full precision, and why, is `coverage(model)`
+    and logged; a matrix in the decoder blocks that no rule covers is warned about. If any
+    method fails or is interrupted, every weight is put back."""
     _check_args(model, config)
+    check_bool(calibrate_all_experts=calibrate_all_experts)
     model = unwrap_compiled(model)  # names without `_orig_mod.`: same seeds, same manifest
-    targets = select_linears(model, filter_fn or is_linear)
-    plan = _plan(model, config, targets) if isinstance(config, dict) else [(config, targets)]
-    if not any(t for _, t in plan):
-        warnings.warn("quantize_: the filter selected no nn.Linear layer; nothing was quantized",
+    matrices = candidates(model)
+    if isinstance(config, dict):  # routers join only when a config names them exactly
+        matrices += [mx for mx in router_matrices(model) if mx.fqn in config]
+    if not matrices and not any(isinstance(p, QuantizedTensor) for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has no weight matrix discq quantizes "
+                         f"(nn.Linear, transformers' Conv1D or stacked experts)")
+    chosen, skipped = _select(matrices, filter_fn)
+    plan = _plan(model, config, chosen, skipped) if isinstance(config, dict) \
+        else [(config, chosen)]
+    report = coverage(model, [mx for _, group in plan for mx in group], skipped)
+    _report(model, report)
+    if not any(group for _, group in plan):
+        warnings.warn("quantize_: the filter selected no weight matrix; nothing was quantized",
                       stacklevel=2)
         return model
-    originals = [(m, m.weight) for _, group in plan for _, m in group]
-    try:  # data-driven methods install weights as they go: on failure, put every one back
-        for cfg, group in plan:
+    prepared = Prepared(model, plan, calibrate_all_experts)
+    with prepared as runs:
+        for cfg, group in runs:
             cfg, group = cfg.bind(model, group) if group else (cfg, group)
             if group:
                 _check_memory(model, cfg, group)
                 _handler(cfg)(model, cfg, group)
                 _record_config(group, cfg)
-    except BaseException:
-        for m, w in originals:
-            m.weight = w
-        raise
+    if prepared.few_tokens:
+        report.few_tokens.update(prepared.few_tokens)
+        warnings.warn(f"quantize_: {len(prepared.few_tokens)} experts saw fewer calibration "
+                      f"tokens than their input width; their Hessians were pulled toward their "
+                      f"layer's pooled one (more calibration data, or calibrate_all_experts=True,"
+                      f" avoids it): {dict(list(prepared.few_tokens.items())[:5])}", stacklevel=2)
     for fn in AFTER_QUANTIZE:
         fn(model)
     return model
+
+
+def _select(matrices: list[Matrix], filter_fn: FilterFn | None):
+    """(selected matrices, {param name: why not} for those the filter left out)."""
+    chosen, skipped = [], {}
+    for mx in matrices:
+        if filter_fn is None or filter_fn(mx.module, mx.fqn):
+            chosen.append(mx)
+        else:
+            skipped[mx.param_name] = "left out by filter_fn"
+    return chosen, skipped
+
+
+def _report(model: nn.Module, report: Coverage) -> None:
+    """Keep the coverage on the model (the CLI and the model card read it), log it, and warn
+    about matrices inside the decoder blocks that no rule covers."""
+    model.__dict__["discq_coverage"] = report
+    log.info("quantize_: %s", report.describe())
+    if report.uncovered:
+        warnings.warn(f"quantize_: {len(report.uncovered)} weight matrices in the decoder "
+                      f"blocks are of a kind discq does not quantize and stay in full "
+                      f"precision: {report.uncovered[:5]}", stacklevel=3)
+
+
+def coverage_of(model: nn.Module) -> Coverage | None:
+    """What the last `quantize_` on `model` quantized and left in full precision."""
+    return unwrap_compiled(model).__dict__.get("discq_coverage")
 
 
 def _check_memory(model: nn.Module, config: QuantConfig, targets) -> None:
@@ -102,8 +160,10 @@ def _check_memory(model: nn.Module, config: QuantConfig, targets) -> None:
                    f"quantize_ with {config.method}")
 
 
-def _plan(model: nn.Module, spec: dict, targets) -> list[tuple[QuantConfig, list]]:
-    """[(config, its targets)] in the order of first appearance; None drops a layer."""
+def _plan(model: nn.Module, spec: dict, matrices: list[Matrix], skipped: dict
+          ) -> list[tuple[QuantConfig, list[Matrix]]]:
+    """[(config, its matrices)] in the order of first appearance; None drops a matrix (noted
+    in `skipped`)."""
     exact = {k: v for k, v in spec.items() if not k.startswith("re:") and k != DEFAULT_KEY}
     patterns = []
     for k, v in spec.items():
@@ -112,19 +172,32 @@ def _plan(model: nn.Module, spec: dict, targets) -> list[tuple[QuantConfig, list
                 patterns.append((re.compile(k[3:]), v))
             except re.error as e:
                 raise ValueError(f"config key {k!r} is not a valid regular expression: {e}")
-    linears = {fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)}
-    unknown = sorted(set(exact) - linears)
-    if unknown:  # a typo would otherwise quantize a layer the user meant to skip
-        raise ValueError(f"config names {unknown[:5]} are not nn.Linear modules of "
-                         f"{type(model).__name__}; use names from model.named_modules() "
-                         f"(e.g. 'lm_head') or 're:<regex>' patterns")
+    _check_names(model, exact)
     groups: dict[int, tuple[QuantConfig, list]] = {}
-    for fqn, m in targets:
-        cfg = exact[fqn] if fqn in exact else next(
-            (v for rx, v in patterns if rx.fullmatch(fqn)), spec.get(DEFAULT_KEY))
-        if cfg is not None:
-            groups.setdefault(id(cfg), (cfg, []))[1].append((fqn, m))
+    for mx in matrices:
+        cfg = exact[mx.fqn] if mx.fqn in exact else next(
+            (v for rx, v in patterns if rx.fullmatch(mx.fqn)), spec.get(DEFAULT_KEY))
+        if cfg is None:
+            skipped[mx.param_name] = "set to None in the config"
+        else:
+            groups.setdefault(id(cfg), (cfg, []))[1].append(mx)
     return list(groups.values())
+
+
+def _check_names(model: nn.Module, exact: dict) -> None:
+    """A typo would otherwise quantize a matrix the user meant to skip."""
+    names = {mx.fqn for mx in candidates(model) + router_matrices(model)}
+    names |= {fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(exact) - names)
+    if not unknown:
+        return
+    experts = sorted(n for n in names if any(u.startswith(n + ".") for u in unknown))
+    hint = (f"; the experts of a stack share one config: name the stack {experts[0]!r}"
+            if experts else "")
+    raise ValueError(f"config names {unknown[:5]} are not weight matrices of "
+                     f"{type(model).__name__}; use names from model.named_modules() (e.g. "
+                     f"'lm_head'), expert stacks by their parameter name, or 're:<regex>' "
+                     f"patterns{hint}")
 
 
 def _handler(config: QuantConfig):
@@ -143,7 +216,7 @@ def _record_config(targets, config: QuantConfig) -> None:
     """Remember each layer's config: save_quantized writes it into the manifest."""
     for _, module in targets:
         if isinstance(module.weight, QuantizedTensor):
-            module.discq_config = config.to_dict()
+            set_layer_config(module, "weight", config.to_dict())
 
 
 def check_finite(W: torch.Tensor, fqn: str) -> None:
