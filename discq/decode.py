@@ -65,6 +65,28 @@ def supports_static_cache(model: nn.Module) -> bool:
     return bool(getattr(model, "_can_compile_fullgraph", False)) and hasattr(model, "config")
 
 
+def sliding_limit(model: nn.Module) -> float:
+    """How many positions (prompt and new tokens) the compiled step can decode: a sliding-window
+    layer's cache keeps its fill level in a Python int that a replayed graph never updates, so
+    such layers are decoded as full attention, which is the same function while the whole
+    sequence fits in the window (Mistral, Gemma 2/3, gpt-oss); longer ones fall back."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
+    windows = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
+    windows = [w for w in windows if isinstance(w, int) and w > 0]
+    return min(windows) if windows else float("inf")
+
+
+def _unslid(cache, max_cache_len: int):
+    """The cache with every sliding-window layer replaced by a full static layer of
+    `max_cache_len` positions (see `sliding_limit`)."""
+    from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING
+    full = STATIC_LAYER_TYPE_MAPPING["full_attention"]
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False) or hasattr(layer, "sliding_window"):
+            cache.layers[i] = full(max_cache_len=max_cache_len)
+    return cache
+
+
 def compile_apart(fn, name: str, options: dict | None = None, backend="inductor"):
     """torch.compile(fullgraph) of `fn` through a wrapper with its own code object: Dynamo keys
     compiled graphs by code object, so programs compiled from one shared code object (every
@@ -92,7 +114,8 @@ class Decoder:
         self.int8_activations = int8_activations
         self.weights = _weights_key(model)
         self.batch, self.max_cache_len = batch, max_cache_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache = _unslid(StaticCache(config=model.config, max_cache_len=max_cache_len),
+                             max_cache_len)
         device = next(model.parameters()).device
         # the prefill's view; an eager step on a dummy token allocates the cache outside the
         # compiled programs and shows which linears read the same input (discq.siblings)
@@ -239,7 +262,7 @@ def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature:
     generator = None
     if seed is not None:
         generator = torch.Generator(ids.device).manual_seed(seed)
-    if not supports_static_cache(model):
+    if not supports_static_cache(model) or need > sliding_limit(model):
         return _fallback(model, ids, max_new_tokens, sampling, eos, generator, int8_activations)
     with torch.no_grad():
         decoder = getattr(model, _ATTR, None)
@@ -264,9 +287,13 @@ def _eos_ids(model: nn.Module, eos_token_id) -> set[int]:
 def _fallback(model, ids, max_new_tokens, sampling: Sampling, eos: set[int], generator,
               int8_activations: bool = False):
     """transformers' own generate, for caches that cannot be static."""
-    warnings.warn(f"discq.generate: {type(model).__name__} does not decode with a static cache "
-                  "under one compiled graph; using transformers' generate (slower"
-                  + (", float activations)" if int8_activations else ")"), stacklevel=3)
+    why = (f"{ids.shape[1] + max_new_tokens} positions exceed its sliding window "
+           f"({sliding_limit(model)}), which the compiled step decodes as full attention"
+           if supports_static_cache(model) else
+           "it does not decode with a static cache under one compiled graph")
+    warnings.warn(f"discq.generate: {type(model).__name__}: {why}; using transformers' "
+                  "generate (slower" + (", float activations)" if int8_activations else ")"),
+                  stacklevel=3)
     if generator is not None:
         torch.manual_seed(int(torch.randint(2**31, (), generator=generator)))
     kw = {"do_sample": sampling.temperature > 0}
