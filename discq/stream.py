@@ -29,8 +29,11 @@ from discq.io import _collect, _swap_into_place, model_class
 from discq.passes import quantize_
 from discq.passes.block_source import CheckpointedBlocks, use_source, write_json
 from discq.passes.capture import find_blocks
+from discq.passes.experts import ExpertLinears, fill_stack, restack
+from discq.passes.inspect import set_layer_config
 from discq.passes.memory_plan import calibration_tokens, check_fits, plan_run
-from discq.passes.quantize import select_linears
+from discq.passes.prepare import planning_targets
+from discq.passes.quantize import select_matrices
 from discq.passes.registry import method_of
 
 INDEX = "model.safetensors.index.json"
@@ -71,28 +74,89 @@ class ShardReader:
         return self.handles[name].get_tensor(key)
 
 
-def load_params(module: nn.Module, prefix: str, reader: ShardReader,
+class ConvertedReader:
+    """The tensors of a checkpoint under the names of the model built from its config:
+    transformers renames keys and merges some as it loads (a mixture-of-experts checkpoint
+    stores each expert's projections apart, `experts.3.w1.weight`, which the model holds as one
+    stacked `experts.gate_up_proj`); its own conversion mapping is applied here, one tensor at
+    a time, so a block's stacked experts are read without reading anything else."""
+
+    def __init__(self, reader: ShardReader, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming,
+                                                     dot_natural_key, rename_source_key)
+        self.reader, self.model, self.directory = reader, model, reader.directory
+        mapping = get_model_conversion_mapping(model)
+        renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
+        converters = [c for c in mapping if isinstance(c, WeightConverter)]
+        self.converters = {p: c for c in converters for p in c.source_patterns}
+        meta = model.state_dict()
+        self.sources: dict[str, list[tuple[str, str | None]]] = {}
+        for key in sorted(reader.files, key=dot_natural_key):  # experts in their order
+            target, pattern = rename_source_key(key, renamings, converters,
+                                                model.base_model_prefix, meta)
+            if target not in meta and key in meta:
+                target, pattern = key, None
+            self.sources.setdefault(target, []).append((key, pattern))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.sources
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def get(self, key: str) -> torch.Tensor:
+        from copy import deepcopy
+        sources = self.sources[key]
+        if sources[0][1] is None:  # as stored, or renamed
+            return self.reader.get(sources[0][0])
+        converter = deepcopy(self.converters[sources[0][1]])
+        for name, pattern in sources:
+            converter.add_tensor(key, name, pattern, lambda name=name: self.reader.get(name))
+        out = converter.convert(key, model=self.model, config=self.model.config)
+        v = out[key]
+        return v[0] if isinstance(v, list) else v
+
+
+def load_params(module: nn.Module, prefix: str, reader: ConvertedReader,
                 dtype: torch.dtype | None, skip=None) -> None:
     """Fill `module`'s parameters and saved buffers from the checkpoint keys `prefix` + name
-    (but those `skip(name)` selects)."""
+    (but those `skip(name)` selects). Expert stacks exploded into linears are read as the
+    stacked tensors they are, and a Conv1D turned linear as its transposed weight."""
+    stacks = {name: m for name, m in module.named_modules() if isinstance(m, ExpertLinears)}
+    for name, stack in stacks.items():
+        _load_stack(stack, prefix + name, reader, dtype)
     for key, t in module.state_dict(keep_vars=True).items():
-        if skip is not None and skip(key):
+        if (skip is not None and skip(key)) or any(key.startswith(n + ".") for n in stacks):
             continue
         full = prefix + key
         if full not in reader:
             continue  # tied to a key read elsewhere (the caller checks nothing stays on meta)
         v = reader.get(full)
+        owner_name, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if getattr(owner, "discq_from_conv1d", False) and attr == "weight":
+            v = v.t().contiguous()  # Conv1D stores [in, out]
         if tuple(v.shape) != tuple(t.shape):
             raise ValueError(f"{reader.directory}: {full} is {tuple(v.shape)} in the checkpoint "
                              f"but {tuple(t.shape)} in the model its config.json describes")
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
-        owner_name, _, attr = key.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(v, requires_grad=False)
         else:
             owner._buffers[attr] = v
+
+
+def _load_stack(stack: ExpertLinears, key: str, reader, dtype) -> None:
+    """An exploded expert stack from the checkpoint's stacked tensor (and its bias)."""
+    if key not in reader:
+        raise ValueError(f"{reader.directory}: no tensor {key} (the experts of this layer)")
+    W = reader.get(key)
+    bias = reader.get(f"{key}_bias") if stack._original_bias is not None else None
+    if dtype is not None:
+        W, bias = W.to(dtype), bias.to(dtype) if bias is not None else None
+    fill_stack(stack, W, bias)
 
 
 def release(module: nn.Module) -> None:
@@ -158,9 +222,13 @@ class StreamedBlocks(CheckpointedBlocks):
 
     def save_block(self, i: int, block: nn.Module) -> None:
         """Write block i's tensors (quantized ones as their parts) as one output shard."""
+        for m in list(block.modules()):
+            if any(isinstance(c, ExpertLinears) for c in m.children()):
+                restack(m)  # written as the model holds it: one tensor per stack
         for m in block.modules():
-            if isinstance(m, nn.Linear) and hasattr(m.weight, "format_name"):
-                m.discq_config = self.config_dict
+            for name, p in m._parameters.items():
+                if hasattr(p, "format_name"):
+                    set_layer_config(m, name, self.config_dict)
         prefix = f"{self.blocks_fqn}.{i}."
         tensors, meta = _collect(block)
         tensors = {prefix + k: v for k, v in tensors.items()}
@@ -188,16 +256,17 @@ def quantize_pretrained(src_dir: str | os.PathLike, config, out_dir: str | os.Pa
     from discq.pipeline import keep_head_filter
     src, out = Path(src_dir), Path(out_dir)
     _check_call(config, out, overwrite, dtype)
-    reader = ShardReader(src)
     model = skeleton(src)
+    reader = ConvertedReader(ShardReader(src), model)
     blocks_fqn, blocks = find_blocks(model)
     chosen_by = filter_fn or (None if quantize_head else keep_head_filter(model))
-    targets = select_linears(model, chosen_by or (lambda m, fqn: True))
+    matrices = select_matrices(model, chosen_by)
+    targets = [(mx.fqn, mx.module) for mx in matrices]
     chosen = {m for _, m in targets}
     tokens = calibration_tokens(getattr(config, "calibration", None))
-    check_fits(plan_run(model, config, targets, tokens=tokens, stream=True, dtype=dtype),
-               f"streaming {config.method} of {src}")  # before anything is read
-    later = untouched_outside(model, blocks, targets)
+    check_fits(plan_run(model, config, planning_targets(matrices), tokens=tokens, stream=True,
+                        dtype=dtype), f"streaming {config.method} of {src}")  # before any read
+    later = untouched_outside(model, blocks, chosen)
     load_outside(model, blocks_fqn, reader, dtype, later)
     settings = json.dumps({"config": config.to_json(), "source": str(src.resolve()),
                            "dtype": str(dtype)})
@@ -266,10 +335,9 @@ def check_loaded(model: nn.Module, reader: ShardReader, skip: tuple[str, ...]) -
                          f"the model its config.json describes?")
 
 
-def untouched_outside(model: nn.Module, blocks, targets) -> tuple[str, ...]:
+def untouched_outside(model: nn.Module, blocks, chosen: set) -> tuple[str, ...]:
     """Names of the linears outside the blocks that are not quantized (an fp head)."""
     inside = {m for b in blocks for m in b.modules()}
-    chosen = {m for _, m in targets}
     return tuple(fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)
                  and m not in inside and m not in chosen)
 

@@ -351,18 +351,21 @@ def sequential_quantize(model: nn.Module, batches, targets: list[tuple[str, nn.L
     hooks = hooks or BlockHooks()
     by_module = {m: fqn for fqn, m in targets}
     _, blocks = find_blocks(model)
+    # the targets outside the blocks, known before the blocks run (a streaming run restacks a
+    # block's expert linears when it writes the block: they leave its modules)
+    in_blocks = {m for b in blocks for m in b.modules()}
+    rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
     source = current_source()
     if source is None:
         inputs = block_inputs(model, blocks, batches)
         last = _run_blocks(blocks, 0, by_module, inputs, quantize_group, true_sequential,
                            hooks, None, desc)
-        _quantize_rest(model, blocks, by_module, inputs, last, batches, quantize_group, hooks)
+        _quantize_rest(model, blocks, rest, inputs, last, batches, quantize_group, hooks)
         return
     source.begin(model, blocks, batches, targets)
     inputs, last = _resumable_blocks(model, blocks, batches, by_module, quantize_group,
                                      true_sequential, hooks, source, desc)
-    _quantize_rest(model, blocks, by_module, inputs, last, batches, quantize_group, hooks,
-                   source)
+    _quantize_rest(model, blocks, rest, inputs, last, batches, quantize_group, hooks, source)
     source.end()
 
 
@@ -407,11 +410,9 @@ def _resumable_blocks(model, blocks, batches, by_module, quantize_group, true_se
     return inputs, source.template() if last is None else last
 
 
-def _quantize_rest(model, blocks, by_module: dict, inputs: Inputs, last, batches,
+def _quantize_rest(model, blocks, rest: dict, inputs: Inputs, last, batches,
                    quantize_group, hooks: BlockHooks, source=None) -> None:
     """The targets outside the blocks (an untied head), one group each, last."""
-    in_blocks = {m for b in blocks for m in b.modules()}
-    rest = {m: fqn for m, fqn in by_module.items() if m not in in_blocks}
     if not rest:
         return
     if source is not None and source.rest_finished:

@@ -94,6 +94,18 @@ def explode(module: nn.Module, names: list[str], calibrate_all: bool = False) ->
     module.__class__ = _variant(_base_class(type(module)), "exploded")
 
 
+def fill_stack(stack: ExpertLinears, W: Tensor, bias: Tensor | None = None) -> None:
+    """Give an exploded stack the weights of the stacked tensor W (and bias) read from disk."""
+    for e, lin in enumerate(stack):
+        w = W[e].t().contiguous() if stack.transposed else W[e]
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[e], requires_grad=False)
+    stack.__dict__["_original"] = nn.Parameter(W, requires_grad=False)
+    if bias is not None:
+        stack.__dict__["_original_bias"] = nn.Parameter(bias, requires_grad=False)
+
+
 def restack(module: nn.Module) -> None:
     """Every exploded stack back to one parameter: an `ExpertsQuantizedTensor` where its
     experts were quantized, else the original stacked parameter."""
@@ -114,7 +126,8 @@ def restack(module: nn.Module) -> None:
             set_layer_config(module, name, getattr(linears[0], "discq_config", None))
         tokens = [getattr(lin, "discq_tokens", None) for lin in linears]
         if all(quantized) and None not in tokens:  # what each expert was calibrated on
-            module.__dict__.setdefault("discq_expert_tokens", {})[name] = tokens
+            K = linears[0].in_features
+            module.__dict__.setdefault("discq_expert_tokens", {})[name] = (K, tokens)
         if linears._original_bias is not None:  # fine-tuning may have moved the biases
             bias = torch.stack([lin.bias.detach() for lin in linears])
             module._parameters[f"{name}_bias"] = nn.Parameter(

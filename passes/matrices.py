@@ -216,4 +216,5 @@ def conv1d_as_linear(conv: nn.Module) -> nn.Linear:
                               requires_grad=conv.weight.requires_grad)
     if conv.bias is not None:
         lin.bias = conv.bias
+    lin.discq_from_conv1d = True  # a streaming run reads its weight transposed from disk
     return lin

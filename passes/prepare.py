@@ -80,8 +80,7 @@ class Prepared:
         toward the stack's pooled one: `capture.shrink_few_tokens`)."""
         names = {m: fqn for _, group in self.plan for mx in group
                  for m, fqn in [(mx.module, mx.fqn.rpartition(".")[0])]}
-        for stack, counts in (getattr(module, "discq_expert_tokens", None) or {}).items():
-            K = module._parameters[stack].expert(0).shape[1]
+        for stack, (K, counts) in (getattr(module, "discq_expert_tokens", None) or {}).items():
             for e, n in enumerate(counts):
                 if n < K:
                     self.few_tokens[f"{names[module]}.{stack}[{e}]"] = n
@@ -108,3 +107,22 @@ def prepare_skeleton(model: nn.Module, quantized: list[str]) -> None:
             setattr(parent, child, conv1d_as_linear(module))
         elif experts.is_experts(module):
             experts.use_stacked_forward(module)
+
+
+def planning_targets(matrices: list[Matrix]) -> list[tuple[str, nn.Linear]]:
+    """The linears a run will round, as shapes on the meta device (for the memory plan)."""
+    out = []
+    for mx in matrices:
+        W = mx.module._parameters[mx.param]
+        if mx.kind == "experts":
+            transposed = bool(getattr(mx.module, "is_transposed", False))
+            N, K = (W.shape[2], W.shape[1]) if transposed else W.shape[1:]
+            out += [(f"{mx.fqn}.{e}", _meta_linear(N, K, W.dtype)) for e in range(W.shape[0])]
+        else:
+            N, K = W.shape[::-1] if mx.kind == "conv1d" else W.shape
+            out.append((mx.fqn, _meta_linear(N, K, W.dtype)))
+    return out
+
+
+def _meta_linear(N: int, K: int, dtype) -> nn.Linear:
+    return nn.Linear(K, N, bias=False, device="meta", dtype=dtype)
