@@ -41,6 +41,9 @@ def quantize(args: argparse.Namespace) -> dict:
         model, args.method, bits=args.bits, group_size=args.group_size or None,
         calibration=calib, quantize_head=args.quantize_head, head_bits=args.head_bits,
         symmetric=args.symmetric, **extra)
+    from discq.passes.quantize import coverage_of
+    if coverage_of(qmodel) is not None:  # what it quantized, and what it left and why
+        print(coverage_of(qmodel).describe(names=5))  # (stderr with --json)
     evaluation = _card_evaluation(qmodel, model, tok, args)
     metadata = {"source": args.model, **summary,
                 "calibration": _calibration_name(args) if calib is not None else None,
@@ -99,7 +102,8 @@ def plan(args: argparse.Namespace) -> dict:
     """`discq plan`: the estimate `quantize_` and `quantize_pretrained` check before running."""
     from discq.methods import build_config
     from discq.passes.memory_plan import GiB, available_bytes, plan_run
-    from discq.passes.quantize import select_linears
+    from discq.passes.prepare import planning_targets
+    from discq.passes.quantize import planned_coverage
     from discq.pipeline import keep_head_filter
     if (Path(args.model) / "config.json").is_file():
         from discq.stream import skeleton
@@ -109,17 +113,20 @@ def plan(args: argparse.Namespace) -> dict:
         model = load_model(args.model)[0]
     config = build_config(args.method, bits=args.bits, group_size=args.group_size or None,
                           symmetric=args.symmetric, **_config_extras(args))
-    chosen = (lambda m, fqn: True) if args.quantize_head else keep_head_filter(model)
-    result = plan_run(model, config, select_linears(model, chosen),
+    chosen = None if args.quantize_head else keep_head_filter(model)
+    matrices, report = planned_coverage(model, chosen)
+    result = plan_run(model, config, planning_targets(matrices),
                       tokens=args.n_calib * args.seq_len, stream=args.stream,
                       dtype=getattr(torch, args.dtype) if args.dtype else None)
     free = available_bytes()
     summary = {"model": args.model, "method": args.method, "stream": args.stream,
                **result.to_dict(), "available_gib": round(free / GiB, 2),
-               "fits": result.peak <= free}
-    if not args.json:  # the parts as lines, the rest as the table
+               "fits": result.peak <= free, "coverage": report.to_dict()}
+    if not args.json:  # the parts and the coverage as lines, the rest as the table
         print(result.describe())
-        del summary["parts_gib"]
+        print(report.describe(names=5))
+        del summary["parts_gib"], summary["coverage"]
+        summary["quantized_share"] = round(report.share, 4)
     return summary
 
 
@@ -186,10 +193,14 @@ def _save(qmodel, out: Path, tok, args: argparse.Namespace, metadata: dict) -> N
 
 def _card(qmodel, args: argparse.Namespace, metadata: dict) -> str:
     from discq.card import model_card
-    config = next((getattr(m, "discq_config", None) for m in qmodel.modules()
-                   if getattr(m, "discq_config", None)), None)
+    from discq.passes.inspect import layer_config
+    from discq.passes.quantize import coverage_of
+    config = next((c for m in qmodel.modules() for name in m._parameters
+                   if (c := layer_config(m, name))), None)
+    report = coverage_of(qmodel)
     return model_card({"model": args.model, **metadata}, calibration=metadata["calibration"],
-                      evaluation=metadata["evaluation"], config=config, fmt=args.format)
+                      evaluation=metadata["evaluation"], config=config, fmt=args.format,
+                      coverage=report.describe(names=8) if report else None)
 
 
 def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str) -> None:

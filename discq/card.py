@@ -4,10 +4,12 @@ from __future__ import annotations
 
 
 def model_card(summary: dict, *, calibration: str | None, evaluation: dict | None,
-               config: dict | None, fmt: str = "hf") -> str:
+               config: dict | None, fmt: str = "hf", coverage: str | None = None) -> str:
     """Markdown for a model quantized from `summary["model"]` with `summary["method"]`, saved
     as `fmt` ("hf", "gguf:<type>", "compressed-tensors").
-    `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"}."""
+    `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"};
+    `coverage`: `Coverage.describe()` of the run (matrices kept in full precision and why,
+    experts calibrated on few tokens)."""
     name = summary.get("model", "a model")
     lines = ["---", "library_name: transformers", "tags: [discq, quantized, "
              f"{summary.get('method', 'quantized')}]", "---", "",
@@ -27,6 +29,8 @@ def model_card(summary: dict, *, calibration: str | None, evaluation: dict | Non
         if not skip and value not in (None, False, 0, ""):
             lines.append(f"| {key} | {value} |")
     lines.append(f"| calibration data | {calibration or 'none (data-free)'} |")
+    if coverage:  # what was quantized, what stayed in full precision and why
+        lines += ["", "## Weights", "", "```", coverage, "```"]
     lines += ["", *_evaluation(evaluation), "## Use", "", *USAGE[fmt.split(":")[0]], ""]
     return "\n".join(lines)
 

@@ -42,7 +42,10 @@ def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int |
     if head_bits is not None:
         quantize_head_(qmodel, head_bits)
     seconds = time.perf_counter() - t0
+    from discq.passes.quantize import coverage_of
+    report = coverage_of(qmodel)
     summary = {"method": method, "bits": bits, "group_size": group_size,
+               **({"quantized_share": round(report.share, 4)} if report else {}),
                **({"head_bits": head_bits} if head_bits else {}),
                **({"gguf": config_kwargs["gguf"]} if config_kwargs.get("gguf") else {}),
                "bits_per_weight": round(bits_per_weight(qmodel), 4),

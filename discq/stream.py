@@ -256,8 +256,9 @@ def quantize_pretrained(src_dir: str | os.PathLike, config, out_dir: str | os.Pa
     from discq.pipeline import keep_head_filter
     src, out = Path(src_dir), Path(out_dir)
     _check_call(config, out, overwrite, dtype)
+    files = ShardReader(src)  # first: a directory without weights is told so
     model = skeleton(src)
-    reader = ConvertedReader(ShardReader(src), model)
+    reader = ConvertedReader(files, model)
     blocks_fqn, blocks = find_blocks(model)
     chosen_by = filter_fn or (None if quantize_head else keep_head_filter(model))
     matrices = select_matrices(model, chosen_by)

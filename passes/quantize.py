@@ -38,6 +38,14 @@ def select_matrices(model: nn.Module, filter_fn: FilterFn | None) -> list[Matrix
     return _select(candidates(model), filter_fn)[0]
 
 
+def planned_coverage(model: nn.Module, filter_fn: FilterFn | None = None
+                     ) -> tuple[list[Matrix], Coverage]:
+    """What `quantize_` with one config and `filter_fn` would quantize and leave, before any
+    work (`discq plan`): the selected matrices and the coverage."""
+    chosen, skipped = _select(candidates(model), filter_fn)
+    return chosen, coverage(model, chosen, skipped)
+
+
 DEFAULT_KEY = "_default"
 
 # called with the model after every successful quantize_ (discq.hf registers the one that makes
@@ -136,6 +144,9 @@ def _select(matrices: list[Matrix], filter_fn: FilterFn | None):
 def _report(model: nn.Module, report: Coverage) -> None:
     """Keep the coverage on the model (the CLI and the model card read it), log it, and warn
     about matrices inside the decoder blocks that no rule covers."""
+    old = model.__dict__.get("discq_coverage")
+    if old is not None:  # a second quantize_ (the head, say): the first one's experts notes stay
+        report.few_tokens = {**old.few_tokens, **report.few_tokens}
     model.__dict__["discq_coverage"] = report
     log.info("quantize_: %s", report.describe())
     if report.uncovered:

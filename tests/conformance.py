@@ -237,3 +237,145 @@ class OneLinear(PreTrainedModel):
 
 def _fresh_process(body: str) -> None:
     run_python("import torch, discq\n" + textwrap.dedent(body))
+
+
+# ---- stacked experts ------------------------------------------------------------------------
+
+class ExpertsConformance:
+    """The stacked-experts format (`ExpertsQuantizedTensor`) over one inner format: every path a
+    mixture-of-experts weight takes. Subclasses set `inner`, a FormatConformance class whose
+    `make(W)` builds one expert (its N, K are the experts' shape)."""
+
+    inner: type = FormatConformance
+    E = 3
+    fresh_process = False  # the export's reload in a new process (seconds: for one format)
+
+    @pytest.fixture(scope="class")
+    def parts(self):
+        g = torch.Generator().manual_seed(0)
+        maker = self.inner()
+        return [maker.make(torch.randn(self.inner.N, self.inner.K, generator=g))
+                for _ in range(self.E)]
+
+    @pytest.fixture(scope="class")
+    def S(self, parts):
+        from discq.tensors.experts import ExpertsQuantizedTensor
+        return ExpertsQuantizedTensor.stack(parts)
+
+    def rows(self, n: int = 7):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(n, self.inner.K, generator=g)
+        ids = torch.tensor([i % self.E for i in range(n)])
+        return x, ids
+
+    def dense(self, parts, x, ids):
+        return torch.stack([x[s] @ parts[ids[s]].dequantize().t() for s in range(len(ids))])
+
+    def test_is_registered_and_holds_each_expert(self, S, parts):
+        assert FORMATS[S.format_name] is type(S) and S.shape == (self.E, self.inner.N,
+                                                                 self.inner.K)
+        for e, w in enumerate(parts):
+            got = S.expert(e)
+            assert type(got) is type(w) and got.attributes() == w.attributes()
+            for name, t in w.stored_tensors().items():
+                assert torch.equal(got.stored_tensors()[name], t), name
+        assert torch.equal(S.dequantize(), torch.stack([w.dequantize() for w in parts]))
+
+    def test_experts_linear_equals_each_experts_product(self, S, parts):
+        x, ids = self.rows()
+        assert torch.allclose(S.experts_linear(x, ids), self.dense(parts, x, ids), atol=ATOL)
+
+    def test_activations_get_gradients(self, S, parts):
+        x, ids = self.rows()
+        x.requires_grad_()
+        S.experts_linear(x, ids).sum().backward()
+        want = torch.stack([parts[i].dequantize().sum(0) for i in ids.tolist()])
+        assert torch.allclose(x.grad, want, atol=ATOL)
+
+    def test_to_clone_detach_keep_it(self, S):
+        for t in (S.detach(), S.clone(), S.to("cpu")):
+            assert type(t) is type(S) and torch.equal(t.dequantize(), S.dequantize())
+
+    def test_corrupted_parts_or_attributes_raise_value_error(self, S):
+        parts, attrs = S.stored_tensors(), S.attributes()
+        for name, t in parts.items():
+            with pytest.raises(ValueError):  # one expert too few in one part
+                type(S).from_stored({**parts, name: t[:-1]}, attrs)
+        with pytest.raises(ValueError):
+            type(S).from_stored(parts, {**attrs, "shape": [self.E + 1, *attrs["shape"][1:]]})
+        with pytest.raises(ValueError):
+            type(S).from_stored(parts, {**attrs, "inner_attributes": "{not json"})
+
+    def test_compile_fullgraph_and_export_equal_eager(self, S, tmp_path):
+        torch._dynamo.reset()
+        module, (x, ids) = OneStack(S), self.rows()
+        with torch.no_grad():
+            eager = module(x, ids)
+            assert torch.allclose(torch.compile(module, fullgraph=True)(x, ids), eager,
+                                  atol=ATOL)
+            ep = torch.export.export(module, (x, ids))
+            assert torch.allclose(ep.module()(x, ids), eager, atol=ATOL)
+        if self.fresh_process:
+            torch.export.save(ep, tmp_path / "p.pt2")
+            torch.save({"x": x, "ids": ids, "y": eager}, tmp_path / "io.pt")
+            _fresh_process(f"""
+                ep = torch.export.load({str(tmp_path / 'p.pt2')!r})
+                io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
+                assert torch.allclose(ep.module()(io["x"], io["ids"]), io["y"], atol={ATOL})
+            """)
+
+    def test_save_load_is_bit_exact(self, S, tmp_path):
+        discq.save_quantized(OneStack(S), tmp_path / "m")
+        loaded = discq.load_quantized(tmp_path / "m", model=OneStack(torch.zeros(S.shape)))
+        w = loaded.experts
+        assert type(w) is type(S) and w.attributes() == S.attributes()
+        for name, t in S.stored_tensors().items():
+            assert torch.equal(getattr(w, name), t), name
+        data = (tmp_path / "m" / "model.safetensors").read_bytes()
+        header = struct.unpack("<Q", data[:8])[0]
+        assert (len(data) - 8 - header) * 8 == S.storage_bits()
+
+    def test_save_pretrained_from_pretrained_is_bit_exact(self, S, tmp_path):
+        model = OneExperts(OneExpertsConfig(E=self.E, n_in=self.inner.K, n_out=self.inner.N))
+        model.experts = nn.Parameter(S, requires_grad=False)
+        discq.hf.attach(model)
+        model.save_pretrained(tmp_path)
+        loaded = OneExperts.from_pretrained(tmp_path)
+        w = loaded.experts
+        assert type(w) is type(S) and w.attributes() == S.attributes() and not w.requires_grad
+        for name, t in S.stored_tensors().items():
+            assert torch.equal(getattr(w, name), t), name
+        x, ids = self.rows()
+        with torch.no_grad():
+            assert torch.equal(loaded(x, ids), model(x, ids))
+
+
+class OneStack(nn.Module):
+    """A module whose one parameter is an expert stack, applied row by row by `ids`."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.experts = nn.Parameter(W, requires_grad=False)
+
+    def forward(self, x, ids):
+        return self.experts.experts_linear(x, ids)
+
+
+class OneExpertsConfig(PretrainedConfig):
+    model_type = "discq_one_experts"
+
+    def __init__(self, E: int = 2, n_in: int = 8, n_out: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        self.E, self.n_in, self.n_out = E, n_in, n_out
+
+
+class OneExperts(PreTrainedModel):
+    config_class = OneExpertsConfig
+
+    def __init__(self, config: OneExpertsConfig):
+        super().__init__(config)
+        self.experts = nn.Parameter(torch.zeros(config.E, config.n_out, config.n_in))
+        self.post_init()
+
+    def forward(self, x, ids):
+        return self.experts.experts_linear(x, ids)

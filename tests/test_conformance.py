@@ -2,7 +2,7 @@
 says how to make the format's tensor and what its error bound on a Gaussian weight is (the
 measured error, ×1.25). A format whose class is missing here fails `test_every_format_is_tested`."""
 import torch
-from conformance import FormatConformance
+from conformance import ExpertsConformance, FormatConformance
 from discq.passes.lowrank import add_lowrank
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.base import FORMATS
@@ -145,8 +145,43 @@ class TestGGUFQ5_1(FormatConformance):
         return GGUFGrid("Q5_1").quantize(W)
 
 
+# every format as the experts of a mixture-of-experts layer (one stacked tensor)
+class TestExpertsOfAffine(ExpertsConformance):
+    inner, fresh_process = TestAffine4BitInputGroups, True
+
+
+class TestExpertsOfAffineLowRank(ExpertsConformance):
+    inner = TestAffineLowRankCorrected
+
+
+class TestExpertsOfIncoherentAffine(ExpertsConformance):
+    inner = TestIncoherentAffine
+
+
+class TestExpertsOfLattice(ExpertsConformance):
+    inner = TestLatticeE8P3Bit
+
+
+class TestExpertsOfTrellis(ExpertsConformance):
+    inner = TestTrellisHyb2Bit
+
+
+class TestExpertsOfVectorCodebook(ExpertsConformance):
+    inner = TestVectorCodebook2Bit2D
+
+
+class TestExpertsOfGGUF(ExpertsConformance):
+    inner = TestGGUFQ4K
+
+
 def test_every_format_is_tested():
     classes = [c for c in globals().values() if isinstance(c, type)
                and issubclass(c, FormatConformance) and c is not FormatConformance]
     tested = {type(c().make(torch.randn(c.N, c.K))) for c in classes}
-    assert tested == set(FORMATS.values()), "add a FormatConformance subclass for the new format"
+    from discq.tensors.experts import ExpertsQuantizedTensor
+    assert tested | {ExpertsQuantizedTensor} == set(FORMATS.values()), \
+        "add a FormatConformance subclass for the new format"
+    stacked = {type(c.inner().make(torch.randn(c.inner.N, c.inner.K))) for c in
+               globals().values() if isinstance(c, type) and issubclass(c, ExpertsConformance)
+               and c is not ExpertsConformance}
+    assert stacked == tested, "add an ExpertsConformance subclass for the new format"
