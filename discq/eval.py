@@ -37,12 +37,58 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+# logits of more (batch·position·vocabulary) entries than this are formed a slice of positions
+# at a time from the hidden states: Gemma 3's vocabulary of 262,144 makes one 512-token window's
+# fp32 logits 0.5 GB, and log-softmax and KL need as much again
+CHUNK_ELEMENTS = 2**26
+
+
 def _logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities: ids [B, S] -> [B, S-1, V], fp32. Position t predicts
     token t+1, so the last position (no target) is dropped."""
-    out = model(ids.to(_device(model)))
-    logits = out.logits if hasattr(out, "logits") else out  # [B, S, V]; exported modules
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return torch.cat(list(logprob_chunks(model, ids)), dim=1)
+
+
+def logprob_chunks(model: nn.Module, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`_logprobs` in consecutive slices of positions ([B, c, V] fp32 each, covering positions
+    0 .. S-2 in order) of at most `CHUNK_ELEMENTS` entries: the decoder runs once, the head and
+    log-softmax once per slice. Models whose logits are not head(hidden) (up to Gemma's final
+    soft-capping) are run whole."""
+    ids = ids.to(_device(model))
+    B, S = ids.shape
+    vocab = _vocab_size(model)
+    step = max(1, CHUNK_ELEMENTS // (B * vocab)) if vocab else S
+    split = _head_split(model) if step < S - 1 else None
+    if split is None:
+        out = model(ids)
+        logits = out.logits if hasattr(out, "logits") else out  # [B, S, V]; exported modules
+        yield F.log_softmax(logits[:, :-1].float(), dim=-1)
+        return
+    decoder, head, cap = split
+    hidden = decoder(input_ids=ids).last_hidden_state  # [B, S, D]
+    for a in range(0, S - 1, step):
+        logits = head(hidden[:, a:min(a + step, S - 1)]).float()  # [B, c, V]
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        yield F.log_softmax(logits, dim=-1)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return getattr(head, "out_features", None)
+
+
+def _head_split(model: nn.Module):
+    """(decoder, head, soft-cap) of a transformers causal LM whose logits are head(decoder's
+    last hidden state), soft-capped by `final_logit_softcapping` if set; else None."""
+    config = getattr(model, "config", None)
+    decoder = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    scaled = any(getattr(config, k, None) not in (None, 1, 1.0)
+                 for k in ("logit_scale", "logits_scaling", "output_multiplier_scale"))
+    if config is None or decoder is None or decoder is model or head is None or scaled:
+        return None
+    return decoder, head, getattr(config, "final_logit_softcapping", None)
 
 
 def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
@@ -79,19 +125,22 @@ def perplexity(model: nn.Module, windows: Iterable[torch.Tensor], *,
     with _eval_mode(model):
         for ids in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
             check_token_ids(model, ids)
-            lp = _logprobs(model, ids)  # [B, S-1, V]
-            target = ids[:, 1:].to(lp.device).unsqueeze(-1)  # [B, S-1, 1]
-            nll -= lp.gather(-1, target).sum().item()
-            count += target.numel()
+            a = 0
+            for lp in logprob_chunks(model, ids):  # [B, c, V]
+                target = ids[:, 1 + a:1 + a + lp.shape[1]].to(lp.device).unsqueeze(-1)
+                nll -= lp.gather(-1, target).sum().item()
+                count += target.numel()
+                a += lp.shape[1]
     return math.exp(nll / count)
 
 
 def reference_logprobs(reference: nn.Module, windows: Iterable[torch.Tensor]) -> list:
-    """The reference's next-token log-probabilities on each window ([B, S-1, V] fp32 each),
-    for comparing many models against one reference without running it again
-    (`compare(reference, model, windows, cached=...)`). Memory: 4·S·V bytes a sequence."""
+    """The reference's next-token log-probabilities on each window (per window, its slices of
+    positions: `logprob_chunks`), for comparing many models against one reference without
+    running it again (`compare(reference, model, windows, cached=...)`). Memory: 4·S·V bytes
+    a sequence."""
     with _eval_mode(reference):
-        return [_logprobs(reference, ids) for ids in _windows(windows)]
+        return [list(logprob_chunks(reference, ids)) for ids in _windows(windows)]
 
 
 def compare(reference: nn.Module, model: nn.Module, windows: Iterable[torch.Tensor], *,
@@ -104,22 +153,54 @@ def compare(reference: nn.Module, model: nn.Module, windows: Iterable[torch.Tens
     if cached is not None and len(cached) != len(windows):
         raise ValueError(f"cached holds {len(cached)} windows, windows has {len(windows)}; "
                          f"compute it with reference_logprobs(reference, windows)")
-    nll_m = nll_r = kl = agree = 0.0
-    count = 0
+    sums = dict(nll_m=0.0, nll_r=0.0, kl=0.0, agree=0.0, count=0)
     with _eval_mode(reference, model):
         for i, ids in enumerate(tqdm(windows, desc="compare", disable=not progress,
                                      leave=False)):
             check_token_ids(model, ids)
-            lp_r = _logprobs(reference, ids) if cached is None else cached[i]  # [B, S-1, V]
-            lp_m = _logprobs(model, ids).to(lp_r.device)  # [B, S-1, V]
-            target = ids[:, 1:].to(lp_r.device).unsqueeze(-1)  # [B, S-1, 1]
-            nll_r -= lp_r.gather(-1, target).sum().item()
-            nll_m -= lp_m.gather(-1, target).sum().item()
-            kl += token_kl(lp_r, lp_m).sum().item()  # Σ over positions
-            agree += (lp_r.argmax(-1) == lp_m.argmax(-1)).sum().item()
-            count += target.numel()
-    return {"perplexity": math.exp(nll_m / count), "reference_perplexity": math.exp(nll_r / count),
-            "kl": kl / count, "top1": agree / count}
+            ref = logprob_chunks(reference, ids) if cached is None else _chunks(cached[i])
+            _accumulate(sums, ids, ref, _same_slices(logprob_chunks(model, ids)))
+    count = sums["count"]
+    return {"perplexity": math.exp(sums["nll_m"] / count),
+            "reference_perplexity": math.exp(sums["nll_r"] / count),
+            "kl": sums["kl"] / count, "top1": sums["agree"] / count}
+
+
+def _chunks(cached) -> Iterator[torch.Tensor]:
+    yield from ([cached] if isinstance(cached, torch.Tensor) else cached)
+
+
+class _same_slices:
+    """The model's log-probs, cut into the slices of positions the reference comes in."""
+
+    def __init__(self, chunks: Iterator[torch.Tensor]):
+        self.chunks, self.buffer = chunks, None
+
+    def take(self, n: int) -> torch.Tensor:
+        parts, have = [], 0
+        while have < n:
+            if self.buffer is None:
+                self.buffer = next(self.chunks)
+            piece = self.buffer[:, :n - have]
+            self.buffer = self.buffer[:, n - have:] if self.buffer.shape[1] > n - have else None
+            parts.append(piece)
+            have += piece.shape[1]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _accumulate(sums: dict, ids: torch.Tensor, ref: Iterator[torch.Tensor],
+                ours: _same_slices) -> None:
+    """Add one window's NLLs, KL and top-1 agreement, slice of positions by slice."""
+    a = 0
+    for lp_r in ref:  # [B, c, V]
+        lp_m = ours.take(lp_r.shape[1]).to(lp_r.device)
+        target = ids[:, 1 + a:1 + a + lp_r.shape[1]].to(lp_r.device).unsqueeze(-1)
+        sums["nll_r"] -= lp_r.gather(-1, target).sum().item()
+        sums["nll_m"] -= lp_m.gather(-1, target).sum().item()
+        sums["kl"] += token_kl(lp_r, lp_m).sum().item()  # Σ over positions
+        sums["agree"] += (lp_r.argmax(-1) == lp_m.argmax(-1)).sum().item()
+        sums["count"] += target.numel()
+        a += lp_r.shape[1]
 
 
 def embedding_similarity(reference: nn.Module, model: nn.Module, batches: Iterable, *,

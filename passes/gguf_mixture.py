@@ -11,7 +11,10 @@ matrix (llama-quant.cpp), written here from its behaviour:
     Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even 32 does not divide it.
 SmolLM2-135M's 576-wide rows take that fallback, so its "Q4_K_M" is mostly Q5_0: the types
 here are the ones llama.cpp writes for the same model, which is what makes files comparable.
-Not reproduced: the 70B attn_v bump, mixture-of-experts and Falcon rules, imatrix-only rules.
+  - Phi-3's fused attn_qkv gets more bits in the K-mixtures; with 8 experts a layer
+    (Mixtral), attn_v and attn_k get Q8_0 and attn_output Q5_K;
+  - an expert stack's experts get the type of their stack's role (ffn_down_exps as ffn_down).
+Not reproduced: the 70B attn_v bump, Falcon rules, imatrix-only rules.
 """
 from __future__ import annotations
 
@@ -25,10 +28,13 @@ BASE = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": 
 MIXTURES = tuple(BASE)
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
-# the role of a linear by the last part of its name (transformers' Llama-family names)
+# the role of a linear by the last part of its name (transformers' names: Llama-family, Phi-3's
+# fused qkv_proj and gate_up_proj, GPT-2's Conv1D layers, an expert stack's experts)
 ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
          "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
-         "lm_head": "output", "embed_tokens": "token_embd"}
+         "lm_head": "output", "embed_tokens": "token_embd", "wte": "token_embd",
+         "qkv_proj": "attn_qkv", "c_attn": "attn_qkv", "gate_up_proj": "ffn_up",
+         "c_fc": "ffn_up"}
 
 
 def check_mixture(name) -> None:
@@ -42,14 +48,28 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def role_and_layer(fqn: str) -> tuple[str | None, int | None]:
-    """'model.layers.3.self_attn.v_proj' -> ('attn_v', 3)."""
+    """'model.layers.3.self_attn.v_proj' -> ('attn_v', 3); an expert of a stack,
+    'model.layers.3.mlp.experts.down_proj.7', has its stack's role."""
     parts = fqn.split(".")
-    layer = next((int(p) for p in reversed(parts) if p.isdigit()), None)
+    layer = next((int(p) for p in parts if p.isdigit()), None)
+    if parts[-1].isdigit() and len(parts) > 1:
+        parts = parts[:-1]
+    if parts[-1] == "c_proj":  # GPT-2 names both outputs so
+        return ("ffn_down" if "mlp" in parts else "attn_output"), layer
     return ROLES.get(parts[-1]), layer
 
 
-def _by_role(mixture: str, role: str | None, i: int, n: int, n_gqa: int) -> str:
+def _by_role(mixture: str, role: str | None, i: int, n: int, n_gqa: int,
+             n_expert: int = 1) -> str:
     base = BASE[mixture]
+    if n_expert == 8 and role in ("attn_v", "attn_k"):  # llama.cpp: "trades just ~128MB"
+        return "Q8_0"
+    if n_expert == 8 and role == "attn_output" and mixture in ("Q2_K", "Q3_K_S", "Q3_K_M",
+                                                                 "Q4_K_S", "Q4_K_M"):
+        return "Q5_K"
+    if role == "attn_qkv":
+        return {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K",
+                "Q5_K_M": "Q6_K"}.get(mixture, base)
     if role == "attn_v":
         return {"Q2_K": "Q4_K" if n_gqa >= 4 else "Q3_K",
                 "Q3_K_M": "Q5_K" if i < 2 else "Q4_K", "Q3_K_L": "Q5_K",
@@ -83,21 +103,30 @@ def fallback(ggml_type: str, row: int) -> str:
 
 
 def tensor_type(mixture: str, fqn: str, row: int, n_layers: int, n_gqa: int = 1,
-                tied: bool = False) -> str:
+                tied: bool = False, n_expert: int = 1) -> str:
     """The GGML type (or "F16") llama.cpp gives the 2-D tensor `fqn` with rows of `row`
-    weights in `mixture`."""
+    weights in `mixture` (`n_expert`: experts per mixture-of-experts layer)."""
     check_mixture(mixture)
     role, i = role_and_layer(fqn)
     if role == "output" or (role == "token_embd" and tied):
         return head_type(mixture, row)
-    t = _by_role(mixture, role, i or 0, n_layers, n_gqa)
+    t = _by_role(mixture, role, i or 0, n_layers, n_gqa, n_expert)
     return fallback(t, row)
+
+
+def experts_per_layer(model) -> int:
+    """Experts of a mixture-of-experts layer (1 for a dense model), from the config."""
+    cfg = getattr(model, "config", None)
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    return 1
 
 
 def model_shape(model) -> tuple[int, int, bool]:
     """(number of decoder layers, query heads per key/value head, head tied to embeddings)."""
     cfg = getattr(model, "config", None)
-    n = getattr(cfg, "num_hidden_layers", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if n is None:
         layers = {int(m.group(1)) for name, _ in model.named_modules()
                   if (m := re.search(r"\.(\d+)\.", name))}
@@ -110,5 +139,6 @@ def model_shape(model) -> tuple[int, int, bool]:
 def layer_types(model, mixture: str, targets) -> dict[str, str]:
     """{fqn: type} for the selected linears `targets` [(fqn, module)] of `model`."""
     n, n_gqa, tied = model_shape(model)
-    return {fqn: tensor_type(mixture, fqn, m.in_features, n, n_gqa, tied)
+    n_expert = experts_per_layer(model)
+    return {fqn: tensor_type(mixture, fqn, m.in_features, n, n_gqa, tied, n_expert)
             for fqn, m in targets}

@@ -89,7 +89,7 @@ def test_a_failing_row_says_why(work):
 def test_llamacpp_row_order_undoes_the_converters():
     """The runner's q/k un-permutation inverts the row order discq's GGUF writer uses (the
     converter's)."""
-    from discq.gguf_export import _rope_rows
+    from discq.export.gguf_tensors import rope_rows as _rope_rows
     from types import SimpleNamespace
     import numpy as np
     pytest.importorskip("gguf")

@@ -28,7 +28,7 @@ def _not_head(m, fqn):
 @given(st.sampled_from([4, 8]), st.integers(1, 9), st.sampled_from([32, 64, 96]),
        st.sampled_from([16, 32]), st.integers(0, 999))
 def test_packed_words_unpack_in_compressed_tensors_to_discqs_codes(bits, N, K, g, seed):
-    from discq.export import _ct_tensors
+    from discq.export.compressed import _ct_tensors
     W = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
     w = AffineQuantizedTensor.from_hp(W, AffineGrid(bits, g, symmetric=True))
     model = nn.Sequential(nn.Linear(K, N, bias=False))

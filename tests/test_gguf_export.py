@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import discq
-from discq.gguf_blocks import block_type, to_blocks
+from discq.export.gguf_blocks import block_type, to_blocks
 
 
 @settings(max_examples=40, deadline=None)
@@ -41,7 +41,7 @@ def test_weights_without_a_block_twin_are_refused_with_the_fix(grid):
 
 
 def test_to_gguf_refuses_other_architectures_and_missing_sources(tmp_path, tiny_llama):
-    with pytest.raises(ValueError, match="Llama-family"):
+    with pytest.raises(ValueError, match="families llama.cpp runs"):
         discq.export.to_gguf(nn.Sequential(nn.Linear(4, 4)), tmp_path / "x.gguf",
                              source=tmp_path / "none.gguf")
     with pytest.raises(ValueError, match="source"):

@@ -233,6 +233,14 @@ class FinetuneModule(_TunedModule):
     def validation_step(self, ids: Tensor, batch_idx: int) -> None:
         self.val_losses.append(self._loss(ids)[1].detach())
 
+    def on_train_start(self) -> None:
+        """A resumed run: its checkpoint was written at the end of a training step, before
+        that step's validation (checkpoints and validation share the interval); the held-out
+        loss of the restored state is that validation's, so it is recorded now, as the
+        uninterrupted run recorded it (else a best state at that step is missed)."""
+        if self.trainer.ckpt_path is not None and self.global_step > 0:
+            self.record(self.held_out_loss(self.trainer.datamodule.valid))
+
     @torch.no_grad()
     def held_out_loss(self, items) -> float:
         return float(torch.stack([self._loss(ids)[1] for ids in items]).mean())
