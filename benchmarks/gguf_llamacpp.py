@@ -1,5 +1,5 @@
 """discq's rounding in llama.cpp's own file types, run by llama.cpp, against llama.cpp's own
-quantizer — SmolLM2-135M, side by side in one run:
+quantizer — SmolLM2-135M or Gemma 3 270M, side by side in one run:
 
 - llama.cpp: `llama_model_quantize` (allow_requantize, no importance matrix) of the bundled
   GGUF, the same weights discq starts from;
@@ -10,7 +10,8 @@ Every file is evaluated *in llama.cpp* (llama-cpp-python) on held-out text: perp
 fp32 model and top-1 agreement, plus the file size; for discq's files also discq's own
 evaluation of the same weights (the two agree within llama.cpp's 8-bit activation rounding).
 
-    python benchmarks/gguf_llamacpp.py [--types Q4_0,Q4_K_M,Q3_K_M,Q2_K] [--disc-steps 100]
+    python benchmarks/gguf_llamacpp.py [--model smollm2|gemma3] [--types Q4_0,Q4_K_M,Q3_K_M,Q2_K]
+                                       [--disc-steps 100]
 """
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ from discq.models import bundled_path, load_model  # noqa: E402
 from discq.pipeline import evaluate, keep_head_filter  # noqa: E402
 
 
-def discq_file(model, config, path: Path) -> tuple[Path, object]:
+MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
+
+
+def discq_file(model, config, path: Path, source: Path) -> tuple[Path, object]:
     """The model rounded by `config` (head left to the export: llama.cpp's type for it)."""
     q = copy.deepcopy(model)
     discq.quantize_(q, config, filter_fn=keep_head_filter(q))
-    return discq.export.to_gguf(q, path, source=bundled_path("smollm2-135m")), q
+    return discq.export.to_gguf(q, path, source=source), q
 
 
 def in_llama_cpp(path: Path, model, windows) -> dict:
@@ -61,7 +65,7 @@ def configs(mixture: str, a, calib, disc_calib) -> dict:
 def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
-    theirs = quantize(bundled_path("smollm2-135m"), tmp / f"llama-{mixture}.gguf", mixture)
+    theirs = quantize(a.source, tmp / f"llama-{mixture}.gguf", mixture)
     rows.append({"type": mixture, "method": "llama.cpp", "seconds": time.perf_counter() - t0,
                  **in_llama_cpp(theirs, model, windows)})
     print(rows[-1], flush=True)
@@ -69,7 +73,7 @@ def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> l
         if not any(name.lower().startswith(f"discq {m}") for m in a.methods):
             continue
         t0 = time.perf_counter()
-        path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf")
+        path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf", a.source)
         seconds = time.perf_counter() - t0
         ours = evaluate(q, None, windows, progress=False)  # perplexity only: no second fp32 pass
         rows.append({"type": mixture, "method": name, "seconds": seconds,
@@ -81,12 +85,13 @@ def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> l
 
 
 def table(rows: list[dict], a, info: dict) -> str:
-    md = ["# discq's rounding in llama.cpp's GGUF types vs llama.cpp's quantizer, SmolLM2-135M",
+    title = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}[a.model]
+    md = [f"# discq's rounding in llama.cpp's GGUF types vs llama.cpp's quantizer, {title}",
           "", f"Machine: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
           f"llama-cpp-python {llama_cpp.__version__}, {info['date']}. Every row is a GGUF file "
           f"run by llama.cpp; eval: {a.eval_windows}x{a.seq_len} tokens of hamlet (held out), "
           f"KL and top-1 against the fp32 model. `discq ppl`: discq's own evaluation of the "
-          f"same weights. Command: `python benchmarks/gguf_llamacpp.py --types "
+          f"same weights. Command: `python benchmarks/gguf_llamacpp.py --model {a.model} --types "
           f"{','.join(a.types)} --methods {','.join(a.methods)} --n-calib {a.n_calib} "
           f"--disc-steps {a.disc_steps} --disc-batch {a.disc_batch} --disc-seq {a.disc_seq} "
           f"--name {a.name}`.", "",
@@ -109,22 +114,26 @@ def main() -> None:
     ap.add_argument("--disc-seq", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--name", default="gguf_llamacpp_smollm2")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--name", help="results file name (default gguf_llamacpp_<model>)")
     a = ap.parse_args()
-    model, tok = load_model("smollm2-135m")
+    a.name = a.name or f"gguf_llamacpp_{a.model}"
+    model, tok = load_model(MODELS[a.model])
+    a.source = bundled_path(MODELS[a.model])
     windows = eval_windows(tok, "shakespeare", n_windows=a.eval_windows, seq_len=a.seq_len)
     calib = calibration_batches(tok, "shakespeare", n_samples=a.n_calib, seq_len=512, seed=0)
     disc_calib = calibration_batches(tok, "shakespeare", n_samples=a.disc_steps * a.disc_batch,
                                      seq_len=a.disc_seq, seed=0)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        full = discq.export.to_gguf(model, tmp / "f32.gguf", source=bundled_path("smollm2-135m"))
+        full = discq.export.to_gguf(model, tmp / "f32.gguf", source=a.source)
         rows = [{"type": "F32", "method": "full precision", "seconds": 0,
                  **in_llama_cpp(full, model, windows)}]
         for mixture in a.types:
             rows += run_type(mixture, model, windows, a, calib, disc_calib, tmp)
     info = machine()
-    write(a.name, {"machine": info, "args": vars(a), "rows": rows}, table(rows, a, info))
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    write(a.name, {"machine": info, "args": args, "rows": rows}, table(rows, a, info))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Quality per bit against the peers, in one harness: every discq method at every width it
 supports beside torchao (RTN, HQQ), HQQ, llm-compressor's GPTQ, AutoRound and llama.cpp's
-quantizers, on SmolLM2-135M (perplexity, KL and top-1 agreement to the original on held-out
-plays) and on the MiniLM encoder (cosine similarity of sentence embeddings).
+quantizers, on SmolLM2-135M and Gemma 3 270M (perplexity, KL and top-1 agreement to the
+original on held-out plays) and on the MiniLM encoder (cosine similarity of sentence embeddings).
 
 Each row runs in its own process (`quality_row.py`: its memory peak is its own), in discq's
 environment or in the peers' (`benchmarks/.peers`, made by `make bench-peers`: llm-compressor
@@ -11,7 +11,8 @@ every row the same way (`discq.eval.compare`, `discq.eval.embedding_similarity`)
 fails says why. Results accumulate in `benchmarks/results/quality_<model>.json` (a rerun of a
 row replaces it); `benchmarks/report.py` turns them into tables and plots.
 
-    python benchmarks/quality.py [--set full|quick] [--model smollm2|minilm|all] [--only S1,S2]
+    python benchmarks/quality.py [--set full|quick] [--model smollm2|minilm|gemma3|all]
+                                 [--only S1,S2]
                                  [--resume]   (--resume: skip rows already measured)
 """
 from __future__ import annotations
@@ -34,8 +35,8 @@ from quality_rows import CALIB, Row, rows  # noqa: E402
 
 WORK = HERE / ".work"
 PEERS_PYTHON = HERE / ".peers" / "bin" / "python"
-EVAL = {"smollm2": (8, 512), "minilm": (32, 128)}  # held-out windows x tokens
-BUNDLED = {"smollm2": "smollm2-135m", "minilm": "minilm-l6"}
+EVAL = {"smollm2": (8, 512), "minilm": (32, 128), "gemma3": (8, 512)}  # windows x tokens
+BUNDLED = {"smollm2": "smollm2-135m", "minilm": "minilm-l6", "gemma3": "gemma3-270m"}
 
 
 def prepare(model: str, n_calib: int) -> Path:
@@ -56,7 +57,7 @@ def prepare(model: str, n_calib: int) -> Path:
     n, seq = EVAL[model]
     torch.save(torch.cat(list(eval_windows(tok, "shakespeare", n_windows=n, seq_len=seq))),
                d / "eval.pt")
-    if model == "smollm2":
+    if bundled_path(BUNDLED[model]).suffix == ".gguf":  # llama.cpp's rows start from it
         import discq
         discq.export.to_gguf(m, d / "f32.gguf", source=bundled_path(BUNDLED[model]),
                              overwrite=True)
@@ -197,7 +198,8 @@ def _summary(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", dest="which", choices=["full", "quick"], default="full")
-    ap.add_argument("--model", choices=["smollm2", "minilm", "all"], default="all")
+    ap.add_argument("--model", choices=[*BUNDLED, "all"], default="all",
+                    help="all: SmolLM2 and MiniLM (Gemma 3 270M, an hour more: --model gemma3)")
     ap.add_argument("--only", help="run only the rows whose id contains one of these "
                                    "(comma-separated)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per row")

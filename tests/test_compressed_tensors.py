@@ -93,3 +93,43 @@ def test_weights_it_cannot_hold_are_refused_with_the_fix(tiny_llama, tmp_path, c
     with pytest.raises(ValueError, match="4- or 8-bit weights grouped along the input"):
         discq.export.to_compressed_tensors(model, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
+
+
+# ---- every family: names as the checkpoint stores them ----------------------------------------
+
+FAMILY_CT = [f for f in __import__("families").FAMILIES if f != "gpt_oss"]
+
+
+@pytest.mark.parametrize("family", FAMILY_CT)
+def test_every_family_is_written_under_its_checkpoints_names(family, tmp_path):
+    """The directory's tensors are the family's own checkpoint tensors (what save_pretrained
+    writes for the fp model, experts one per expert), each quantized linear as its parts;
+    transformers loads it back to discq's values (experts decompressed to fp16 on load)."""
+    from discq.pipeline import keep_head_filter
+    from families import tiny_family
+    model = tiny_family(family)
+    model.save_pretrained(tmp_path / "fp")
+    fp_keys = set(load_file(tmp_path / "fp" / "model.safetensors"))
+    discq.quantize_(model, discq.rtn_config(4, 32, symmetric=True),
+                    filter_fn=keep_head_filter(model))
+    out = discq.export.to_compressed_tensors(model, tmp_path / "ct")
+    ct_keys = set(load_file(out / "model.safetensors"))
+    packed = {k.removesuffix("_packed") for k in ct_keys if k.endswith(".weight_packed")}
+    assert packed and packed <= fp_keys
+    assert {k for k in ct_keys if not k.endswith(("_packed", "_scale", "_shape"))} \
+        == fp_keys - packed
+    if family == "gpt2":  # transformers' compressed-tensors loader has no Conv1D path
+        return
+    back = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=2e-3, rtol=1e-3)
+
+
+def test_experts_of_a_stacked_checkpoint_are_refused_with_the_alternative(tmp_path):
+    from families import tiny_family
+    model = tiny_family("gpt_oss")
+    discq.quantize_(model, discq.rtn_config(4, 32, symmetric=True))
+    with pytest.raises(ValueError, match="to_gguf"):
+        discq.export.to_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()

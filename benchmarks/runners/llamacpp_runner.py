@@ -9,13 +9,8 @@ import numpy as np
 import torch
 from runners._common import stopwatch, target_linears
 
+from discq.export.gguf_tensors import gguf_names
 from discq.llamacpp import quantize as llama_quantize
-
-# GGUF tensor names of a Llama block -> transformers' (q/k rows are permuted by the converter)
-_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-          "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-
 
 def _unpermute(W: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter reorders q/k rows per head for its rotary layout; undo it."""
@@ -32,17 +27,18 @@ def quantize(inputs, spec: dict) -> dict:
                        token_embedding_type="F32", output_tensor_type="F32")
     cfg = inputs.model.config
     targets = target_linears(inputs.model)
+    ours = {f"{n}.weight" for n in targets}  # the GGUF names of the linears every row rounds
+    by_gguf = {g: (n, rope) for n, (g, rope) in gguf_names(inputs.model).items() if n in ours}
     tensors, bits, numel, types = {}, 0, 0, {}
     for tensor in GGUFReader(out).tensors:
-        parts = tensor.name.split(".")  # blk.<i>.<name>.weight
-        if parts[0] != "blk" or parts[2] not in _NAMES:
+        if tensor.name not in by_gguf:
             continue
-        name = f"model.layers.{parts[1]}.{_NAMES[parts[2]]}"
+        name, rope = by_gguf[tensor.name]
         W = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
-        if parts[2] in heads:
-            W = _unpermute(W, heads[parts[2]])
-        tensors[f"{name}.weight"] = torch.from_numpy(W.copy())
+        if rope:
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            W = _unpermute(W, heads)
+        tensors[name] = torch.from_numpy(W.copy())
         bits += int(tensor.n_bytes) * 8
         numel += int(tensor.n_elements)
         types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1

@@ -161,3 +161,24 @@ def _stack_bytes(name: str, t, module: nn.Module, rows: slice, want: str | None
         per_expert.append(raw[idx])
         kinds.add(kind)
     return np.ascontiguousarray(np.stack(per_expert)), kinds.pop()
+
+
+def gguf_names(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    """{transformers weight name: (its GGUF name, q/k rows in llama.cpp's rotary order)} for
+    the model's linear weights outside expert stacks: what reads a llama.cpp file back into
+    the model (the quality benchmark's llama.cpp rows)."""
+    import gguf
+
+    from .gguf_archs import arch_of
+    entry = arch_of(model)
+    n_layers = model_shape(model)[0]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, entry.arch), n_layers)
+    out = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = f"{fqn}.weight"
+            g = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if g is not None:
+                rope = entry.rope_rows and rope_rows(name, m.out_features, model.config) is not None
+                out[name] = (g, rope)
+    return out
