@@ -124,7 +124,7 @@ def plan(args: argparse.Namespace) -> dict:
                "fits": result.peak <= free, "coverage": report.to_dict()}
     if not args.json:  # the parts and the coverage as lines, the rest as the table
         print(result.describe())
-        print(report.describe(names=5))
+        print(report.describe(names=5, verb="would quantize"))
         del summary["parts_gib"], summary["coverage"]
         summary["quantized_share"] = round(report.share, 4)
     return summary

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from discq.passes.kl import token_kl
+from discq.passes.kl import head_logits, head_split, token_kl
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ def logprob_chunks(model: nn.Module, ids: torch.Tensor) -> Iterator[torch.Tensor
     B, S = ids.shape
     vocab = _vocab_size(model)
     step = max(1, CHUNK_ELEMENTS // (B * vocab)) if vocab else S
-    split = _head_split(model) if step < S - 1 else None
+    split = head_split(model) if step < S - 1 else None
     if split is None:
         out = model(ids)
         logits = out.logits if hasattr(out, "logits") else out  # [B, S, V]; exported modules
@@ -66,29 +66,13 @@ def logprob_chunks(model: nn.Module, ids: torch.Tensor) -> Iterator[torch.Tensor
         return
     decoder, head, cap = split
     hidden = decoder(input_ids=ids).last_hidden_state  # [B, S, D]
-    for a in range(0, S - 1, step):
-        logits = head(hidden[:, a:min(a + step, S - 1)]).float()  # [B, c, V]
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        yield F.log_softmax(logits, dim=-1)
+    for a in range(0, S - 1, step):  # logits [B, c, V] of positions a .. a + c
+        yield F.log_softmax(head_logits(head, cap, hidden[:, a:min(a + step, S - 1)]), dim=-1)
 
 
 def _vocab_size(model: nn.Module) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return getattr(head, "out_features", None)
-
-
-def _head_split(model: nn.Module):
-    """(decoder, head, soft-cap) of a transformers causal LM whose logits are head(decoder's
-    last hidden state), soft-capped by `final_logit_softcapping` if set; else None."""
-    config = getattr(model, "config", None)
-    decoder = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    scaled = any(getattr(config, k, None) not in (None, 1, 1.0)
-                 for k in ("logit_scale", "logits_scaling", "output_multiplier_scale"))
-    if config is None or decoder is None or decoder is model or head is None or scaled:
-        return None
-    return decoder, head, getattr(config, "final_logit_softcapping", None)
 
 
 def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:

@@ -85,9 +85,6 @@ def part_names() -> list[str]:
     return sorted(names)
 
 
-PARTS = frozenset(part_names())
-
-
 class BuildQuantized(ConversionOps):
     """Load operation: the parts of one quantized weight, as read from the checkpoint, become
     the `QuantizedTensor` of its format (`from_stored`)."""
@@ -101,7 +98,8 @@ class BuildQuantized(ConversionOps):
         # keys: the source patterns that matched ("weight", "weight.qdata"); values: lists
         tensors = {k: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
         spec = self.hf_quantizer.quantization_config.layers.get(full_layer_name)
-        plain = [k for k in tensors if k.rpartition(".")[2] not in PARTS]  # the param itself
+        parts_of = set(part_names())  # every format's, registered now
+        plain = [k for k in tensors if k.rpartition(".")[2] not in parts_of]  # the param itself
         if spec is None:  # a full-precision weight: as it is
             if len(plain) != len(tensors):
                 raise ValueError(f"{full_layer_name}: quantized parts {sorted(tensors)} in the "

@@ -110,9 +110,10 @@ class Coverage:
             out[why] = (k + 1, total + n)
         return out
 
-    def describe(self, names: int = 3) -> str:
+    def describe(self, names: int = 3, verb: str = "quantized") -> str:
+        """Lines for a person; `verb`: "would quantize" for a plan."""
         q = sum(self.quantized.values())
-        lines = [f"quantized {len(self.quantized)} weight matrices, {q:,} parameters = "
+        lines = [f"{verb} {len(self.quantized)} weight matrices, {q:,} parameters = "
                  f"{self.share:.1%} of the model's matrix parameters"]
         for why, (k, n) in sorted(self.reasons().items(), key=lambda r: -r[1][1]):
             which = [name for name, (_, w) in self.kept.items() if w == why]

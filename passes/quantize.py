@@ -90,8 +90,8 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None,
     Each matrix's config is recorded and saved in the manifest. An output head tied to the
     token embedding stays tied (one quantized tensor). `calibrate_all_experts`: methods that
     measure layer inputs send every calibration token through every expert (the layer's output
-    still follows the router). What is left in full precision, and why, is `coverage(model)`
-    and logged; a matrix in the decoder blocks that no rule covers is warned about. If any
+    still follows the router). What is left in full precision, and why, is
+    `coverage_of(model)` and logged; a matrix in the decoder blocks that no rule covers is warned about. If any
     method fails or is interrupted, every weight is put back."""
     _check_args(model, config)
     check_bool(calibrate_all_experts=calibrate_all_experts)
@@ -119,12 +119,7 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None,
                 _check_memory(model, cfg, group)
                 _handler(cfg)(model, cfg, group)
                 _record_config(group, cfg)
-    if prepared.few_tokens:
-        report.few_tokens.update(prepared.few_tokens)
-        warnings.warn(f"quantize_: {len(prepared.few_tokens)} experts saw fewer calibration "
-                      f"tokens than their input width; their Hessians were pulled toward their "
-                      f"layer's pooled one (more calibration data, or calibrate_all_experts=True,"
-                      f" avoids it): {dict(list(prepared.few_tokens.items())[:5])}", stacklevel=2)
+    _few_tokens(report, prepared.few_tokens)
     for fn in AFTER_QUANTIZE:
         fn(model)
     return model
@@ -153,6 +148,16 @@ def _report(model: nn.Module, report: Coverage) -> None:
         warnings.warn(f"quantize_: {len(report.uncovered)} weight matrices in the decoder "
                       f"blocks are of a kind discq does not quantize and stay in full "
                       f"precision: {report.uncovered[:5]}", stacklevel=3)
+
+
+def _few_tokens(report: Coverage, few: dict[str, int]) -> None:
+    """Experts calibrated on fewer tokens than their input width: in the report, and said."""
+    if few:
+        report.few_tokens.update(few)
+        warnings.warn(f"quantize_: {len(few)} experts saw fewer calibration tokens than their "
+                      f"input width; their Hessians were pulled toward their layer's pooled one "
+                      f"(more calibration data, or calibrate_all_experts=True, avoids it): "
+                      f"{dict(list(few.items())[:5])}", stacklevel=3)
 
 
 def coverage_of(model: nn.Module) -> Coverage | None:

@@ -51,8 +51,9 @@ def tiny_family(name: str, seed: int = 0):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.05)
-        for r in routers(model):  # decisive routing, as trained routers are: tiny changes of
-            r.weight.normal_(0, 1.0)  # the input do not swap experts
+        gates = routers(model)  # decisive routing, as trained routers are: tiny changes of
+        for _, r in sorted((n, m) for n, m in model.named_modules() if m in gates):  # the
+            r.weight.normal_(0, 1.0)  # input do not swap experts (in a fixed order: seeded)
     return model
 
 

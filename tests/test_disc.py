@@ -356,3 +356,47 @@ def test_intermediate_layer_term_alone_lowers_the_hidden_state_error(tiny_llama,
         err = {name: float(hidden_mse(t, m(ids, output_hidden_states=True).hidden_states))
                for name, m in (("rtn", rtn), ("disc", q))}
     assert err["disc"] < err["rtn"], err
+
+
+def test_the_kl_of_a_large_vocabulary_is_formed_a_slice_of_positions_at_a_time():
+    """The chunked KL (teacher and student run as one model with a switch) equals the KL of
+    the whole logits, gradients included; Gemma's soft-capping is applied to each slice."""
+    from discq.passes.kl import chunked_forward_kl
+    from families import tiny_family
+    model = tiny_family("gemma2")  # tied head, final logit soft-capping
+    emb = model.get_input_embeddings()
+    W_t = emb.weight.detach().clone()
+    W_s = torch.nn.Parameter(W_t + 0.01 * torch.randn_like(W_t))
+
+    def set_teacher(flag):  # the switch DiscQuant's relaxed layers have
+        model.lm_head.weight = emb.weight = torch.nn.Parameter(W_t) if flag else W_s
+
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    set_teacher(True)
+    with torch.no_grad():
+        teacher = model(ids).logits
+    set_teacher(False)
+    whole = forward_kl(teacher, model(ids).logits)
+    whole.backward()
+    g_whole, W_s.grad = W_s.grad.clone(), None
+    sliced = chunked_forward_kl(model, ids, set_teacher, max_elements=2 * 5 * 320)
+    sliced.backward()
+    assert torch.allclose(sliced, whole, rtol=1e-5) and whole > 0
+    assert torch.allclose(W_s.grad, g_whole, rtol=1e-4, atol=1e-8)
+    assert chunked_forward_kl(model, ids, set_teacher, max_elements=10**9) is None  # fits
+
+
+def test_discquant_with_sliced_logits_ends_where_it_does_with_whole_logits(monkeypatch):
+    from discq.training import disc_module
+    from families import calibration, tiny_family
+    config = discq.disc_config(4, 32, calibration=calibration(), steps=3, warmup=1,
+                               batch_size=2)
+    whole = tiny_family("gemma3")
+    discq.quantize_(whole, config)
+    monkeypatch.setattr(disc_module, "LOGIT_ELEMENTS", 2 * 7 * 320)
+    sliced = tiny_family("gemma3")
+    discq.quantize_(sliced, config)
+    codes = [(a.weight.qdata, b.weight.qdata) for a, b in
+             zip(whole.modules(), sliced.modules()) if hasattr(getattr(a, "weight", None),
+                                                                "qdata")]
+    assert codes and sum(torch.equal(a, b) for a, b in codes) >= len(codes) - 1

@@ -89,24 +89,11 @@ def test_smollm2_q4_0_gguf_reads_back_in_gguf_and_transformers(tmp_path):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-3, rtol=1e-4)
 
 
-def tiny_bpe_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2 style) trained on the held-out fixture text."""
-    from conftest import HELDOUT_TEXT
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(HELDOUT_TEXT)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
 def test_to_gguf_writes_metadata_and_vocabulary_from_config_and_tokenizer(tmp_path):
     from models import tiny_random_llama
     model = tiny_random_llama()  # vocab 320, rows of 64: Q4_0 throughout
-    tok = tiny_bpe_tokenizer(300)
+    from families import tiny_tokenizer
+    tok = tiny_tokenizer(300)
     discq.quantize_(model, discq.rtn_config(gguf="Q4_0"), filter_fn=lambda m, f: f != "lm_head")
     out = discq.export.to_gguf(model, tmp_path / "t.gguf", tokenizer=tok, pre="gpt-2")
     reader = gguf.GGUFReader(str(out))

@@ -175,3 +175,21 @@ def test_blockwise_sign_tuning_is_kept(tiny_llama, tiny_calibration):
     weights = [w for _, w in discq.quantized_weights(model)]
     tuned = [w for w in weights if not torch.all(w.s_in.abs() == 1)]
     assert weights and len(tuned) == len(weights)
+
+
+def test_fine_tuning_a_large_vocabulary_slices_its_logits(monkeypatch, tiny_llama,
+                                                          tiny_calibration):
+    """The loss from logits a slice of positions at a time equals the whole one."""
+    from discq.training import finetune
+    from discq.training.finetune import FinetuneConfig, FinetuneModule
+    from discq.training.tunable import FrozenReference, Tunables
+    model = copy.deepcopy(tiny_llama[0])
+    discq.quantize_(model, discq.rtn_config(2, 64), filter_fn=keep_head_filter(model))
+    teacher = FrozenReference(tiny_llama[0], share=list(tiny_llama[0].parameters()))
+    ids = tiny_calibration[0][:2, :40]
+    with Tunables(model) as tunables:
+        module = FinetuneModule(model, teacher, tunables, FinetuneConfig())
+        whole = module._loss(ids)
+        monkeypatch.setattr(finetune, "LOGIT_ELEMENTS", 2 * 9 * 384)
+        sliced = module._loss(ids)
+    assert all(torch.allclose(a, b, rtol=1e-5) for a, b in zip(whole, sliced))

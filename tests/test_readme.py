@@ -50,3 +50,10 @@ def test_readme_streaming_runs_as_written(tmp_path):
     out = run_block("quantize_pretrained", tmp_path, timeout=1800)
     assert float(out.strip().splitlines()[-1]) == pytest.approx(3.375, abs=0.01)
     assert (tmp_path / "smollm2-q3" / "model.safetensors.index.json").is_file()
+
+
+def test_readme_mixture_of_experts_block_runs_as_written(tmp_path):
+    out = run_block("qwen3_moe", tmp_path, timeout=600).splitlines()
+    assert out[0] == "ExpertsQuantizedTensor"
+    assert "87.2% of the model's matrix parameters" in out[1] and "routers" in out[3]
+    assert (tmp_path / "qwen3-moe-q" / "config.json").is_file()

@@ -12,9 +12,15 @@ from discq.passes.disc import (
     hidden_mse,
     next_token_ce,
 )
-from discq.passes.kl import forward_kl
+from discq.passes.kl import chunked_forward_kl, forward_kl
 from discq.passes.sharding import is_sharded, local, rows_held
 from torch import nn
+
+
+# a batch whose logits hold more (batch·position·vocabulary) entries than this (1 GiB in fp32)
+# has its KL formed a slice of positions at a time (Gemma 3's 262k vocabulary at 8×512 tokens:
+# 4.3 GB of logits per pass, teacher and student, plus their log-softmax and gradients)
+LOGIT_ELEMENTS = 2**28
 
 
 class DiscQuantModule(L.LightningModule):
@@ -50,6 +56,13 @@ class DiscQuantModule(L.LightningModule):
             for i, l in enumerate(self.layers):
                 local(l.x).copy_(rows_held(state_dict[f"x.{i}"], l.x))
 
+    def _set_teacher(self, teacher: bool) -> None:
+        for l in self.layers:
+            l.teacher = teacher
+
+    def units_unsharded(self) -> bool:
+        return self._device_mesh is None
+
     def _forward(self, ids: torch.Tensor, teacher: bool):
         """(logits [B, S, V], hidden states per layer or None)."""
         for l in self.layers:
@@ -65,6 +78,13 @@ class DiscQuantModule(L.LightningModule):
         ids, c = batch["ids"], self.config  # ids: [B, S]
         if c.kl_weight == 0 and c.ce_weight == 0 and c.hidden_weight == 0:
             return sum(l.x.sum() for l in self.layers) * 0.0  # only the pull to RTN is left
+        kl = None
+        if c.hidden_weight == 0 and c.ce_weight == 0 and self.units_unsharded():
+            kl = chunked_forward_kl(self.model, ids, self._set_teacher, LOGIT_ELEMENTS)
+        if kl is not None:  # a large vocabulary: never the whole batch's logits at once
+            self.log("kl", kl.detach(), prog_bar=True)
+            self.log("frac_at_vertex", frac_at_vertex(self.layers), prog_bar=True)
+            return c.kl_weight * kl / self.noise
         with torch.no_grad():
             teacher, t_hidden = self._forward(ids, teacher=True)
         student, s_hidden = self._forward(ids, teacher=False)

@@ -25,7 +25,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from discq.passes.calibration import as_batches
-from discq.passes.kl import soft_cross_entropy
+from discq.passes.kl import (too_many, head_logits, head_split, sliced_losses,
+                             soft_cross_entropy)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -34,6 +35,7 @@ from .trainer import build_trainer, fit
 from .tunable import FrozenReference, Tunables
 
 Teacher = Callable[[Tensor], Tensor]  # ids [B, S] -> logits [B, S, V]
+LOGIT_ELEMENTS = 2**28  # a batch's logits beyond this: a slice of positions at a time
 
 
 @dataclass
@@ -218,6 +220,19 @@ class FinetuneModule(_TunedModule):
         self.model, self.teacher = model, teacher
 
     def _loss(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(soft cross-entropy, KL) to the teacher's next-token distribution; a large
+        vocabulary's logits a slice of positions at a time (`passes.kl.sliced_losses`)."""
+        split = head_split(self.model)
+        if split is not None and isinstance(self.teacher, FrozenReference) \
+                and too_many(self.model, ids, LOGIT_ELEMENTS):
+            decoder, head, cap = split
+            with torch.no_grad():
+                t_h = self.teacher.last_hidden(ids)
+            s_h = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            kl, ce = sliced_losses(s_h, t_h, lambda h: head_logits(head, cap, h),
+                                   lambda h: head_logits(self.teacher.head(), cap, h),
+                                   LOGIT_ELEMENTS)
+            return ce, kl
         with torch.no_grad():
             t = self.teacher(ids)
         return soft_cross_entropy(t, self.model(ids, use_cache=False).logits)

@@ -3,14 +3,15 @@
 Codes never change. What stays continuous is tuned: the sign vectors of rotated quantized
 weights (s_in/s_out of lattice, trellis and incoherent weights, stored as fp16 and trained as
 fp32 parameters) and a trellis code's table (HYB's lut, tuned with the signs), the weights and
-biases of normalization layers, linear biases, and optionally the output head when it is not
-quantized.
+biases of normalization layers, linear biases (an expert layer's too), and optionally the
+output head when it is not quantized.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+from discq.passes.experts import is_experts
 from discq.tensors.base import QuantizedTensor
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -56,6 +57,9 @@ class Tunables:
                 yield from (p for p in m.parameters(recurse=False) if p is not None)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 yield m.bias
+            if is_experts(m):  # a stacked expert layer's biases, one row per expert
+                yield from (p for n, p in m._parameters.items()
+                            if p is not None and n.endswith("_bias"))
         if head is not None and not isinstance(head.weight, QuantizedTensor):
             yield head.weight
 
@@ -127,3 +131,19 @@ class FrozenReference:
     def __call__(self, ids: Tensor) -> Tensor:
         out = functional_call(self.model, self.params, (ids,), {"use_cache": False})
         return out.logits if hasattr(out, "logits") else out[0]
+
+    @torch.no_grad()
+    def last_hidden(self, ids: Tensor) -> Tensor:
+        """The teacher's last hidden states [B, S, D] (its decoder alone: a large vocabulary's
+        logits are then formed a slice at a time)."""
+        base, prefix = self.model.base_model, self.model.base_model_prefix + "."
+        params = {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
+        return functional_call(base, params, (ids,), {"use_cache": False}).last_hidden_state
+
+    def head(self):
+        """The output head with the teacher's weights: hidden -> logits."""
+        head = self.model.get_output_embeddings()
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        params = {k[len(name) + 1:]: v for k, v in self.params.items()
+                  if k.startswith(name + ".")}
+        return lambda h: functional_call(head, params, (h,))
