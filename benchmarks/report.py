@@ -235,6 +235,15 @@ def _set_time(rows: list[dict], run: dict | None = None) -> str:
 
 
 CAUSAL = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}  # quality set -> model
+NOTES = {  # what a reader must know to read a model's table right
+    "gemma3": ["The reference is the bundled file's weights: Gemma 3 270M as a Q4_K_M GGUF, "
+               "dequantized. llama.cpp's Q4_K_M row re-quantizes those weights onto the very "
+               "grid they came from, so it reproduces them (KL 0): it measures nothing about "
+               "quantization quality, and the Pareto check's \"no\" against it is that. Its "
+               "Q4_0 and Q3_K_M rows re-quantize them onto other grids, as discq's rows do. "
+               "The 640-wide rows are not whole 256-weight super-blocks, so llama.cpp's "
+               "K-quants fall back to Q5_0/Q8_0 for most tensors (the rows' tensor_types).", ""],
+}
 
 
 def model_section(res: dict, name: str, quick: bool) -> list[str]:
@@ -252,7 +261,8 @@ def model_section(res: dict, name: str, quick: bool) -> list[str]:
              "mean cosine similarity")
         title, metric, low = "## MiniLM encoder: embedding cosine against bits per weight", \
             "cosine", False
-    out = [title, "", *header(res), f"![{name}](quality_{name}{suffix}.png)", "",
+    out = [title, "", *header(res), *NOTES.get(name, []),
+           f"![{name}](quality_{name}{suffix}.png)", "",
            f"Each quantizer's best {metric} within a budget of bits per weight (the bits it "
            f"used in brackets):", "", *budgets(res["rows"], metric, low), "",
            *table(res["rows"], cols), "", *missing(res, name, quick),

@@ -160,10 +160,10 @@ def _check_format(args: argparse.Namespace) -> None:
         if args.group_along != "input":
             raise ValueError(f"--format {args.format}: llama.cpp's blocks run along the input "
                              f"dimension; drop --group-along")
-        if _gguf_source(args.model) is None:
-            raise ValueError(f"--format {args.format} copies the metadata and tokenizer of the "
-                             f".gguf file the model comes from; {args.model!r} is not one (use a "
-                             f".gguf file or the bundled smollm2-135m)")
+        if _gguf_source(args.model) is None and Path(args.model).is_dir():
+            from discq.export.gguf_metadata import check_tokenizer
+            check_tokenizer(args.model)  # the vocabulary is written from it: readable?
+
 
 
 def _gguf_source(model: str) -> Path | None:
@@ -177,7 +177,7 @@ def _save(qmodel, out: Path, tok, args: argparse.Namespace, metadata: dict) -> N
     compressed-tensors directory); models transformers does not know: save_quantized."""
     card = _card(qmodel, args, metadata)
     if args.format.startswith("gguf:"):
-        _save_gguf(qmodel, out, args, card)
+        _save_gguf(qmodel, out, args, card, tok)
         return
     if args.format == "compressed-tensors":
         from discq.export import to_compressed_tensors
@@ -203,15 +203,18 @@ def _card(qmodel, args: argparse.Namespace, metadata: dict) -> str:
                       coverage=report.describe(names=8) if report else None)
 
 
-def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str) -> None:
-    """out/<name>-<type>.gguf and the model card, written together."""
+def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str, tok) -> None:
+    """out/<name>-<type>.gguf and the model card, written together: metadata and tokenizer
+    copied from the model's own .gguf, or written from its config and tokenizer."""
     from discq.export import to_gguf
     from discq.io import write_atomically
     kind = args.format.split(":")[1]
+    source = _gguf_source(args.model)
+    origin = {"source": source} if source is not None else \
+        {"tokenizer": tok, "pre": getattr(args, "gguf_pre", "default")}
 
     def write(tmp: Path) -> None:
-        to_gguf(qmodel, tmp / f"{Path(args.model).stem}-{kind}.gguf",
-                source=_gguf_source(args.model), type=kind)
+        to_gguf(qmodel, tmp / f"{Path(args.model).stem}-{kind}.gguf", type=kind, **origin)
         (tmp / "README.md").write_text(card)
     write_atomically(out, args.overwrite, write)
 

@@ -71,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --out holds: hf (default: transformers layout, discq weights), "
                         "gguf:<mixture> (a .gguf file for llama.cpp in one of llama.cpp's "
                         f"mixtures {', '.join(GGUF_MIXTURES)}: the method rounds onto the "
-                        "mixture's types, --bits/--group-size do not apply; needs a model "
-                        "loaded from a .gguf), compressed-tensors (pack-quantized for vLLM; "
+                        "mixture's types, --bits/--group-size do not apply; metadata and "
+                        "tokenizer copied from the model's .gguf, else written from its "
+                        "config and tokenizer), compressed-tensors (pack-quantized for vLLM; "
                         "needs --symmetric)")
+    q.add_argument("--gguf-pre", default="default", metavar="NAME",
+                   help="with --format gguf:* from a model that is not a .gguf: llama.cpp's "
+                        "pre-tokenizer name for its tokenizer (e.g. llama-bpe, qwen2, smollm)")
     q.add_argument("--overwrite", action="store_true", help="replace discq files in --out")
     q.add_argument("--stream", action="store_true",
                    help="quantize block by block from the model directory's safetensors "

@@ -141,7 +141,7 @@ def test_compressed_tensors_output_loads_in_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--format", "gguf:Q4_K_M"], ".gguf file"),
+    (["--format", "gguf:Q4_K_M"], "neither a byte-level BPE"),  # ByT5: no GGUF vocabulary
     (["--format", "gguf:Q4_0", "--group-along", "output"], "--group-along"),
     (["--format", "gguf:Q4_0", "--method", "quip-sharp"], "affine grids"),
     (["--format", "compressed-tensors", "--method", "quip-sharp"], "affine grids")])
@@ -149,6 +149,23 @@ def test_output_formats_say_what_they_need_before_any_work(tmp_path, args, messa
     done = discq("quantize", TINY_LLAMA, *args, "--out", tmp_path / "x", check=False)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_output_of_a_model_directory_writes_metadata_from_its_config(tmp_path):
+    """Any family in a transformers directory (here a tiny Qwen3-MoE with its tokenizer):
+    the GGUF's key-values and vocabulary come from its config and tokenizer."""
+    import gguf
+    from families import tiny_family, tiny_tokenizer
+    model = tiny_family("qwen3_moe")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    discq("quantize", tmp_path / "m", "--method", "rtn", "--format", "gguf:Q4_0",
+          "--gguf-pre", "gpt-2", "--eval-windows", "0", "--out", tmp_path / "g")
+    (file,) = (tmp_path / "g").glob("*.gguf")
+    fields = gguf.GGUFReader(str(file)).fields
+    assert fields["general.architecture"].contents() == "qwen3moe"
+    assert fields["qwen3moe.expert_count"].contents() == 4
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"
 
 
 @pytest.mark.slow

@@ -106,13 +106,23 @@ def test_generate_every_family(family):
     _generate_family(family)
 
 
-@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt2"])
-def test_compile_fullgraph_equals_eager(family):
+def _compile_family(family):
     torch._dynamo.reset()
     model = tiny_family(family)
     discq.quantize_(model, discq.rtn_config(4, 32))
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(logits(compiled), logits(model), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "gpt2"])
+def test_compile_fullgraph_equals_eager(family):
+    _compile_family(family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {*MOE_FAMILIES, "gpt2"}))
+def test_compile_fullgraph_every_family(family):
+    _compile_family(family)
 
 
 def test_quantize_and_the_model_it_copies():

@@ -135,6 +135,16 @@ def _expert_counts(writer, c) -> None:
         writer.add_expert_used_count(c.num_experts_per_tok)
 
 
+def check_tokenizer(tokenizer) -> None:
+    """Refuse, before any work, a tokenizer the `gguf` package's vocab readers cannot read."""
+    import gguf.vocab as gv
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(tokenizer) if isinstance(tokenizer, (str, Path)) else Path(d)
+        if not isinstance(tokenizer, (str, Path)):
+            tokenizer.save_pretrained(d)
+        _vocab(path, gv)
+
+
 def _write_vocab(writer, tokenizer, n_vocab: int, pre: str) -> None:
     import gguf.vocab as gv
     with tempfile.TemporaryDirectory() as d:
@@ -158,7 +168,7 @@ def _vocab(path: Path, gv):
     for make in (gv.BpeVocab, gv.LlamaHfVocab, gv.SentencePieceVocab):
         try:
             return make(path)
-        except (FileNotFoundError, TypeError, ValueError, ImportError):
+        except (FileNotFoundError, TypeError, ValueError, ImportError, RuntimeError):
             continue
     raise ValueError(f"the tokenizer in {path} is neither a byte-level BPE nor a SentencePiece "
                      f"tokenizer the gguf package reads; pass source= the model's GGUF file")
