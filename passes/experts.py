@@ -110,32 +110,34 @@ def restack(module: nn.Module) -> None:
     """Every exploded stack back to one parameter: an `ExpertsQuantizedTensor` where its
     experts were quantized, else the original stacked parameter."""
     for name in [n for n in STACKS if isinstance(module._modules.get(n), ExpertLinears)]:
-        linears: ExpertLinears = module._modules.pop(name)
-        weights = [lin.weight for lin in linears]
-        quantized = [isinstance(w, QuantizedTensor) for w in weights]
-        if all(quantized):
-            W = nn.Parameter(ExpertsQuantizedTensor.stack(weights, linears.transposed),
-                             requires_grad=False)
-        elif not any(quantized):
-            W = linears._original
-        else:
-            raise ValueError(f"stack {name!r} has quantized and full-precision experts: the "
-                             f"experts of one stack are quantized together")
-        module._parameters[name] = W
-        if all(quantized):
-            set_layer_config(module, name, getattr(linears[0], "discq_config", None))
-        tokens = [getattr(lin, "discq_tokens", None) for lin in linears]
-        if all(quantized) and None not in tokens:  # what each expert was calibrated on
-            K = linears[0].in_features
-            module.__dict__.setdefault("discq_expert_tokens", {})[name] = (K, tokens)
-        if linears._original_bias is not None:  # fine-tuning may have moved the biases
-            bias = torch.stack([lin.bias.detach() for lin in linears])
-            module._parameters[f"{name}_bias"] = nn.Parameter(
-                bias, requires_grad=linears._original_bias.requires_grad)
+        _restack(module, name, module._modules.pop(name))
     module.__dict__.pop("discq_calibrate_all", None)
     quantized = any(is_stack_quantized(module, n) for n in STACKS)
     module.__class__ = _variant(_base_class(type(module)), "stacked") if quantized \
         else _base_class(type(module))
+
+
+def _restack(module: nn.Module, name: str, linears: ExpertLinears) -> None:
+    """One stack back: its weight (and config, token counts, biases) on the module."""
+    weights = [lin.weight for lin in linears]
+    quantized = [isinstance(w, QuantizedTensor) for w in weights]
+    if all(quantized):
+        module._parameters[name] = nn.Parameter(
+            ExpertsQuantizedTensor.stack(weights, linears.transposed), requires_grad=False)
+        set_layer_config(module, name, getattr(linears[0], "discq_config", None))
+        tokens = [getattr(lin, "discq_tokens", None) for lin in linears]
+        if None not in tokens:  # what each expert was calibrated on
+            K = linears[0].in_features
+            module.__dict__.setdefault("discq_expert_tokens", {})[name] = (K, tokens)
+    elif not any(quantized):
+        module._parameters[name] = linears._original
+    else:
+        raise ValueError(f"stack {name!r} has quantized and full-precision experts: the "
+                         f"experts of one stack are quantized together")
+    if linears._original_bias is not None:  # fine-tuning may have moved the biases
+        bias = torch.stack([lin.bias.detach() for lin in linears])
+        module._parameters[f"{name}_bias"] = nn.Parameter(
+            bias, requires_grad=linears._original_bias.requires_grad)
 
 
 def undo(module: nn.Module) -> None:

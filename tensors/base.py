@@ -72,8 +72,10 @@ class QuantizedTensor(TorchAOBaseTensor):
 
     def rows(self, idx: Tensor) -> Tensor:
         """Rows `idx` [n] of the dequantized weight: [n, K]. Formats whose rows decode alone
-        override this; the default decodes the whole matrix."""
-        return self.dequantize()[idx]
+        override this; the default decodes the whole matrix. F.embedding, not [idx]: its
+        backward sums a repeated row's gradients in a fixed order, advanced indexing's
+        (index_put_ with accumulate) in a thread-dependent one on CPU."""
+        return F.embedding(idx, self.dequantize())
 
     def embedding(self, ids: Tensor) -> Tensor:
         """F.embedding(ids, self): ids [...] -> [..., K] (a quantized table shared with a tied

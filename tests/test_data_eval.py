@@ -87,7 +87,7 @@ def test_model_errors_name_the_fix(tmp_path):
         load_model("no-such-model")
     with pytest.raises(TypeError, match="dtype"):
         load_model(str(tmp_path), dtype="fp32")
-    assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6"}
+    assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6", "gemma3-270m"}
 
 
 def test_missing_bundled_package_says_how_to_install(monkeypatch):

