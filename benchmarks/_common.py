@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import threading
 import time
 from contextlib import contextmanager
@@ -52,19 +51,19 @@ def timed_quantize(model, config, filter_fn) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    """The machine of a result: CPU, cores, caches, vector extensions, torch, date (discq
+    imported here, not above: the peers' environment imports this module without it)."""
+    from discq.machine import machine_info
+    info = {**machine_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def describe(m: dict) -> str:
+    from discq.machine import describe as describe_machine
+    return describe_machine(m)
 
 
 def write(name: str, payload: dict, markdown: str) -> None:

@@ -12,14 +12,21 @@ fails says why. Results accumulate in `benchmarks/results/quality_<model>.json` 
 row replaces it); `benchmarks/report.py` turns them into tables and plots.
 
     python benchmarks/quality.py [--set full|quick] [--model smollm2|minilm|gemma3|all]
-                                 [--only S1,S2]
+                                 [--only S1,S2] [--draws N]
                                  [--resume]   (--resume: skip rows already measured)
+
+`--draws N` runs every row that reads calibration tokens on N calibration draws (draw 0 is the
+set's usual tokens, draw k the same number of sequences drawn with seed k) and records each
+draw's scores, their mean (the row's score) and sample standard deviation (`perplexity_sd`,
+...): the spread that a difference between two rows must exceed to mean anything. With
+`--resume` a row's existing result serves as its draw 0.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -29,9 +36,9 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, describe, machine  # noqa: E402
 from quality_row import is_causal, load_model  # noqa: E402
-from quality_rows import CALIB, Row, rows  # noqa: E402
+from quality_rows import CALIB, Row, rows, uses_calibration  # noqa: E402
 
 WORK = HERE / ".work"
 PEERS_PYTHON = HERE / ".peers" / "bin" / "python"
@@ -65,13 +72,32 @@ def prepare(model: str, n_calib: int) -> Path:
     return d
 
 
-def run_row(row: Row, timeout: int) -> dict:
+def calib_draw(d: Path, k: int) -> str:
+    """The file of calibration draw k in the model's work directory (written once): draw 0 is
+    `prepare`'s calib.pt, draw k as many sequences of the same plays drawn with seed k."""
+    if k == 0:
+        return "calib.pt"
+    name = f"calib_d{k}.pt"
+    if not (d / name).exists():
+        from transformers import AutoTokenizer
+
+        from discq.data import calibration_batches
+        n, seq = torch.load(d / "calib.pt", weights_only=True).shape
+        tok = AutoTokenizer.from_pretrained(d / "fp32")
+        calib = calibration_batches(tok, "shakespeare", n_samples=n, seq_len=seq, seed=k,
+                                    batch_size=n)
+        torch.save(torch.cat(list(calib)), d / f".{name}.tmp")
+        os.replace(d / f".{name}.tmp", d / name)
+    return name
+
+
+def run_row(row: Row, timeout: int, calib_file: str = "calib.pt") -> dict:
     """The row in its own process; its meta.json (or why it has none)."""
-    out = WORK / "rows" / row.id
+    out = WORK / "rows" / (row.id + ("" if calib_file == "calib.pt" else f"-{calib_file[6:-3]}"))
     out.mkdir(parents=True, exist_ok=True)
     for f in ("meta.json", "weights.safetensors"):
         (out / f).unlink(missing_ok=True)
-    (out / "row.json").write_text(json.dumps(row.__dict__))
+    (out / "row.json").write_text(json.dumps({**row.__dict__, "calib_file": calib_file}))
     python = sys.executable if row.env == "main" else str(PEERS_PYTHON)
     if row.env == "peers" and not PEERS_PYTHON.exists():
         return {"ok": False, "error": "the peers' environment is missing: run `make bench-peers`"}
@@ -84,7 +110,7 @@ def run_row(row: Row, timeout: int) -> dict:
     if not (out / "meta.json").exists():
         return {"ok": False, "error": f"the row's process exited {proc.returncode}: "
                                       f"{proc.stderr.strip()[-1500:]}"}
-    return json.loads((out / "meta.json").read_text())
+    return {**json.loads((out / "meta.json").read_text()), "out": str(out)}
 
 
 def evaluate(d: Path, out: Path, reference) -> dict:
@@ -100,6 +126,25 @@ def evaluate(d: Path, out: Path, reference) -> dict:
         raise KeyError(f"the row wrote tensors the model does not have: {unknown[:3]}")
     q.load_state_dict(weights, strict=False)
     return scores(d, reference, q)
+
+
+METRICS = ("perplexity", "kl", "top1", "cosine")
+
+
+def with_draws(result: dict, draws: list[dict]) -> dict:
+    """The row's result over its calibration draws: each draw's scores kept, the row's score
+    their mean, `<metric>_sd` their sample standard deviation."""
+    result = {**result, "draws": draws}
+    for m in METRICS:
+        values = [dr[m] for dr in draws if m in dr]
+        if len(values) == len(draws) > 1:
+            result[m] = statistics.fmean(values)
+            result[f"{m}_sd"] = statistics.stdev(values)
+    return result
+
+
+def _draw_scores(k: int, result: dict) -> dict:
+    return {"draw": k, **{m: result[m] for m in (*METRICS, "seconds") if m in result}}
 
 
 _CACHE: dict = {}
@@ -125,6 +170,7 @@ def scores(d: Path, reference, model) -> dict:
 def result_row(row: Row, meta: dict, judged: dict) -> dict:
     out = {"id": row.id, "line": row.line, "model": row.model, "env": row.env,
            "spec": row.spec, "ok": meta.get("ok", False), "date": time.strftime("%Y-%m-%d"),
+           "machine": describe(machine()),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": _command()}
     for k in ("seconds", "peak_rss_gib", "rss_before_gib", "config", "versions", "error"):
         if k in meta:
@@ -146,7 +192,7 @@ def save(path: Path, payload: dict) -> None:
 
 
 def run(model: str, which: str, only: str | None, timeout: int,
-        resume: bool = False) -> Path:
+        resume: bool = False, draws: int = 1) -> Path:
     """Run the set's rows (or those `only` names) for `model`; a run of the whole set records
     its own wall time (preparation, the reference and every row) as the payload's "run"."""
     started, t_start = time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter()
@@ -164,14 +210,20 @@ def run(model: str, which: str, only: str | None, timeout: int,
                     **scores(d, reference, reference)}
     todo = [r for r in table if only is None or any(o in r.id for o in only.split(","))]
     if resume:  # rows already measured with the same settings are kept, not rerun
-        todo = [r for r in todo if not (done.get(r.id, {}).get("ok")
-                                        and done[r.id].get("spec") == r.spec)]
+        todo = [r for r in todo if not _measured(done.get(r.id, {}), r, draws)]
     for i, row in enumerate(todo, 1):
         t0 = time.perf_counter()
-        meta = run_row(row, timeout)
-        judged = evaluate(d, WORK / "rows" / row.id, reference) if meta.get("ok") else {}
-        done[row.id] = result_row(row, meta, judged)
-        done[row.id]["wall_seconds"] = time.perf_counter() - t0  # process + judging
+        old = done.get(row.id, {})
+        if resume and old.get("ok") and old.get("spec") == row.spec:
+            result = old  # its draw 0
+        else:
+            meta = run_row(row, timeout)
+            judged = evaluate(d, Path(meta["out"]), reference) if meta.get("ok") else {}
+            result = result_row(row, meta, judged)
+            result["wall_seconds"] = time.perf_counter() - t0  # process + judging
+        if draws > 1 and result["ok"] and uses_calibration(row):
+            result = _more_draws(row, result, draws, d, reference, timeout)
+        done[row.id] = result
         payload["rows"] = list(done.values())
         save(path, payload)
         print(f"[{i}/{len(todo)}] {_summary(done[row.id])}  ({time.perf_counter() - t0:.0f} s)",
@@ -186,11 +238,34 @@ def run(model: str, which: str, only: str | None, timeout: int,
     return path
 
 
+def _measured(result: dict, row: Row, draws: int) -> bool:
+    """Already measured with these settings (and on `draws` draws where the row has any)."""
+    ok = result.get("ok") and result.get("spec") == row.spec
+    return bool(ok) and (draws == 1 or not uses_calibration(row)
+                         or len(result.get("draws", ())) >= draws)
+
+
+def _more_draws(row: Row, result: dict, draws: int, d: Path, reference, timeout: int) -> dict:
+    """Draws 1..draws-1 of the row beside its draw 0 (`result`); a failed draw is recorded
+    (`draws_error`) and leaves the row's measured draws as they were."""
+    scores_ = [dr for dr in result.get("draws", []) if dr["draw"] < draws] or \
+        [_draw_scores(0, {k: v for k, v in result.items() if k != "draws"})]
+    for k in range(len(scores_), draws):
+        meta = run_row(row, timeout, calib_draw(d, k))
+        if not meta.get("ok"):
+            return {**result, "draws_error": f"draw {k}: {meta.get('error')}"}
+        scores_.append({**_draw_scores(k, {**meta, **evaluate(d, Path(meta["out"]), reference)}),
+                        "machine": describe(machine()), "date": time.strftime("%Y-%m-%d")})
+    return with_draws(result, scores_)
+
+
 def _summary(r: dict) -> str:
     if not r["ok"]:
         return f"{r['id']}: FAILED {r.get('error', '')[:300]}"
     score = (f"ppl {r['perplexity']:.2f} KL {r['kl']:.4f} top-1 {r['top1']:.3f}"
              if "perplexity" in r else f"cosine {r['cosine']:.5f}")
+    if "perplexity_sd" in r:
+        score += f" (mean of {len(r['draws'])} draws, sd {r['perplexity_sd']:.2f})"
     return (f"{r['id']}: {r['bits_per_weight']:.3f} bits, {score}, {r['seconds']:.0f} s, "
             f"peak {r['peak_rss_gib']:.2f} GiB")
 
@@ -205,9 +280,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per row")
     ap.add_argument("--resume", action="store_true",
                     help="skip rows already in the results with the same settings")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="calibration draws per data-driven row (mean and spread recorded)")
     a = ap.parse_args()
+    if a.draws < 1:
+        ap.error("--draws must be at least 1")
     for model in (["smollm2", "minilm"] if a.model == "all" else [a.model]):
-        run(model, a.which, a.only, a.timeout, a.resume)
+        run(model, a.which, a.only, a.timeout, a.resume, a.draws)
 
 
 if __name__ == "__main__":

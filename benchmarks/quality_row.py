@@ -46,9 +46,10 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     return cls.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def load_inputs(work: Path, model: str) -> Inputs:
+def load_inputs(work: Path, model: str, calib_file: str = "calib.pt") -> Inputs:
+    """`calib_file`: the calibration draw ("calib.pt": draw 0, "calib_d2.pt": draw 2)."""
     d = work / model
-    calib = torch.load(d / "calib.pt", weights_only=True)  # [N, 512]
+    calib = torch.load(d / calib_file, weights_only=True)  # [N, 512]
     return Inputs(load_model(d / "fp32"), d / "fp32", calib, d, is_causal(d / "fp32"))
 
 
@@ -69,7 +70,7 @@ def main(row_json: str, work: str, out: str) -> int:
     meta = {"id": row["id"], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         torch.manual_seed(0)
-        inputs = load_inputs(Path(work), row["model"])
+        inputs = load_inputs(Path(work), row["model"], row.get("calib_file", "calib.pt"))
         meta["rss_before_gib"] = status_gib("VmRSS")  # libraries and the fp32 model
         result = importlib.import_module(f"runners.{row['runner']}").quantize(inputs, row["spec"])
         meta["peak_rss_gib"] = status_gib("VmHWM")

@@ -120,3 +120,18 @@ def rows(model: str, which: str) -> list[Row]:
     table = {"smollm2": smollm2_rows, "minilm": minilm_rows, "gemma3": gemma3_rows}[model]()
     chosen = [r for r in table if which in r.sets]
     return sorted(chosen, key=lambda r: r.spec.get("bits", 3) == 2)
+
+
+# quantizers that read no calibration tokens: every calibration draw gives the same weights
+DATA_FREE_RUNNERS = {"llamacpp_runner", "hqq_runner", "torchao_runner"}
+DATA_FREE_METHODS = {"rtn"}
+
+
+def uses_calibration(row: Row) -> bool:
+    """Whether the row's result depends on the calibration draw (its spread is worth
+    measuring); llama.cpp rows with an importance matrix do."""
+    if row.runner == "discq_runner":
+        return row.spec.get("method") not in DATA_FREE_METHODS
+    if row.runner == "llamacpp_runner":
+        return bool(row.spec.get("imatrix"))
+    return row.runner not in DATA_FREE_RUNNERS

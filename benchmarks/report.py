@@ -70,6 +70,25 @@ def plot(rows: list[dict], metric: str, path: Path, title: str, ylabel: str) -> 
     plt.close(fig)
 
 
+def value(r: dict, metric: str, f: str) -> str:
+    """The row's score, with its spread over calibration draws where it was measured:
+    "50.07 ± 0.41 (3)" is the mean of 3 draws and their standard deviation."""
+    sd = r.get(f"{metric}_sd")
+    if sd is None:
+        return format(r[metric], f)
+    return f"{format(r[metric], f)} ± {format(sd, f)} ({len(r['draws'])})"
+
+
+def within_spread(a: dict, b: dict, metric: str) -> bool | None:
+    """Whether two rows' scores differ by no more than their spreads together (the sum of the
+    standard deviations over calibration draws that were measured); None where neither row
+    has a measured spread."""
+    sds = [r.get(f"{metric}_sd") for r in (a, b)]
+    if all(sd is None for sd in sds):
+        return None
+    return abs(a[metric] - b[metric]) <= sum(sd or 0.0 for sd in sds)
+
+
 def table(rows: list[dict], metric_cols: list[tuple[str, str, str]]) -> list[str]:
     head = "| method | bits/weight | " + " | ".join(c[1] for c in metric_cols) + \
         " | time (s) | peak RSS (GiB) | env |"
@@ -80,7 +99,7 @@ def table(rows: list[dict], metric_cols: list[tuple[str, str, str]]) -> list[str
     for line, pts in lines(rows).items():
         for r in pts:
             out.append(f"| {line} `{r['id'].split('-', 1)[1]}` | {r['bits_per_weight']:.3f} | "
-                       + " | ".join(format(r[k], f) for k, _, f in metric_cols)
+                       + " | ".join(value(r, k, f) for k, _, f in metric_cols)
                        + f" | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['env']} |")
     for r in rows:
         if not r["ok"]:
@@ -94,7 +113,8 @@ def _one_line(s: str) -> str:
 
 
 def pareto(rows: list[dict], metric: str, lower_is_better: bool = True) -> list[str]:
-    """For every peer point between 3 and 6 bits: discq's best at no more bits than it."""
+    """For every peer point between 3 and 6 bits: discq's best at no more bits than it, and
+    whether the difference exceeds the rows' spread over calibration draws where measured."""
     ours = [r for r in rows if r["ok"] and is_discq(r["line"])]
     out = ["| peer point | bits | " + metric + " | discq's best at <= those bits | " + metric
            + " | discq on or below |", "|---|---|---|---|---|---|"]
@@ -112,9 +132,12 @@ def pareto(rows: list[dict], metric: str, lower_is_better: bool = True) -> list[
                            f"{p[metric]:.4g} | none | | no |")
                 continue
             ok = best[metric] <= p[metric] if lower_is_better else best[metric] >= p[metric]
-            out.append(f"| {line} | {p['bits_per_weight']:.3f} | {p[metric]:.4g} | "
-                       f"{best['line']} ({best['bits_per_weight']:.3f}) | {best[metric]:.4g} "
-                       f"| {'yes' if ok else '**no**'} |")
+            verdict = "yes" if ok else "**no**"
+            if within_spread(best, p, metric):
+                verdict = "level (within the spread)"
+            out.append(f"| {line} | {p['bits_per_weight']:.3f} | {value(p, metric, '.4g')} | "
+                       f"{best['line']} ({best['bits_per_weight']:.3f}) | "
+                       f"{value(best, metric, '.4g')} | {verdict} |")
     return out
 
 
@@ -141,7 +164,8 @@ def budgets(rows: list[dict], metric: str, lower_is_better: bool = True,
             fit = [p for p in pts if p["bits_per_weight"] <= b + 1e-9]
             best = min(fit, key=lambda p: p[metric] if lower_is_better else -p[metric],
                        default=None)
-            cells.append(f"{best[metric]:.4g} ({best['bits_per_weight']:.2f})" if best else "")
+            cells.append(f"{value(best, metric, '.4g')} ({best['bits_per_weight']:.2f})"
+                         if best else "")
         out.append(f"| {line} | " + " | ".join(cells) + " |")
     return out
 
@@ -180,13 +204,13 @@ def speed_section(speed: dict | None) -> list[str]:
     plt.close(fig)
     m = {**speed["machine"], **(speed.get("layers_from") or {})}  # the layer tables' machine
     out = ["## Speed per layer shape (CPU, one activation row)", "",
-           f"From `speed_cpu.json` ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, layer "
+           f"From `speed_cpu.json` ({_machine(m)}, torch {m['torch']}, layer "
            f"tables of {m['date']}; command: "
            f"`{speed.get('command', 'python benchmarks/speed.py')}`). Bars: fp32 time / "
            f"variant time.", "", "![speed per layer](speed_layers.png)", ""]
     if speed.get("decode"):
         dm = speed["machine"]  # the decode table's machine
-        out += [f"Decode of SmolLM2-135M (tokens/s, same run as llama.cpp; {dm['cpu']}, "
+        out += [f"Decode of SmolLM2-135M (tokens/s, same run as llama.cpp; {_machine(dm)}, "
                 f"{dm['date']}):", "",
                 "| variant | tokens/s | MB/token | perplexity |", "|---|---|---|---|"]
         out += [f"| {d['variant']} | {d['tokens_per_s']:.1f} | "
@@ -196,11 +220,46 @@ def speed_section(speed: dict | None) -> list[str]:
     return out
 
 
+def machines(rows: list[dict], m: dict) -> str:
+    """Which machines ran the rows (rows record theirs since 2026-12-07; `m`: the file's)."""
+    named: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("id") != "fp32":
+            named.setdefault(r.get("machine", ""), []).append(r.get("date", "?"))
+    parts = [f"{m} ({len(d)} rows, {min(d)}–{max(d)})" for m, d in named.items() if m]
+    if "" in named:
+        d = named[""]
+        parts.append(f"{m['cpu']}, {m['cores']} cores ({len(d)} rows, {min(d)}–{max(d)}; "
+                     f"cache sizes not recorded then)")
+    return "; ".join(parts)
+
+
+def draws_note(rows: list[dict]) -> str:
+    n = sorted({len(r["draws"]) for r in rows if r.get("draws") and len(r["draws"]) > 1})
+    if not n:
+        return (" Every row ran on one calibration draw: a difference of a few percent between "
+                "rows is within the spread a different draw can cause.")
+    later = sorted({f"{dr['machine']} on {dr['date']}" for r in rows for dr in r.get("draws", ())
+                    if dr["draw"] > 0 and "machine" in dr})
+    return (f" Scores with ± are the mean of {'/'.join(map(str, n))} calibration draws (draw k: "
+            f"the same number of sequences drawn with seed k; `--draws`) and their standard "
+            f"deviation" + (f" (draws after the first: {'; '.join(later)})" if later else "")
+            + "; the other rows ran on one draw. A difference smaller than the spreads is not a "
+            "result, and the Pareto check says so (\"level\").")
+
+
+def _machine(m: dict) -> str:
+    """The machine's full description where it was recorded (caches and ISA since
+    2026-12-07), else its CPU and cores."""
+    from _common import describe
+    return describe(m) if "caches" in m else f"{m['cpu']}, {m['cores']} cores"
+
+
 def header(res: dict) -> list[str]:
     m = res["machine"]
     cmds = sorted({r["command"] for r in res["rows"] if "command" in r})
     dates = sorted({r["date"] for r in res["rows"] if "date" in r})
-    return [f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}; rows run "
+    return [f"Machines: {machines(res['rows'], m)}; torch {m['torch']}; rows run "
             f"{dates[0]}–{dates[-1]} by `{'`, `'.join(cmds)}`. Calibration: the same "
             f"{res['n_calib']}x512 tokens of the calibration plays for every data-driven row; "
             f"eval: {res['eval'][0]}x{res['eval'][1]} held-out tokens (hamlet). Every row "
@@ -210,7 +269,8 @@ def header(res: dict) -> list[str]:
             f"zeros as stored (discq and torchao: 8-bit integers; HQQ: 16-bit floats; "
             f"symmetric peers: none), codebooks and sign vectors; llama.cpp: its file's bytes. "
             f"Time: the quantization call alone; peak RSS: the row's own process (libraries and "
-            f"the fp32 model included).{_set_time(res['rows'], res.get('run'))}", ""]
+            f"the fp32 model included).{_set_time(res['rows'], res.get('run'))}"
+            f"{draws_note(res['rows'])}", ""]
 
 
 def _set_time(rows: list[dict], run: dict | None = None) -> str:

@@ -22,6 +22,7 @@ import torch
 
 from discq.data import calibration_batches, eval_windows
 from discq.interrupt import exit_on_signals
+from discq.machine import describe
 from discq.methods import available_methods
 from discq.models import load_model
 from discq.pipeline import evaluate, quantize_copy
@@ -50,11 +51,16 @@ COLUMNS = ("method", "bits/weight", "perplexity", "KL", "top-1", "time (s)", "se
 
 def run(args: argparse.Namespace, settings: dict) -> list[dict]:
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     model, tok = load_model(args.model)
     windows = eval_windows(tok, args.data, n_windows=args.n_windows, seq_len=args.seq_len)
+    load_seconds = time.perf_counter() - t0
     print(_header(), flush=True)
+    t0 = time.perf_counter()
     rows = [{"method": "fp32", "bits_per_weight": 32.0, "kl": 0.0, "top1": 1.0, "seconds": 0.0,
-             **evaluate(model, None, windows), "settings": "the original model"}]
+             **evaluate(model, None, windows), "settings": "the original model",
+             "load_seconds": round(load_seconds, 1)}]
+    rows[-1]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     print(_row(rows[-1]), flush=True)
     for method in available_methods():
         rows.append(_one_method(model, tok, method, args, settings[method], windows))
@@ -75,9 +81,19 @@ def _one_method(model, tok, method: str, args: argparse.Namespace, settings: dic
     qmodel, summary = quantize_copy(model, method, bits=args.bits, group_size=args.group_size,
                                     calibration=calib, **kwargs)
     seconds = time.perf_counter() - t0
-    return {"method": method, "bits_per_weight": summary["bits_per_weight"],
-            **evaluate(qmodel, model, windows), "seconds": round(seconds, 1),
-            "settings": note}
+    scores = evaluate(qmodel, model, windows)
+    return {"method": method, "bits_per_weight": summary["bits_per_weight"], **scores,
+            "seconds": round(seconds, 1), "settings": note,
+            "eval_seconds": round(time.perf_counter() - t0 - seconds, 1)}
+
+
+def phases(rows: list[dict], total: float) -> str:
+    """Where the demo's time went: loading, quantizing (per method in the table), evaluating."""
+    quantize = sum(r["seconds"] for r in rows)
+    evaluate_ = sum(r.get("eval_seconds", 0) for r in rows)
+    load = rows[0].get("load_seconds", 0)
+    return (f"{total:.0f} s: model and text {load:.0f} s, quantization {quantize:.0f} s, "
+            f"evaluation {evaluate_:.0f} s, the rest {total - load - quantize - evaluate_:.0f} s")
 
 
 def _cells(r: dict) -> list[str]:
@@ -165,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     title = (f"{args.model}, {args.bits}-bit codes, groups of {args.group_size} where the method "
              f"has groups; held-out {args.data} ({args.n_windows}x{args.seq_len} tokens); "
-             f"{total:.0f} s on {torch.get_num_threads()} threads")
+             f"{total:.0f} s on {describe()} ({torch.get_num_threads()} threads)")
     write_results(rows, args.out, title)
-    print(f"\n{total:.0f} s. Table and plot: {args.out}/results.{{md,json,png}}. The demo's "
+    print(f"\n{phases(rows, total)}; {describe()}.")
+    print(f"Table and plot: {args.out}/results.{{md,json,png}}. The demo's "
           f"budgets are small; the full-budget numbers are in benchmarks/results/ "
           f"(README, Results).")
     return 0

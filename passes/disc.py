@@ -103,7 +103,7 @@ class DiscConfig(GridConfig):
     ce_weight: float = 0.0
     hidden_weight: float = 0.0
     init: str = "uniform"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = None
     finetune: bool = False
     finetune_steps: int = 100
     checkpoint_dir: str | None = None
@@ -127,8 +127,9 @@ class DiscConfig(GridConfig):
         if self.init not in ("uniform", "rtn"):
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
                              f"the RTN vertex), got {self.init!r}")
-        check_bool(gradient_checkpointing=self.gradient_checkpointing,
-                   incoherence=self.incoherence)
+        check_bool(incoherence=self.incoherence)
+        if self.gradient_checkpointing is not None:
+            check_bool(gradient_checkpointing=self.gradient_checkpointing)
         self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
             raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments "
@@ -143,7 +144,7 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 rho: float = 200.0, warmup: int = 128, seed: int = 0,
                 checkpoint_dir: str | None = None, trainer_kwargs: dict | None = None,
                 kl_weight: float = 1.0, ce_weight: float = 0.0, init: str = "uniform",
-                scale_dtype: str = "float16", gradient_checkpointing: bool = True,
+                scale_dtype: str = "float16", gradient_checkpointing: bool | None = None,
                 finetune: bool = False, finetune_steps: int = 100,
                 codebook: str = "affine", hidden_weight: float = 0.0,
                 gguf: str | None = None, vector_dim: int = 2,
@@ -156,6 +157,9 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
     arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
+    `gradient_checkpointing`: recompute each decoder block's activations in the backward pass
+    (None: where a step's activations would exceed 1 GiB, as at the default 8x512 tokens; a
+    step of 2x128 tokens on a 135M model keeps them and saves a forward pass).
     `kl_weight`/`ce_weight`/`hidden_weight`: weights of the KL, next-token cross-entropy and
     intermediate-layer (relative MSE of every decoder layer's hidden state) terms.
     `finetune=True`: after rounding, tune norms/biases/sign vectors for `finetune_steps` steps

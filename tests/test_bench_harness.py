@@ -154,3 +154,29 @@ def test_a_whole_run_records_its_time_and_a_partial_one_keeps_it(monkeypatch, tm
     assert run["rows"] == 2 and run["seconds"] > 0
     quality.run("smollm2", "full", "a", 10)  # one row again: the whole run's record stays
     assert json.loads(path.read_text())["run"] == run
+
+
+def test_a_row_on_several_calibration_draws_records_each_and_its_spread(work, monkeypatch):
+    monkeypatch.setattr(quality, "WORK", work.parent)
+    row = quality_rows.Row("tiny-discq-gptq-3b-g32", "line", "discq_runner", "main",
+                           {"method": "gptq", "bits": 3, "group_size": 32}, "tiny")
+    assert quality_rows.uses_calibration(row)
+    assert not quality_rows.uses_calibration(quality_rows.Row(
+        "r", "l", "discq_runner", "main", {"method": "rtn"}))
+    reference = quality.load_model(work / "fp32")
+    meta = quality.run_row(row, 600)
+    first = quality.result_row(row, meta, quality.evaluate(work, Path(meta["out"]), reference))
+    result = quality._more_draws(row, first, 3, work, reference, 600)
+    draw1 = torch.load(work / "calib_d1.pt", weights_only=True)
+    assert draw1.shape == (8, 128) and not torch.equal(draw1, torch.load(work / "calib.pt"))
+    ppl = [d["perplexity"] for d in result["draws"]]
+    assert [d["draw"] for d in result["draws"]] == [0, 1, 2] and ppl[0] == first["perplexity"]
+    assert len(set(ppl)) == 3  # other tokens, other codes
+    assert result["perplexity"] == pytest.approx(sum(ppl) / 3)
+    assert result["perplexity_sd"] > 0 and result["kl_sd"] > 0
+    # the report shows the spread and calls a difference within it level
+    assert " ± " in report.value(result, "perplexity", ".2f")
+    peer = {**first, "perplexity": result["perplexity"] + result["perplexity_sd"] / 2}
+    peer.pop("draws", None)
+    assert report.within_spread(result, peer, "perplexity")
+    assert report.within_spread(first, peer, "perplexity") is None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conftest import CALIB_TEXT, HELDOUT_TEXT, TINY_LLAMA
 
+from discq.machine import describe
 from discq.methods import available_methods
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,4 +37,9 @@ def test_demo_runs_every_method_and_writes_table_and_plot(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert done.stdout.count("| method |") == 1  # one table, printed as it goes
     assert "benchmarks/results" in done.stdout
+    # where the time went, on which machine (the README states the slowest machine's times)
+    assert re.search(r"\d+ s: model and text \d+ s, quantization \d+ s, evaluation \d+ s",
+                     done.stdout)
+    assert describe() in done.stdout and describe() in table
+    assert all(r["eval_seconds"] >= 0 for r in rows)
     assert not NOISE.search(done.stdout + done.stderr), NOISE.findall(done.stdout + done.stderr)

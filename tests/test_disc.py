@@ -400,3 +400,39 @@ def test_discquant_with_sliced_logits_ends_where_it_does_with_whole_logits(monke
              zip(whole.modules(), sliced.modules()) if hasattr(getattr(a, "weight", None),
                                                                 "qdata")]
     assert codes and sum(torch.equal(a, b) for a, b in codes) >= len(codes) - 1
+
+
+def test_the_teacher_runs_once_per_sequence_when_sequences_repeat(monkeypatch):
+    from discq.training import disc_module
+    forwards = []
+    original = disc_module.DiscQuantModule._forward
+    monkeypatch.setattr(disc_module.DiscQuantModule, "_forward", lambda self, ids, teacher: (
+        forwards.append((teacher, len(ids))) or original(self, ids, teacher)))
+    results = {}
+    for budget in (2**31, 0):  # cached, then (no room) the teacher at every step
+        monkeypatch.setattr(disc_module, "TEACHER_CACHE_BYTES", budget)
+        forwards.clear()
+        model = tiny_random_llama()
+        discq.quantize_(model, disc_config(2, 32, calibration=_calib(), steps=10,
+                                           trainer_kwargs=FP32, **FAST))
+        # 8 sequences of 16 tokens, 10 steps of 2: each sequence 2-3 times
+        teacher = sum(n for t, n in forwards if t)
+        assert teacher == (8 if budget else 20)
+        assert sum(1 for t, _ in forwards if not t) == 10
+        results[budget] = _codes(model)
+    a, b = results.values()
+    same = sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
+    assert same > 0.999  # the same teacher logits, batched differently: float rounding only
+
+
+def test_gradient_checkpointing_by_default_where_activations_are_large():
+    from discq.training.disc_handler import _checkpointing
+    model = tiny_random_llama()
+    assert not _checkpointing(model, disc_config(2, 32, batch_size=8), 512)
+    model.config.num_hidden_layers = 30
+    model.config.hidden_size, model.config.intermediate_size = 576, 1536  # SmolLM2-135M
+    assert _checkpointing(model, disc_config(2, 32, batch_size=8), 512)   # 7.5 GB
+    assert not _checkpointing(model, disc_config(2, 32, batch_size=2), 128)  # 0.5 GB
+    assert _checkpointing(model, disc_config(2, 32, batch_size=2, gradient_checkpointing=True),
+                          128)
+    assert _checkpointing(torch.nn.Sequential(torch.nn.Linear(4, 4)), disc_config(2, 32), 16)

@@ -44,7 +44,8 @@ def step_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0,
 
 
 class StepStream(IterableDataset):
-    """Yields {"step": t, "ids": [B, S]} for steps first_step … steps − 1 on one rank; the
+    """Yields {"step": t, "ids": [B, S], "idx": [B]} (which sequences) for steps first_step …
+    steps − 1 on one rank; the
     module checks `step` against its global step, so a misaligned resume fails loudly."""
 
     def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int,
@@ -60,7 +61,7 @@ class StepStream(IterableDataset):
         n = len(self.sequences)
         for t in range(self._first(), self.steps):
             idx = step_indices(t, n, self.batch_size, self.seed, self.rank, self.world)
-            yield {"step": torch.tensor(t), "ids": self.sequences[idx]}
+            yield {"step": torch.tensor(t), "ids": self.sequences[idx], "idx": idx}
 
     def __len__(self) -> int:
         return self.steps - self._first()

@@ -103,12 +103,32 @@ def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batc
     data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
     try:
-        with checkpointed(blocks, config.gradient_checkpointing):
+        with checkpointed(blocks, _checkpointing(model, config, data.sequences.shape[1])):
             fit(_trainer(config), module, datamodule=data,
                 ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
     finally:  # sharded by the FSDP strategy: whole again, as the caller gave it
         if any(is_sharded(p) for p in model.parameters()):
             unshard(model)
+
+
+# activations a step may keep for its backward pass before blocks are recomputed instead
+ACTIVATION_BYTES = 2**30
+
+
+def _checkpointing(model: nn.Module, config: DiscConfig, seq_len: int) -> bool:
+    """config.gradient_checkpointing, or (None) whether a step's activations would exceed
+    ACTIVATION_BYTES: per token and decoder layer about 16 hidden-width and 4 MLP-width fp32
+    values (norm inputs, q/k/v/o, attention output, residuals; gate, up, act, product)."""
+    if config.gradient_checkpointing is not None:
+        return config.gradient_checkpointing
+    config_of = getattr(getattr(model, "config", None), "get_text_config", None)
+    c = config_of(decoder=True) if config_of else None
+    D, L = getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None)
+    if not (isinstance(D, int) and isinstance(L, int)):  # not a transformers model: recompute
+        return True
+    inner = getattr(c, "intermediate_size", None) or 4 * D
+    per_token = L * (16 * D + 4 * inner) * 4
+    return config.batch_size * seq_len * per_token > ACTIVATION_BYTES
 
 
 @contextlib.contextmanager

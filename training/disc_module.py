@@ -21,6 +21,12 @@ from torch import nn
 # has its KL formed a slice of positions at a time (Gemma 3's 262k vocabulary at 8×512 tokens:
 # 4.3 GB of logits per pass, teacher and student, plus their log-softmax and gradients)
 LOGIT_ELEMENTS = 2**28
+# the teacher's logits on every calibration sequence are computed once and kept when they take
+# at most this much memory (SmolLM2's 49k vocabulary at 64x128 tokens: 1.6 GB); else the
+# teacher runs at every step
+TEACHER_CACHE_BYTES = 2**31
+# the fraction of variables at a vertex (a pass over every variable) is logged this often
+VERTEX_LOG_EVERY = 10
 
 
 class DiscQuantModule(L.LightningModule):
@@ -34,6 +40,7 @@ class DiscQuantModule(L.LightningModule):
         self.config = config
         self.noise = noise
         self.units = list(units)  # the decoder blocks: FSDP's units when sharded
+        self.teacher_logits: torch.Tensor | None = None  # [n, S, V], see cache_teacher
 
     def configure_model(self) -> None:
         # under the sharded strategy (discq.training.fsdp) Lightning sets the device mesh
@@ -78,25 +85,58 @@ class DiscQuantModule(L.LightningModule):
         ids, c = batch["ids"], self.config  # ids: [B, S]
         if c.kl_weight == 0 and c.ce_weight == 0 and c.hidden_weight == 0:
             return sum(l.x.sum() for l in self.layers) * 0.0  # only the pull to RTN is left
+        if self.teacher_logits is not None:
+            teacher = self.teacher_logits[batch["idx"].cpu()].to(ids.device)
+            student, _ = self._forward(ids, teacher=False)
+            return self._loss(forward_kl(teacher, student), student, ids)
         kl = None
         if c.hidden_weight == 0 and c.ce_weight == 0 and self.units_unsharded():
             kl = chunked_forward_kl(self.model, ids, self._set_teacher, LOGIT_ELEMENTS)
         if kl is not None:  # a large vocabulary: never the whole batch's logits at once
-            self.log("kl", kl.detach(), prog_bar=True)
-            self.log("frac_at_vertex", frac_at_vertex(self.layers), prog_bar=True)
-            return c.kl_weight * kl / self.noise
+            return self._loss(kl)
         with torch.no_grad():
             teacher, t_hidden = self._forward(ids, teacher=True)
         student, s_hidden = self._forward(ids, teacher=False)
-        kl = forward_kl(teacher, student)
-        loss = c.kl_weight * kl / self.noise
+        loss = self._loss(forward_kl(teacher, student), student, ids)
         if c.hidden_weight:
             loss = loss + c.hidden_weight * hidden_mse(t_hidden, s_hidden) / self.noise
+        return loss
+
+    def _loss(self, kl: torch.Tensor, student=None, ids=None) -> torch.Tensor:
+        """The KL (and cross-entropy) terms of the loss, logged."""
+        c = self.config
+        loss = c.kl_weight * kl / self.noise
         if c.ce_weight:
             loss = loss + c.ce_weight * next_token_ce(student, ids)
         self.log("kl", kl.detach(), prog_bar=True)
-        self.log("frac_at_vertex", frac_at_vertex(self.layers), prog_bar=True)
+        if self.global_step % VERTEX_LOG_EVERY == 0 or self.global_step == c.steps - 1:
+            self.log("frac_at_vertex", frac_at_vertex(self.layers), prog_bar=True)
         return loss
+
+    def on_train_start(self) -> None:
+        self.cache_teacher()
+
+    @torch.no_grad()
+    def cache_teacher(self) -> None:
+        """The teacher's logits on every calibration sequence, computed once, where the run
+        would otherwise compute them more than once (each sequence seen in more than one step)
+        and they fit TEACHER_CACHE_BYTES: a step then runs only the student. Not for the
+        intermediate-layer term (it needs the teacher's hidden states), large vocabularies
+        (sliced KL), or several processes."""
+        c, data = self.config, self.trainer.datamodule
+        seqs = getattr(data, "sequences", None)  # [n, S]
+        if seqs is None or c.hidden_weight or self.trainer.world_size > 1:
+            return
+        (n, S), B = seqs.shape, c.batch_size
+        V = _vocab_size(self.model)
+        if c.steps * B <= n or V is None:  # each sequence seen once at most: nothing to save
+            return
+        if n * S * V * 4 > TEACHER_CACHE_BYTES or B * S * V > LOGIT_ELEMENTS:
+            return
+        device = next(self.model.parameters()).device
+        parts = [self._forward(seqs[i:i + B].to(device), teacher=True)[0].cpu()
+                 for i in range(0, n, B)]
+        self.teacher_logits = torch.cat(parts)  # [n, S, V] fp32
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # after backward (and DDP's all-reduce): the pull term and the clamp of the KL gradient
@@ -118,3 +158,10 @@ class DiscQuantModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: cosine_with_warmup(step, warmup, c.steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The width of a transformers model's logits; None for other modules."""
+    text_config = getattr(getattr(model, "config", None), "get_text_config", None)
+    V = getattr(text_config(decoder=True), "vocab_size", None) if text_config else None
+    return V if isinstance(V, int) else None
