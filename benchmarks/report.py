@@ -72,21 +72,24 @@ def plot(rows: list[dict], metric: str, path: Path, title: str, ylabel: str) -> 
 
 def value(r: dict, metric: str, f: str) -> str:
     """The row's score, with its spread over calibration draws where it was measured:
-    "50.07 ± 0.41 (3)" is the mean of 3 draws and their standard deviation."""
+    "50.98 ± 1.11 (3)" is the mean of 3 draws and their standard deviation."""
     sd = r.get(f"{metric}_sd")
     if sd is None:
         return format(r[metric], f)
-    return f"{format(r[metric], f)} ± {format(sd, f)} ({len(r['draws'])})"
+    return f"{format(r[metric], f)} ± {format(sd, '.2g' if f.endswith('g') else f)} " \
+           f"({len(r['draws'])})"
 
 
 def within_spread(a: dict, b: dict, metric: str) -> bool | None:
-    """Whether two rows' scores differ by no more than their spreads together (the sum of the
-    standard deviations over calibration draws that were measured); None where neither row
-    has a measured spread."""
-    sds = [r.get(f"{metric}_sd") for r in (a, b)]
-    if all(sd is None for sd in sds):
+    """Whether two rows' scores differ by no more than their spreads together (the sum of
+    their standard deviations over calibration draws; a row whose spread was not measured is
+    taken to spread as much as the other: a draw moves any calibrated method's rounding).
+    None where neither row has a measured spread."""
+    sa, sb = a.get(f"{metric}_sd"), b.get(f"{metric}_sd")
+    if sa is None and sb is None:
         return None
-    return abs(a[metric] - b[metric]) <= sum(sd or 0.0 for sd in sds)
+    sa, sb = (sb if sa is None else sa), (sa if sb is None else sb)
+    return abs(a[metric] - b[metric]) <= sa + sb
 
 
 def table(rows: list[dict], metric_cols: list[tuple[str, str, str]]) -> list[str]:

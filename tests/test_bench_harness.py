@@ -176,7 +176,8 @@ def test_a_row_on_several_calibration_draws_records_each_and_its_spread(work, mo
     assert result["perplexity_sd"] > 0 and result["kl_sd"] > 0
     # the report shows the spread and calls a difference within it level
     assert " ± " in report.value(result, "perplexity", ".2f")
-    peer = {**first, "perplexity": result["perplexity"] + result["perplexity_sd"] / 2}
-    peer.pop("draws", None)
-    assert report.within_spread(result, peer, "perplexity")
+    peer = {**first, "perplexity": result["perplexity"] + 1.5 * result["perplexity_sd"]}
+    assert report.within_spread(result, peer, "perplexity")  # its unmeasured spread: the same
+    peer["perplexity"] = result["perplexity"] + 2.5 * result["perplexity_sd"]
+    assert not report.within_spread(result, peer, "perplexity")
     assert report.within_spread(first, peer, "perplexity") is None
