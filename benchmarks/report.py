@@ -242,11 +242,11 @@ def draws_note(rows: list[dict]) -> str:
     if not n:
         return (" Every row ran on one calibration draw: a difference of a few percent between "
                 "rows is within the spread a different draw can cause.")
-    later = sorted({f"{dr['machine']} on {dr['date']}" for r in rows for dr in r.get("draws", ())
-                    if dr["draw"] > 0 and "machine" in dr})
+    ran = sorted({f"{dr['machine']} on {dr['date']}" for r in rows for dr in r.get("draws", ())
+                  if "machine" in dr})
     return (f" Scores with ± are the mean of {'/'.join(map(str, n))} calibration draws (draw k: "
             f"the same number of sequences drawn with seed k; `--draws`) and their standard "
-            f"deviation" + (f" (draws after the first: {'; '.join(later)})" if later else "")
+            f"deviation" + (f" (draws run on {'; '.join(ran)})" if ran else "")
             + "; the other rows ran on one draw. A difference smaller than the spreads is not a "
             "result, and the Pareto check says so (\"level\").")
 
