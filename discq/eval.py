@@ -101,16 +101,22 @@ def _windows(windows: Iterable) -> list:
 
 
 def perplexity(model: nn.Module, windows: Iterable[torch.Tensor], *,
-               progress: bool = True) -> float:
+               progress: bool = True, cached: list | None = None) -> float:
     """exp of the token-weighted mean negative log-likelihood over every next-token prediction
-    in `windows` (LongTensors [B, S], e.g. from `discq.data.eval_windows`)."""
+    in `windows` (LongTensors [B, S], e.g. from `discq.data.eval_windows`). `cached`: the
+    model's `reference_logprobs` on these windows, read instead of running it."""
     windows = _windows(windows)
+    if cached is not None and len(cached) != len(windows):
+        raise ValueError(f"cached holds {len(cached)} windows, windows has {len(windows)}; "
+                         f"compute it with reference_logprobs(model, windows)")
     nll, count = 0.0, 0
     with _eval_mode(model):
-        for ids in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+        for i, ids in enumerate(tqdm(windows, desc="perplexity", disable=not progress,
+                                     leave=False)):
             check_token_ids(model, ids)
             a = 0
-            for lp in logprob_chunks(model, ids):  # [B, c, V]
+            chunks = logprob_chunks(model, ids) if cached is None else _chunks(cached[i])
+            for lp in chunks:  # [B, c, V]
                 target = ids[:, 1 + a:1 + a + lp.shape[1]].to(lp.device).unsqueeze(-1)
                 nll -= lp.gather(-1, target).sum().item()
                 count += target.numel()

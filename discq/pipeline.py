@@ -77,11 +77,12 @@ def quantize_head_(model: nn.Module, bits: int = 8) -> nn.Module:
 def evaluate(model: nn.Module, reference: nn.Module | None, windows, *,
              progress: bool = True, cached: list | None = None) -> dict:
     """Perplexity on `windows`; against `reference` also its perplexity on the same windows
-    (`reference_perplexity`), KL and top-1 agreement. `cached`: the reference's
-    `discq.eval.reference_logprobs` on `windows`, so that it is not run again."""
+    (`reference_perplexity`), KL and top-1 agreement. `cached`: the reference's (without a
+    reference, the model's) `discq.eval.reference_logprobs` on `windows`, so that it is not
+    run again."""
     from discq import eval as ev
     if reference is None:
-        return {"perplexity": ev.perplexity(model, windows, progress=progress)}
+        return {"perplexity": ev.perplexity(model, windows, progress=progress, cached=cached)}
     out = ev.compare(reference, model, windows, progress=progress, cached=cached)
     return {k: out[k] for k in ("perplexity", "reference_perplexity", "kl", "top1") if k in out}
 

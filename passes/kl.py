@@ -80,8 +80,16 @@ def chunked_forward_kl(model, ids: Tensor, set_teacher, max_elements: int) -> Te
 
 def too_many(model, ids: Tensor, max_elements: int) -> bool:
     """Whether a batch's logits would hold more than `max_elements` entries."""
-    V = model.config.get_text_config(decoder=True).vocab_size  # the head may be relaxed
-    return ids.shape[0] * ids.shape[1] * V > max_elements
+    V = vocab_size(model)
+    return V is not None and ids.shape[0] * ids.shape[1] * V > max_elements
+
+
+def vocab_size(model) -> int | None:
+    """The width of a transformers model's logits, from its config (its head may be relaxed
+    or quantized); None for other modules."""
+    text_config = getattr(getattr(model, "config", None), "get_text_config", None)
+    V = getattr(text_config(decoder=True), "vocab_size", None) if text_config else None
+    return V if isinstance(V, int) else None
 
 
 def sliced_losses(s_h: Tensor, t_h: Tensor, student_head, teacher_head, max_elements: int

@@ -117,8 +117,8 @@ class AffineQuantizedTensor(QuantizedTensor):
         # index_select, not [idx]: the backward of advanced indexing (index_put_ with
         # accumulate) sums a repeated row's gradients in a thread-dependent order on CPU
         z = None if self.zero_point is None else self.zero_point.index_select(0, idx)
-        return dequantize_packed(self.qdata[idx], self.scale.index_select(0, idx), z, self.bits, self.group_size,
-                                 False, self.shape[1], self.dtype)
+        return dequantize_packed(self.qdata[idx], self.scale.index_select(0, idx), z, self.bits,
+                                 self.group_size, False, self.shape[1], self.dtype)
 
     def validate(self) -> None:
         N, K = self.shape

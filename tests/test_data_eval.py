@@ -109,3 +109,13 @@ def test_minilm_loads_as_an_encoder():
     model, tok = load_model("minilm-l6")
     out = model(**tok(["To be or not to be"], return_tensors="pt"))
     assert out.last_hidden_state.shape[-1] == 384
+
+
+def test_perplexity_from_cached_log_probs_equals_running_the_model(tiny_llama, tiny_windows):
+    from discq.eval import perplexity, reference_logprobs
+    model, windows = tiny_llama[0], list(tiny_windows)[:2]
+    cached = reference_logprobs(model, windows)
+    assert perplexity(model, windows, progress=False, cached=cached) == \
+        perplexity(model, windows, progress=False)
+    with pytest.raises(ValueError, match="reference_logprobs"):
+        perplexity(model, windows, progress=False, cached=cached[:1])

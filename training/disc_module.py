@@ -12,7 +12,8 @@ from discq.passes.disc import (
     hidden_mse,
     next_token_ce,
 )
-from discq.passes.kl import chunked_forward_kl, forward_kl
+from discq.passes.kl import chunked_forward_kl, forward_kl, vocab_size
+from discq.passes.memory_plan import available_bytes
 from discq.passes.sharding import is_sharded, local, rows_held
 from torch import nn
 
@@ -120,23 +121,25 @@ class DiscQuantModule(L.LightningModule):
     def cache_teacher(self) -> None:
         """The teacher's logits on every calibration sequence, computed once, where the run
         would otherwise compute them more than once (each sequence seen in more than one step)
-        and they fit TEACHER_CACHE_BYTES: a step then runs only the student. Not for the
-        intermediate-layer term (it needs the teacher's hidden states), large vocabularies
-        (sliced KL), or several processes."""
+        and they fit TEACHER_CACHE_BYTES and a quarter of the free memory: a step then runs
+        only the student. Not for the intermediate-layer term (it needs the teacher's hidden
+        states), large vocabularies (sliced KL), or several processes."""
         c, data = self.config, self.trainer.datamodule
         seqs = getattr(data, "sequences", None)  # [n, S]
         if seqs is None or c.hidden_weight or self.trainer.world_size > 1:
             return
         (n, S), B = seqs.shape, c.batch_size
-        V = _vocab_size(self.model)
+        V = vocab_size(self.model)
         if c.steps * B <= n or V is None:  # each sequence seen once at most: nothing to save
             return
-        if n * S * V * 4 > TEACHER_CACHE_BYTES or B * S * V > LOGIT_ELEMENTS:
+        room = min(TEACHER_CACHE_BYTES, available_bytes() // 4)  # a quarter of what is free
+        if n * S * V * 4 > room or B * S * V > LOGIT_ELEMENTS:
             return
         device = next(self.model.parameters()).device
-        parts = [self._forward(seqs[i:i + B].to(device), teacher=True)[0].cpu()
-                 for i in range(0, n, B)]
-        self.teacher_logits = torch.cat(parts)  # [n, S, V] fp32
+        cache = torch.empty(n, S, V)  # [n, S, V] fp32, filled a step's batch at a time
+        for i in range(0, n, B):
+            cache[i:i + B] = self._forward(seqs[i:i + B].to(device), teacher=True)[0].cpu()
+        self.teacher_logits = cache
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # after backward (and DDP's all-reduce): the pull term and the clamp of the KL gradient
@@ -159,9 +162,3 @@ class DiscQuantModule(L.LightningModule):
             opt, lambda step: cosine_with_warmup(step, warmup, c.steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-
-def _vocab_size(model: nn.Module) -> int | None:
-    """The width of a transformers model's logits; None for other modules."""
-    text_config = getattr(getattr(model, "config", None), "get_text_config", None)
-    V = getattr(text_config(decoder=True), "vocab_size", None) if text_config else None
-    return V if isinstance(V, int) else None
