@@ -26,11 +26,13 @@ class Row:
     sets: tuple = ("full",)
 
 
-def _discq(method: str, line: str, widths, settings: dict, quick=None, model="smollm2"):
+def _discq(method: str, line: str, widths, settings: dict, quick=None, model="smollm2",
+           name: str | None = None):
+    """`name`: the rows' id part where one method has several lines (default: the method)."""
     for bits, g in widths:
         tag = f"{bits}b" + (f"-g{g}" if g else "")
         sets = ("full", "quick") if (bits, g) == quick else ("full",)
-        yield Row(f"{model}-discq-{method}-{tag}", line, "discq_runner", "main",
+        yield Row(f"{model}-discq-{name or method}-{tag}", line, "discq_runner", "main",
                   {"method": method, "bits": bits, "group_size": g, **settings}, model, sets)
 
 
@@ -63,6 +65,10 @@ def smollm2_rows() -> list[Row]:
         # warm-started from RTN, is what 2 cores afford per width
         *_discq("disc", "discq DiscQuant", [(2, 64), (3, 64), (4, 64)],
                 {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "rtn", "warmup": 6}),
+        # the same budget from GPTQ's codes (GPTQ on the same tokens first)
+        *_discq("disc", "discq DiscQuant from GPTQ", [(2, 64), (3, 64), (4, 64)],
+                {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "gptq", "warmup": 6},
+                name="disc-gptq"),
         # k-means iterations cut from GPTVQ's 100 to 10 (time); codebook update kept
         *_discq("gptvq", "discq GPTVQ (2-D)", no_groups, {"dim": 2, "kmeans_iters": 10}),
         *_discq("quip-sharp", "discq QuIP#", no_groups, {"finetune": False}, quick=(3, None)),

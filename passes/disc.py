@@ -69,6 +69,7 @@ class Codebook:
     check: Any = None
 
 
+INITS = ("uniform", "rtn", "gptq")  # disc_config(init=...)
 RELAXATIONS: dict[str, Codebook] = {}  # disc_config(codebook=name) -> its Codebook
 
 
@@ -103,6 +104,7 @@ class DiscConfig(GridConfig):
     ce_weight: float = 0.0
     hidden_weight: float = 0.0
     init: str = "uniform"
+    keep_best: bool = True
     gradient_checkpointing: bool | None = None
     finetune: bool = False
     finetune_steps: int = 100
@@ -124,10 +126,16 @@ class DiscConfig(GridConfig):
                              f"vector codebooks), got {self.codebook!r}")
         if RELAXATIONS[self.codebook].check:
             RELAXATIONS[self.codebook].check(self)
-        if self.init not in ("uniform", "rtn"):
-            raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper) or 'rtn' (x at "
-                             f"the RTN vertex), got {self.init!r}")
-        check_bool(incoherence=self.incoherence)
+        if self.init not in INITS:
+            raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper), 'rtn' (x at "
+                             f"the RTN vertex) or 'gptq' (GPTQ's codes, relaxed around the "
+                             f"weights GPTQ rounded), got {self.init!r}")
+        if self.init == "gptq" and (self.codebook != "affine" or self.gguf is not None):
+            raise ValueError(f"init='gptq' starts from GPTQ's codes on the affine grid of "
+                             f"bits/group_size; with codebook={self.codebook!r}"
+                             f"{f', gguf={self.gguf!r}' if self.gguf else ''} use init='rtn' "
+                             f"or 'uniform'")
+        check_bool(incoherence=self.incoherence, keep_best=self.keep_best)
         if self.gradient_checkpointing is not None:
             check_bool(gradient_checkpointing=self.gradient_checkpointing)
         self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
@@ -148,12 +156,18 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 finetune: bool = False, finetune_steps: int = 100,
                 codebook: str = "affine", hidden_weight: float = 0.0,
                 gguf: str | None = None, vector_dim: int = 2,
-                codebook_group_size: int | None = None) -> DiscConfig:
+                codebook_group_size: int | None = None, keep_best: bool = True) -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
     `incoherence=True`). `warmup`: linear warm-up steps of the cosine schedule. `init`:
-    'uniform' (paper) or 'rtn' (x starts at the RTN vertex; converges faster in short runs).
+    'uniform' (paper), 'rtn' (x starts at the RTN vertex; converges faster in short runs) or
+    'gptq' (GPTQ runs first on the same calibration; each weight then chooses between the grid
+    neighbours of the value GPTQ rounded, starting at GPTQ's choice, on GPTQ's grid: the
+    start that makes a short run worth it; affine grid only). `keep_best`: score the rounded
+    point on held-out calibration sequences (an eighth, at most 32) at the start, every
+    quarter and the end, and return the best (so the result is never worse than the start
+    by that measure; one process only: DDP and FSDP runs return the last step's point).
     `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
     arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
@@ -182,7 +196,7 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       gradient_checkpointing=gradient_checkpointing, finetune=finetune,
                       finetune_steps=finetune_steps, codebook=codebook,
                       hidden_weight=hidden_weight, gguf=gguf, vector_dim=vector_dim,
-                      codebook_group_size=codebook_group_size)
+                      codebook_group_size=codebook_group_size, keep_best=keep_best)
 
 
 @handles(DiscConfig)
@@ -200,6 +214,11 @@ class Relaxation(nn.Module):
     and `rounded()`."""
 
     teacher: bool
+    hard = False  # forward through the rounded point (x ≥ ½), not the relaxed one
+
+    def x_now(self) -> Tensor:
+        """x, or with `hard` set its rounding (what `rounded()` would store)."""
+        return (self.x >= 0.5).to(self.x.dtype) if self.hard else self.x
 
     def forward(self, x: Tensor) -> Tensor:
         if self.teacher:
@@ -234,7 +253,8 @@ class RelaxedLinear(Relaxation):
     W̃ = R_out W R_inᵀ (W̃ is only needed while fitting) and activations are rotated."""
 
     def __init__(self, linear: nn.Linear, grid: AffineGrid, init: str,
-                 generator: torch.Generator, rotation: tuple[Tensor, ...] | None = None):
+                 generator: torch.Generator, rotation: tuple[Tensor, ...] | None = None,
+                 start=None):
         super().__init__()
         self.original, self.grid, self.teacher = linear, grid, False
         self.rotated = rotation is not None
@@ -243,11 +263,16 @@ class RelaxedLinear(Relaxation):
             for name, t in zip(("s_in", "s_out", "q_in", "q_out"), rotation):
                 self.register_buffer(name, t.to(W.device), persistent=False)
             W = rotate_weight(W.float(), self.s_out, self.s_in, self.q_out, self.q_in).to(W.dtype)
-        Wr = to_rows(W, grid).float()  # [R, C]
         headers = None
-        if isinstance(grid, GGUFGrid):  # zero fp32 (-b/a); headers [R, C / block, P] uint8
+        if start is not None:  # another method's grid and the weights it rounded (disc_init)
+            Wr = to_rows(start.W.to(W.device), grid).float()  # [R, C]
+            scale, zero = start.scale.to(W.device), start.zero
+            zero = None if zero is None else zero.to(W.device)
+        elif isinstance(grid, GGUFGrid):  # zero fp32 (-b/a); headers [R, C / block, P] uint8
+            Wr = to_rows(W, grid).float()
             scale, zero, headers = grid.fit(Wr)
         else:
+            Wr = to_rows(W, grid).float()
             scale, zero = fit_groups(Wr, grid, storage_dtype(grid, W.dtype))
         self.register_buffer("scale", scale, persistent=False)  # [R, G]
         self.register_buffer("zero", zero, persistent=False)    # [R, G] uint8 or None
@@ -296,7 +321,7 @@ class RelaxedLinear(Relaxation):
 
     def weight_hat(self) -> Tensor:
         """Ŵ(x) in weight orientation [N, K], differentiable in x."""
-        q = self.down + self.x * self.gap  # [R, C] fp32
+        q = self.down + self.x_now() * self.gap  # [R, C] fp32
         return from_rows(self._dequantize_rows(q), self.grid).to(self.original.weight.dtype)
 
     @torch.no_grad()
@@ -368,10 +393,12 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _relax_affine(linear: nn.Linear, config: DiscConfig, fqn: str, generator) -> RelaxedLinear:
-    """The affine grid of `config` (in the layer's seeded rotated basis with incoherence)."""
+def _relax_affine(linear: nn.Linear, config: DiscConfig, fqn: str, generator,
+                  start=None) -> RelaxedLinear:
+    """The affine grid of `config` (in the layer's seeded rotated basis with incoherence); with
+    a `start` (passes/disc_init.py), its grid, around the weights it rounded."""
     rot = layer_rotation(*linear.weight.shape, layer_seed(fqn)) if config.incoherence else None
-    return RelaxedLinear(linear, config.grid(fqn=fqn), config.init, generator, rot)
+    return RelaxedLinear(linear, config.grid(fqn=fqn), config.init, generator, rot, start)
 
 
 register_codebook("affine", _relax_affine)

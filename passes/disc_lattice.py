@@ -65,7 +65,7 @@ class RelaxedLatticeLinear(Relaxation):
         """scale·Ŵ̃(x) in the rotated basis, [N, K], differentiable in x."""
         down = e8p_residual.decode(self.codes_down, self.bits)  # [N, B, 8]
         up = e8p_residual.decode(self.codes_up, self.bits)
-        W = down + self.x.unsqueeze(-1) * (up - down)
+        W = down + self.x_now().unsqueeze(-1) * (up - down)
         return (W.flatten(1) * self.scale).to(self.original.weight.dtype)
 
     @property

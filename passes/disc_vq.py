@@ -74,7 +74,7 @@ class RelaxedVectorLinear(Relaxation):
     def weight_hat(self) -> Tensor:
         """Ŵ(x) [N, K], differentiable in x."""
         down = self._vectors(self.down)
-        W = down + self.x.unsqueeze(-1) * (self._vectors(self.up) - down)
+        W = down + self.x_now().unsqueeze(-1) * (self._vectors(self.up) - down)
         return W.flatten(1).to(self.original.weight.dtype)
 
     @torch.no_grad()

@@ -9,23 +9,22 @@ is the model). A format gets every test here by subclassing, with no test code o
 What it checks, on every path a quantized weight takes: it is registered; dequantize is within
 the bound; F.linear (eager, with and without bias, 2-D and 3-D activations) equals the dense
 product; compile(fullgraph) and torch.export equal eager; an exported program saves and
-reloads in a fresh process; the export graph pass emits it from `quantized_state`;
+reloads in another process (tests/other_process.py); the export graph pass emits it from `quantized_state`;
 save_quantized/load_quantized is bit-exact, also from and into a compiled model; transformers'
 save_pretrained/from_pretrained is bit-exact and stores no more bytes than the format's own;
 .to, clone and detach keep it; the bytes on disk are what `bits_per_weight` claims; corrupted stored
 tensors or attributes raise ValueError; weights stacked along the output channels (where the
-format stacks them) are each part on its rows. `slow`: an AOTInductor package of it runs in a fresh
+format stacks them) are each part on its rows. `slow`: an AOTInductor package of it runs in another
 process (make test-all).
 """
 from __future__ import annotations
 
 import json
 import struct
-import textwrap
 
 import pytest
 import torch
-from conftest import run_python
+from other_process import run_elsewhere
 from discq.passes.export import quantize_exported
 from discq.tensors.base import FORMATS, QuantizedTensor
 from safetensors import safe_open
@@ -124,7 +123,7 @@ class FormatConformance:
         with torch.no_grad():
             assert torch.allclose(torch.compile(lin, fullgraph=True)(x), lin(x), atol=ATOL)
 
-    def test_export_equals_eager_and_reloads_in_a_fresh_process(self, q, tmp_path):
+    def test_export_equals_eager_and_reloads_in_another_process(self, q, tmp_path):
         lin, x = self.linear(q), self.x(4)
         ep = torch.export.export(lin, (x,))
         assert torch.ops.aten.linear.default not in [n.target for n in ep.graph.nodes]
@@ -133,7 +132,7 @@ class FormatConformance:
             assert torch.allclose(ep.module()(x), expected, atol=ATOL)
         torch.export.save(ep, tmp_path / "p.pt2")
         torch.save({"x": x, "y": expected}, tmp_path / "io.pt")
-        _fresh_process(f"""
+        _in_another_process(f"""
             ep = torch.export.load({str(tmp_path / 'p.pt2')!r})
             io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
             assert torch.allclose(ep.module()(io["x"]), io["y"], atol={ATOL})
@@ -152,13 +151,13 @@ class FormatConformance:
             assert torch.allclose(qep.run_decompositions().module()(x), want, atol=ATOL)
 
     @pytest.mark.slow
-    def test_aoti_package_runs_in_a_fresh_process(self, q, tmp_path):
+    def test_aoti_package_runs_in_another_process(self, q, tmp_path):
         lin, x = self.linear(q), self.x(2)
         ep = torch.export.export(lin, (x,))
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "p.pt2"))
         with torch.no_grad():
             torch.save({"x": x, "y": lin(x)}, tmp_path / "io.pt")
-        _fresh_process(f"""
+        _in_another_process(f"""
             f = torch._inductor.aoti_load_package({path!r})
             io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
             assert torch.allclose(f(io["x"]), io["y"], atol={ATOL})
@@ -235,8 +234,8 @@ class OneLinear(PreTrainedModel):
         return self.proj(x)
 
 
-def _fresh_process(body: str) -> None:
-    run_python("import torch, discq\n" + textwrap.dedent(body))
+def _in_another_process(body: str) -> None:
+    run_elsewhere(body)  # torch and discq are imported there
 
 
 # ---- stacked experts ------------------------------------------------------------------------
@@ -318,7 +317,7 @@ class ExpertsConformance:
         if self.fresh_process:
             torch.export.save(ep, tmp_path / "p.pt2")
             torch.save({"x": x, "ids": ids, "y": eager}, tmp_path / "io.pt")
-            _fresh_process(f"""
+            _in_another_process(f"""
                 ep = torch.export.load({str(tmp_path / 'p.pt2')!r})
                 io = torch.load({str(tmp_path / 'io.pt')!r}, weights_only=True)
                 assert torch.allclose(ep.module()(io["x"], io["ids"]), io["y"], atol={ATOL})

@@ -26,7 +26,7 @@ def _tree_with_example(tmp: Path) -> tuple[Path, Path]:
         shutil.copytree(ROOT / folder, src / target,
                         ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     tests.mkdir()
-    for support in ("conformance.py", "conftest.py"):  # the suite and its helpers
+    for support in ("conformance.py", "conftest.py", "other_process.py"):  # the suite, helpers
         shutil.copy(ROOT / "tests" / support, tests)
     for path, code in _example_files().items():
         folder, name = path.split("/")

@@ -147,9 +147,10 @@ def test_gradient_checkpointing_recomputes_blocks_and_changes_nothing(monkeypatc
         calls.clear()
         model = tiny_random_llama()
         discq.quantize_(model, disc_config(2, 32, calibration=_calib(), steps=3,
-                                           trainer_kwargs=FP32, **dict(FAST, gradient_checkpointing=ckpt)))
+                                           trainer_kwargs=FP32, keep_best=False,
+                                           **dict(FAST, gradient_checkpointing=ckpt)))
         # 3 steps x (14 linears in the 2 decoder blocks, recomputed in backward when
-        # checkpointing, + the head outside them)
+        # checkpointing, + the head outside them); no scoring forwards (keep_best=False)
         assert len(calls) == 3 * (14 * (2 if ckpt else 1) + 1)
         results.append(_codes(model))
         block = model.model.layers[1]
@@ -169,7 +170,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
         model = tiny_random_llama()
         kw = dict(strategy="ddp", devices=2, accelerator="cpu", precision="32-true")
         discq.quantize_(model, discq.disc_config(2, 32, calibration=calib, steps=6, batch_size=2,
-                                                 warmup=2, trainer_kwargs=kw))
+                                                 warmup=2, trainer_kwargs=kw, keep_best=False))
         codes = {{n: m.weight.codes() for n, m in model.named_modules()
                  if hasattr(getattr(m, "weight", None), "codes")}}
         torch.save(codes, sys.argv[1] + f".rank{{os.environ.get('LOCAL_RANK', 0)}}.pt")
@@ -181,8 +182,10 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, 320, (2, 16), generator=g) for _ in range(8)]
     single = tiny_random_llama()
+    # the last step's point, as several processes return (they keep no best point)
     discq.quantize_(single, disc_config(2, 32, calibration=calib, steps=6, batch_size=4,
-                                        warmup=2, trainer_kwargs=dict(accelerator="cpu", **FP32)))
+                                        warmup=2, keep_best=False,
+                                        trainer_kwargs=dict(accelerator="cpu", **FP32)))
     one = _codes(single)
     assert len(one) == 15
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in one)  # ranks stay in lockstep
@@ -203,7 +206,7 @@ FSDP_RUN = """
     if len(sys.argv) > 3:
         kw["max_steps"] = int(sys.argv[3])  # a run cut short after that many steps
     discq.quantize_(model, discq.disc_config(2, 32, calibration=calib, steps=6, batch_size=2,
-                                             warmup=2, trainer_kwargs=kw,
+                                             warmup=2, trainer_kwargs=kw, keep_best=False,
                                              checkpoint_dir=sys.argv[2]))
     torch.save(dict(codes={{n: m.weight.codes() for n, m in model.named_modules()
                             if hasattr(getattr(m, "weight", None), "codes")}},
@@ -226,8 +229,9 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_halves_memory_and_resumes(
     from discq.training import ShardBytes
     single, bytes_ = tiny_random_llama(), ShardBytes()
     discq.quantize_(single, disc_config(2, 32, calibration=calib, steps=6, batch_size=4,
-                                        warmup=2, trainer_kwargs=dict(accelerator="cpu",
-                                                                      callbacks=[bytes_], **FP32)))
+                                        warmup=2, keep_best=False,
+                                        trainer_kwargs=dict(accelerator="cpu",
+                                                            callbacks=[bytes_], **FP32)))
     one = _codes(single)
     assert len(one) == 15
     cut = run("cut", "3")  # two processes stopped after 3 of 6 steps (a checkpoint a step)...
@@ -415,9 +419,10 @@ def test_the_teacher_runs_once_per_sequence_when_sequences_repeat(monkeypatch):
         model = tiny_random_llama()
         discq.quantize_(model, disc_config(2, 32, calibration=_calib(), steps=10,
                                            trainer_kwargs=FP32, **FAST))
-        # 8 sequences of 16 tokens, 10 steps of 2: each sequence 2-3 times
+        # 8 sequences of 16 tokens, one held out for scoring, 10 steps of 2: each of the 7
+        # others 2-3 times
         teacher = sum(n for t, n in forwards if t)
-        assert teacher == (8 if budget else 20)
+        assert teacher == (7 if budget else 20)
         assert sum(1 for t, _ in forwards if not t) == 10
         results[budget] = _codes(model)
     a, b = results.values()

@@ -71,9 +71,16 @@ class CalibrationDataModule(L.LightningDataModule):
     """`steps` batches of `batch_size` calibration sequences per rank, cycled and reshuffled
     (seeded) over passes; resumable at any step (see the module docstring)."""
 
-    def __init__(self, batches: list[torch.Tensor], steps: int, batch_size: int, seed: int):
+    def __init__(self, batches: list[torch.Tensor], steps: int, batch_size: int, seed: int,
+                 held_out: int = 0):
         super().__init__()
-        self.sequences = as_sequences(batches)  # [n, S]
+        sequences = as_sequences(batches)  # [n, S]
+        if not 0 <= held_out < len(sequences):
+            raise ValueError(f"held_out={held_out} of {len(sequences)} calibration sequences")
+        # the last `held_out` sequences are never trained on (DiscQuant's choice among the
+        # integral points it has seen); the stream cycles through the others
+        n = len(sequences) - held_out
+        self.sequences, self.held_out = sequences[:n], sequences[n:]  # [n, S], [h, S]
         self.steps, self.batch_size, self.seed = steps, batch_size, seed
 
     def train_dataloader(self) -> DataLoader:

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from discq.passes.calibration import as_batches
+from discq.passes.disc_init import gptq_starts
 from discq.passes.disc import RELAXATIONS, DiscConfig, RelaxedLinear, mean_noise
 from discq.passes.quantize import check_finite, install_weight
 from discq.passes.sharding import is_sharded
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .data import CalibrationDataModule
+from .disc_best import held_out_count
 from .disc_module import DiscQuantModule
 from .fsdp import unshard
 from .trainer import build_trainer, fit
@@ -27,13 +29,16 @@ def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def _relax(model: nn.Module, targets, config: DiscConfig) -> list[RelaxedLinear]:
-    """Replace each target linear by a RelaxedLinear around it (in place, no weight copied)."""
+def _relax(model: nn.Module, targets, config: DiscConfig, starts: dict | None = None
+           ) -> list[RelaxedLinear]:
+    """Replace each target linear by a RelaxedLinear around it (in place, no weight copied);
+    `starts`: each target's start from another method (discq.passes.disc_init)."""
     g = torch.Generator().manual_seed(config.seed)
     layers = []
     for fqn, lin in targets:
         check_finite(lin.weight, fqn)
-        layers.append(RELAXATIONS[config.codebook].relax(lin, config, fqn, g))
+        extra = {"start": starts.pop(fqn)} if starts else {}  # popped: freed once relaxed
+        layers.append(RELAXATIONS[config.codebook].relax(lin, config, fqn, g, **extra))
         _swap(model, fqn, layers[-1])
     return layers
 
@@ -100,7 +105,9 @@ def _trainer(config: DiscConfig) -> L.Trainer:
 def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:
     blocks = decoder_blocks(model, layers)
     module = DiscQuantModule(model, layers, config, mean_noise(layers), units=blocks)
-    data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed)
+    n = sum(len(b) for b in batches)
+    held = held_out_count(n) if config.keep_best else 0
+    data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed, held)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
     try:
         with checkpointed(blocks, _checkpointing(model, config, data.sequences.shape[1])):
@@ -151,8 +158,11 @@ def disc_quantize(model: nn.Module, config: DiscConfig, targets) -> None:
     batches = as_batches(config.calibration, model)
     layers: list[RelaxedLinear] = []
     with _frozen_eval(model):
+        for fqn, lin in targets:  # refuse NaN weights before any work, naming the layer
+            check_finite(lin.weight, fqn)
+        starts = gptq_starts(model, config, targets, batches) if config.init == "gptq" else None
         try:
-            layers = _relax(model, targets, config)
+            layers = _relax(model, targets, config, starts)
             _fit(model, layers, config, batches)
             rounded = [l.rounded() for l in layers]
         finally:

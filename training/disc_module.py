@@ -2,6 +2,8 @@
 linears, KL, pull term, schedule) is in `discq.passes.disc`."""
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 from discq.passes.disc import (
@@ -16,6 +18,10 @@ from discq.passes.kl import chunked_forward_kl, forward_kl, vocab_size
 from discq.passes.memory_plan import available_bytes
 from discq.passes.sharding import is_sharded, local, rows_held
 from torch import nn
+
+from .disc_best import Best, Scorer, rounded_kl, score_steps
+
+log = logging.getLogger("discq")
 
 
 # a batch whose logits hold more (batch·position·vocabulary) entries than this (1 GiB in fp32)
@@ -42,6 +48,8 @@ class DiscQuantModule(L.LightningModule):
         self.noise = noise
         self.units = list(units)  # the decoder blocks: FSDP's units when sharded
         self.teacher_logits: torch.Tensor | None = None  # [n, S, V], see cache_teacher
+        self.best = Best()  # see discq.training.disc_best
+        self.scorer: Scorer | None = None
 
     def configure_model(self) -> None:
         # under the sharded strategy (discq.training.fsdp) Lightning sets the device mesh
@@ -116,6 +124,39 @@ class DiscQuantModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.cache_teacher()
+        if self.global_step == 0:  # a resumed run has its best so far from the checkpoint
+            self._score(0)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step in score_steps(self.config.steps):
+            self._score(self.global_step)
+
+    def on_train_end(self) -> None:
+        """Leave x at the best rounded point seen (see discq.training.disc_best)."""
+        b, last = self.best, self.config.steps
+        if self.config.keep_best and 0 <= b.step < last:
+            log.info("DiscQuant: the rounded point after step %d has the lowest held-out KL "
+                     "(%.4f); it is kept instead of the last step's", b.step, b.kl)
+            b.restore(self.layers)
+
+    def _score(self, step: int) -> None:
+        """The held-out KL of the rounded point now; kept if it is the best so far."""
+        if not self.config.keep_best or self.trainer.world_size > 1:
+            return  # several processes (DDP, FSDP): the last step's point, as in the paper
+        if self.scorer is None:
+            data = self.trainer.datamodule
+            seqs = data.held_out if len(data.held_out) else data.sequences[:8]  # [h, S]
+            self.scorer = Scorer(self.model, seqs, self._set_teacher)
+        kl = rounded_kl(self.model, self.layers, self.scorer)
+        self.best.offer(kl, step, self.layers)
+        self.log("held_out_kl", kl, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["discq_best"] = self.best.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "discq_best" in checkpoint:
+            self.best.load(checkpoint["discq_best"])
 
     @torch.no_grad()
     def cache_teacher(self) -> None:
@@ -136,9 +177,10 @@ class DiscQuantModule(L.LightningModule):
         if n * S * V * 4 > room or B * S * V > LOGIT_ELEMENTS:
             return
         device = next(self.model.parameters()).device
-        cache = torch.empty(n, S, V)  # [n, S, V] fp32, filled a step's batch at a time
-        for i in range(0, n, B):
-            cache[i:i + B] = self._forward(seqs[i:i + B].to(device), teacher=True)[0].cpu()
+        cache = torch.empty(n, S, V)  # [n, S, V] fp32
+        per = max(B, LOGIT_ELEMENTS // (4 * S * V))  # sequences a forward: larger is faster
+        for i in range(0, n, per):
+            cache[i:i + per] = self._forward(seqs[i:i + per].to(device), teacher=True)[0].cpu()
         self.teacher_logits = cache
 
     def on_before_optimizer_step(self, optimizer) -> None:
