@@ -167,7 +167,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     start that makes a short run worth it; affine grid only). `keep_best`: score the rounded
     point on held-out calibration sequences (an eighth, at most 32) at the start, every
     quarter and the end, and return the best (so the result is never worse than the start
-    by that measure; one process only: DDP and FSDP runs return the last step's point).
+    by that measure; one process only: DDP and FSDP runs hold no sequence out and return the
+    last step's point).
     `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
     arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").

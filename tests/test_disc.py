@@ -170,7 +170,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
         model = tiny_random_llama()
         kw = dict(strategy="ddp", devices=2, accelerator="cpu", precision="32-true")
         discq.quantize_(model, discq.disc_config(2, 32, calibration=calib, steps=6, batch_size=2,
-                                                 warmup=2, trainer_kwargs=kw, keep_best=False))
+                                                 warmup=2, trainer_kwargs=kw))
         codes = {{n: m.weight.codes() for n, m in model.named_modules()
                  if hasattr(getattr(m, "weight", None), "codes")}}
         torch.save(codes, sys.argv[1] + f".rank{{os.environ.get('LOCAL_RANK', 0)}}.pt")
@@ -182,7 +182,8 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, 320, (2, 16), generator=g) for _ in range(8)]
     single = tiny_random_llama()
-    # the last step's point, as several processes return (they keep no best point)
+    # the last step's point on all the sequences: several processes keep no best point and
+    # hold no sequence out for it
     discq.quantize_(single, disc_config(2, 32, calibration=calib, steps=6, batch_size=4,
                                         warmup=2, keep_best=False,
                                         trainer_kwargs=dict(accelerator="cpu", **FP32)))

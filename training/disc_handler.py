@@ -105,13 +105,15 @@ def _trainer(config: DiscConfig) -> L.Trainer:
 def _fit(model: nn.Module, layers: list[RelaxedLinear], config: DiscConfig, batches) -> None:
     blocks = decoder_blocks(model, layers)
     module = DiscQuantModule(model, layers, config, mean_noise(layers), units=blocks)
-    n = sum(len(b) for b in batches)
-    held = held_out_count(n) if config.keep_best else 0
+    trainer = _trainer(config)
+    # held-out sequences only where the best point is scored (one process: see disc_module)
+    scored = config.keep_best and trainer.world_size == 1
+    held = held_out_count(sum(len(b) for b in batches)) if scored else 0
     data = CalibrationDataModule(batches, config.steps, config.batch_size, config.seed, held)
     ckpt = Path(config.checkpoint_dir) / "last.ckpt" if config.checkpoint_dir else None
     try:
         with checkpointed(blocks, _checkpointing(model, config, data.sequences.shape[1])):
-            fit(_trainer(config), module, datamodule=data,
+            fit(trainer, module, datamodule=data,
                 ckpt_path=str(ckpt) if ckpt and ckpt.is_file() else None)
     finally:  # sharded by the FSDP strategy: whole again, as the caller gave it
         if any(is_sharded(p) for p in model.parameters()):
