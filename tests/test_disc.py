@@ -34,6 +34,21 @@ def _codes(model):
             if isinstance(m, nn.Linear) and hasattr(m.weight, "codes")}
 
 
+class Stop(Exception):
+    """What KillAt raises: a run interrupted mid-way."""
+
+
+class KillAt(Callback):
+    """Interrupts the fit once the trainer has finished `step` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Stop
+
+
 class KLLog(Callback):
     def __init__(self):
         self.kl = []
@@ -114,19 +129,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
     full = tiny_random_llama()
     discq.quantize_(full, disc_config(2, 32, calibration=calib, trainer_kwargs=FP32, **cfg))
 
-    class Stop(Exception):
-        pass
-
-    class KillAt(Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 5:
-                raise Stop
-
     part, ckpt = tiny_random_llama(), str(tmp_path / "ckpt")
     before = copy.deepcopy(part.state_dict())
     with pytest.raises(Stop):
         discq.quantize_(part, disc_config(2, 32, calibration=calib, checkpoint_dir=ckpt,
-                                          trainer_kwargs={"callbacks": [KillAt()], **FP32},
+                                          trainer_kwargs={"callbacks": [KillAt(5)], **FP32},
                                           **cfg))
     # the interrupted run left the model as it was: weights, flags, mode, forward
     assert not _codes(part) and (tmp_path / "ckpt" / "last.ckpt").is_file()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback
 from models import tiny_random_llama
-from test_disc import FAST, FP32
+from test_disc import FAST, FP32, KillAt, Stop
 from test_disc import _calib as calib_batches
 from torch import nn
 
@@ -152,3 +152,23 @@ def test_gptq_start_is_refused_where_gptq_has_no_codes():
         disc_config(init="gptq", codebook="e8p")
     with pytest.raises(ValueError, match="init='gptq'"):
         disc_config(init="gptq", gguf="Q4_K")
+
+
+def test_a_resumed_run_keeps_the_best_point_the_uninterrupted_run_keeps(monkeypatch, tmp_path):
+    from discq.training import disc_module
+    scores = iter([0.5, 0.4, 0.1, 0.9, 0.9,   # uninterrupted: start, steps 2, 4, 6, 8
+                   0.5, 0.4, 0.1,             # killed after step 5 (checkpoints every 2 steps)
+                   0.9, 0.9])                 # resumed from step 4's checkpoint: steps 6, 8
+    monkeypatch.setattr(disc_module, "rounded_kl", lambda *a: next(scores))
+    config = dict(calibration=_calib(), steps=8, seed=3, lr=0.5, **FAST)
+    full = tiny_random_llama()
+    discq.quantize_(full, disc_config(2, 32, trainer_kwargs=FP32, **config))
+    part, ckpt = tiny_random_llama(), str(tmp_path / "ckpt")
+    with pytest.raises(Stop):
+        discq.quantize_(part, disc_config(2, 32, checkpoint_dir=ckpt, trainer_kwargs={
+            "callbacks": [KillAt(5)], **FP32}, **config))
+    discq.quantize_(part, disc_config(2, 32, checkpoint_dir=ckpt, trainer_kwargs=FP32,
+                                      **config))
+    assert next(scores, None) is None
+    a, b = _weights(full), _weights(part)  # both returned step 4's point
+    assert len(a) == 15 and all(torch.equal(a[k], b[k]) for k in a)

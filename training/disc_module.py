@@ -127,10 +127,6 @@ class DiscQuantModule(L.LightningModule):
         if self.global_step == 0:  # a resumed run has its best so far from the checkpoint
             self._score(0)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.global_step in score_steps(self.config.steps):
-            self._score(self.global_step)
-
     def on_train_end(self) -> None:
         """Leave x at the best rounded point seen (see discq.training.disc_best)."""
         b, last = self.best, self.config.steps
@@ -193,6 +189,11 @@ class DiscQuantModule(L.LightningModule):
         with torch.no_grad():  # projection onto [0, 1] before any checkpoint can see x
             for l in self.layers:
                 l.x.clamp_(0, 1)
+        # scored here, not in on_train_batch_end: that runs after the checkpoint callback, and
+        # a run resumed from that checkpoint would miss this step's score
+        done = self.global_step + 1  # the step counter moves after this hook
+        if done in score_steps(self.config.steps):
+            self._score(done)
 
     def configure_optimizers(self):
         c = self.config
