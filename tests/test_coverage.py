@@ -68,6 +68,10 @@ FORMATS = {  # one config per format family a tied head can take
     "affine+lowrank": lambda: discq.rtn_config(3, 32, lowrank=4),
     "incoherent": lambda: discq.rtn_config(4, 32, incoherence=True),
     "gguf": lambda: discq.rtn_config(gguf="Q8_0"),
+    # GPTQ lends its rounded head to the model while it runs (passes/disc_init.py)
+    "affine, DiscQuant from GPTQ": lambda: discq.disc_config(4, 32, calibration=calibration(),
+                                                             steps=2, warmup=1, batch_size=2,
+                                                             init="gptq"),
     "lattice": lambda: discq.quip_sharp_config(2, calibration=calibration(), finetune=False),
     "trellis": lambda: discq.qtip_config(2, calibration=calibration(), finetune=False,
                                          state_bits=8),

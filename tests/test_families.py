@@ -25,6 +25,8 @@ METHODS = {
                                         codebook_update=False),
     "disc": lambda: discq.disc_config(4, 32, calibration=CALIB, steps=2, warmup=1,
                                       batch_size=2),
+    "disc-from-gptq": lambda: discq.disc_config(4, 32, calibration=CALIB, steps=2, warmup=1,
+                                                batch_size=2, init="gptq"),
     "quip-sharp": lambda: discq.quip_sharp_config(2, calibration=CALIB, finetune=False),
     "qtip": lambda: discq.qtip_config(2, calibration=CALIB, finetune=False, state_bits=8),
 }

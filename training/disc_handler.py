@@ -35,8 +35,7 @@ def _relax(model: nn.Module, targets, config: DiscConfig, starts: dict | None = 
     `starts`: each target's start from another method (discq.passes.disc_init)."""
     g = torch.Generator().manual_seed(config.seed)
     layers = []
-    for fqn, lin in targets:
-        check_finite(lin.weight, fqn)
+    for fqn, lin in targets:  # (weights checked finite by disc_quantize, before any work)
         extra = {"start": starts.pop(fqn)} if starts else {}  # popped: freed once relaxed
         layers.append(RELAXATIONS[config.codebook].relax(lin, config, fqn, g, **extra))
         _swap(model, fqn, layers[-1])
