@@ -61,6 +61,9 @@ def smollm2_rows() -> list[Row]:
     rows = [
         *_discq("rtn", "discq RTN", WIDTHS, {}, quick=(3, 64)),
         *_discq("gptq", "discq GPTQ", WIDTHS, {}, quick=(3, 64)),
+        # the same rounding with the input factor of the whole model's KL Hessian (YAQA)
+        *_discq("gptq", "discq GPTQ, KL Hessians", [(2, 64), (3, 64), (4, 64)],
+                {"hessian": "kl"}, name="gptq-kl"),
         # DiscQuant's paper runs 1024 steps of 8x512 tokens on a GPU; 64 steps of 2x128 here,
         # warm-started from RTN, is what 2 cores afford per width
         *_discq("disc", "discq DiscQuant", [(2, 64), (3, 64), (4, 64)],
@@ -69,12 +72,20 @@ def smollm2_rows() -> list[Row]:
         *_discq("disc", "discq DiscQuant from GPTQ", [(2, 64), (3, 64), (4, 64)],
                 {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "gptq", "warmup": 6},
                 name="disc-gptq"),
+        # and from GPTQ's codes with KL Hessians
+        *_discq("disc", "discq DiscQuant from GPTQ, KL Hessians", [(3, 64)],
+                {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "kl", "warmup": 6},
+                name="disc-kl"),
         # k-means iterations cut from GPTVQ's 100 to 10 (time); codebook update kept
         *_discq("gptvq", "discq GPTVQ (2-D)", no_groups, {"dim": 2, "kmeans_iters": 10}),
         *_discq("quip-sharp", "discq QuIP#", no_groups, {"finetune": False}, quick=(3, None)),
         # 12-bit trellis state (QTIP: 16, over 20 minutes a width here), no fine-tuning
         *_discq("qtip", "discq QTIP", no_groups, {"finetune": False, "state_bits": 12},
                 quick=(3, None)),
+        *_discq("qtip", "discq QTIP, KL Hessians", [(2, None), (3, None)],
+                {"finetune": False, "state_bits": 12, "hessian": "kl"}, name="qtip-kl"),
+        *_discq("gptvq", "discq GPTVQ (2-D), KL Hessians", [(2, None), (3, None)],
+                {"dim": 2, "kmeans_iters": 10, "hessian": "kl"}, name="gptvq-kl"),
         *_peer("torchao-rtn", "torchao RTN (intx, asym)", "torchao_runner", "main",
                WIDTHS + [(5, 64), (6, 64), (8, 64)], {"algorithm": "affine"}, quick=(3, 64)),
         *_peer("torchao-hqq", "torchao HQQ (scale only)", "torchao_runner", "main", WIDTHS,

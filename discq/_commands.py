@@ -45,11 +45,15 @@ def quantize(args: argparse.Namespace) -> dict:
     if coverage_of(qmodel) is not None:  # what it quantized, and what it left and why
         print(coverage_of(qmodel).describe(names=5))  # (stderr with --json)
     evaluation = _card_evaluation(qmodel, model, tok, args)
+    task_rows = task_scores(qmodel, model, tok, args)
+    if task_rows:
+        evaluation = {**(evaluation or {}), "tasks": task_rows}
     metadata = {"source": args.model, **summary,
                 "calibration": _calibration_name(args) if calib is not None else None,
                 "evaluation": evaluation}
     _save(qmodel, out, tok, args, metadata)
-    return {"model": args.model, **summary, **_headline(evaluation), "out": str(out)}
+    return {"model": args.model, **summary, **_headline(evaluation), "out": str(out),
+            **({"tasks": task_rows} if task_rows else {})}
 
 
 def _config_extras(args: argparse.Namespace) -> dict:
@@ -60,6 +64,11 @@ def _config_extras(args: argparse.Namespace) -> dict:
     extra = {} if args.steps is None else {"steps": args.steps}
     if args.group_along != "input":
         extra["group_along"] = args.group_along
+    if getattr(args, "hessian", "inputs") != "inputs":
+        if "hessian" not in inspect.signature(config_constructor(args.method)).parameters:
+            raise ValueError(f"--hessian {args.hessian}: {args.method} takes no Hessian; use "
+                             f"it with gptq, gptvq, quip-sharp or qtip")
+        extra["hessian"] = args.hessian
     if getattr(args, "format", "hf").startswith("gguf:"):  # the mixture decides the grids
         extra["gguf"] = args.format.split(":", 1)[1]
     if getattr(args, "checkpoint_dir", None):
@@ -141,8 +150,22 @@ def _card_evaluation(qmodel, model, tok, args: argparse.Namespace) -> dict | Non
             **{k: round(v, 4) for k, v in ours.items()}}
 
 
+def task_scores(model, reference, tok, args: argparse.Namespace) -> list[dict] | None:
+    """--tasks: lm-eval's scores of `model` beside `reference`'s (None: no reference)."""
+    if not getattr(args, "tasks", None):
+        return None
+    from discq.tasks import side_by_side, tasks, task_names
+    names = task_names(args.tasks)
+    options = dict(include_path=args.tasks_dir, limit=args.tasks_limit)
+    ours = tasks(model, tok, names, **options)
+    original = tasks(reference, tok, names, **options) if reference is not None else None
+    return side_by_side(ours, original)
+
+
 def _headline(evaluation: dict | None) -> dict:
-    return {} if not evaluation else {k: evaluation[k] for k in ("perplexity", "kl", "top1")}
+    if not evaluation or "perplexity" not in evaluation:
+        return {}
+    return {k: evaluation[k] for k in ("perplexity", "kl", "top1")}
 
 
 def _calibration_name(args: argparse.Namespace) -> str:
@@ -229,9 +252,11 @@ def evaluate(args: argparse.Namespace) -> dict:
         from discq.inference import plain_linears
         model = plain_linears(model, int8_activations=True)  # as discq.generate decodes it
     result = pipeline.evaluate(model, reference, windows)
+    task_rows = task_scores(model, reference, tok, args)
     return {"model": args.model, "reference": ref_name,
             **({"int8_activations": True} if args.int8_activations else {}),
-            **{k: round(v, 4) for k, v in result.items()}}
+            **{k: round(v, 4) for k, v in result.items()},
+            **({"tasks": task_rows} if task_rows else {})}
 
 
 def bench(args: argparse.Namespace) -> dict:

@@ -7,7 +7,8 @@ def model_card(summary: dict, *, calibration: str | None, evaluation: dict | Non
                config: dict | None, fmt: str = "hf", coverage: str | None = None) -> str:
     """Markdown for a model quantized from `summary["model"]` with `summary["method"]`, saved
     as `fmt` ("hf", "gguf:<type>", "compressed-tensors").
-    `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"};
+    `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"} and/or
+    "tasks" (`discq.tasks.side_by_side` rows: zero-shot task scores beside the original's);
     `coverage`: `Coverage.describe()` of the run (matrices kept in full precision and why,
     experts calibrated on few tokens)."""
     name = summary.get("model", "a model")
@@ -54,8 +55,24 @@ USAGE = {
 def _evaluation(ev: dict | None) -> list[str]:
     if not ev:
         return ["No evaluation was run (`--eval-windows 0`).", ""]
+    tasks = _tasks(ev.get("tasks"))
+    if "perplexity" not in ev:
+        return tasks
     return [f"## Evaluation ({ev['windows']} windows of {ev['seq_len']} tokens of "
             f"{ev['data']}, held out from calibration)", "",
             "| model | perplexity | KL to the original | top-1 agreement |", "|---|---|---|---|",
             f"| original | {ev['reference_perplexity']:.2f} | 0 | 1 |",
-            f"| this | {ev['perplexity']:.2f} | {ev['kl']:.4f} | {ev['top1']:.3f} |", ""]
+            f"| this | {ev['perplexity']:.2f} | {ev['kl']:.4f} | {ev['top1']:.3f} |", "",
+            *tasks]
+
+
+def _tasks(rows: list[dict] | None) -> list[str]:
+    """Zero-shot task scores (lm-evaluation-harness), this model beside the original."""
+    if not rows:
+        return []
+    lines = ["## Zero-shot tasks (lm-evaluation-harness)", "",
+             "| task | metric | original | this | stderr |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['metric']} | {r.get('original', '')} | {r['this']} "
+                     f"| {r['stderr']} |")
+    return [*lines, ""]

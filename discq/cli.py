@@ -39,6 +39,11 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
                         "8- or 4-bit grid in blocks of 32, as llama.cpp stores them: faster "
                         "decode, a small quality cost that the evaluation reports")
     p.add_argument("--steps", type=int, default=None, help="DiscQuant optimization steps")
+    p.add_argument("--hessian", default="inputs", choices=["inputs", "kl"],
+                   help="GPTQ, GPTVQ, QuIP#, QTIP: round each layer for its own output "
+                        "(inputs, the papers' XᵀX) or for the whole model's (kl: Kronecker "
+                        "factors of the KL's Hessian, one backward pass per calibration "
+                        "sequence; YAQA)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, what: str, n: int, seq: int) -> None:
@@ -48,6 +53,16 @@ def _add_data_args(p: argparse.ArgumentParser, what: str, n: int, seq: int) -> N
     p.add_argument(f"--n-{'calib' if what == 'calib' else 'windows'}", type=int, default=n,
                    help=f"number of {seq}-token windows (default {n})")
     p.add_argument("--seq-len", type=int, default=seq, help=f"tokens per window (default {seq})")
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="zero-shot tasks of lm-evaluation-harness (pip install lm-eval), e.g. "
+                        "arc_easy,hellaswag, scored for this model and the original side by side")
+    p.add_argument("--tasks-dir", default=None,
+                   help="a directory of your own lm-eval task YAML files (local datasets)")
+    p.add_argument("--tasks-limit", type=int, default=None,
+                   help="at most this many documents a task (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint-dir", default=None,
                    help="save finished blocks (GPTQ, GPTVQ, QuIP#, QTIP) or optimizer "
                         "checkpoints (DiscQuant) here; the same command run again resumes")
+    _add_task_args(q)
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     pl = sub.add_parser("plan", help="estimate a run's peak memory and time before running it")
     pl.add_argument("model", help="a transformers model directory (read as a skeleton: no "
@@ -108,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--int8-activations", action="store_true",
                    help="evaluate with each quantized linear's input rounded to 8 bits per block "
                         "of 32 (as `discq bench --compile --int8-activations` decodes)")
+    _add_task_args(e)
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     b = sub.add_parser("bench", help="decode speed and memory of a (quantized) model")
     b.add_argument("model", help="a directory written by `discq quantize`, or a model name")
@@ -151,7 +168,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
+        task_rows = result.pop("tasks", None)
         _commands.print_table(f"discq {args.command}", [result])
+        if task_rows:
+            _commands.print_table("zero-shot tasks (lm-eval)", task_rows)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Evaluation: perplexity, and agreement of a quantized model with the original one.
+"""Evaluation: perplexity, and agreement of a quantized model with the original one; zero-shot
+tasks through lm-evaluation-harness (`tasks`, from `discq/tasks.py`).
 
 All functions run batch by batch under `torch.no_grad()` in eval mode (each model's mode is
 restored afterwards) with a tqdm progress bar, and compute log-softmax in fp32 whatever the
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from discq.passes.kl import head_logits, head_split, token_kl
+from discq.tasks import tasks  # noqa: F401  (discq.eval.tasks: zero-shot tasks via lm-eval)
 
 
 @contextlib.contextmanager

@@ -142,3 +142,19 @@ def check_finetune(config) -> None:
     end against the original model, codes fixed (discq.training.finetune)."""
     check_bool(finetune=config.finetune)
     check_int(0, finetune_steps=config.finetune_steps)
+
+
+HESSIANS = ("inputs", "kl")
+
+
+def check_hessian(config) -> None:
+    """`hessian`: "inputs" (each layer's own input second moment XᵀX, as the papers) or "kl"
+    (Kronecker factors of the Hessian of the whole model's KL to the original, YAQA), and
+    `kl_rows`, the rows rounded together between two feedback steps along the output side
+    (0: none, the input factor alone)."""
+    if config.hessian not in HESSIANS:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got {config.hessian!r}")
+    check_int(0, kl_rows=config.kl_rows)
+    if config.kl_rows and config.hessian != "kl":
+        raise ValueError("kl_rows feeds rows back through the KL Hessian's output factor: "
+                         "set hessian='kl' too, or leave kl_rows=0")

@@ -69,7 +69,7 @@ class Codebook:
     check: Any = None
 
 
-INITS = ("uniform", "rtn", "gptq")  # disc_config(init=...)
+INITS = ("uniform", "rtn", "gptq", "kl")  # disc_config(init=...)
 RELAXATIONS: dict[str, Codebook] = {}  # disc_config(codebook=name) -> its Codebook
 
 
@@ -128,10 +128,11 @@ class DiscConfig(GridConfig):
             RELAXATIONS[self.codebook].check(self)
         if self.init not in INITS:
             raise ValueError(f"init must be 'uniform' (x ~ U[0, 1], the paper), 'rtn' (x at "
-                             f"the RTN vertex) or 'gptq' (GPTQ's codes, relaxed around the "
-                             f"weights GPTQ rounded), got {self.init!r}")
-        if self.init == "gptq" and (self.codebook != "affine" or self.gguf is not None):
-            raise ValueError(f"init='gptq' starts from GPTQ's codes on the affine grid of "
+                             f"the RTN vertex), 'gptq' (GPTQ's codes, relaxed around the "
+                             f"weights GPTQ rounded) or 'kl' (the same with GPTQ on KL "
+                             f"Hessians), got {self.init!r}")
+        if self.init in ("gptq", "kl") and (self.codebook != "affine" or self.gguf is not None):
+            raise ValueError(f"init={self.init!r} starts from GPTQ's codes on the affine grid of "
                              f"bits/group_size; with codebook={self.codebook!r}"
                              f"{f', gguf={self.gguf!r}' if self.gguf else ''} use init='rtn' "
                              f"or 'uniform'")
@@ -164,7 +165,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     'uniform' (paper), 'rtn' (x starts at the RTN vertex; converges faster in short runs) or
     'gptq' (GPTQ runs first on the same calibration; each weight then chooses between the grid
     neighbours of the value GPTQ rounded, starting at GPTQ's choice, on GPTQ's grid: the
-    start that makes a short run worth it; affine grid only). `keep_best`: score the rounded
+    start that makes a short run worth it; affine grid only) or 'kl' (the same from GPTQ with
+    KL Hessians, `gptq_config(hessian="kl")`). `keep_best`: score the rounded
     point on held-out calibration sequences (an eighth, at most 32) at the start, every
     quarter and the end, and return the best (so the result is never worse than the start
     by that measure; one process only: DDP and FSDP runs hold no sequence out and return the

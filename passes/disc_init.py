@@ -1,4 +1,5 @@
-"""DiscQuant's start from GPTQ's codes (`disc_config(init="gptq")`).
+"""DiscQuant's start from GPTQ's codes (`disc_config(init="gptq")`, or `init="kl"`: GPTQ with
+the input factor of the whole model's KL Hessian, `kl_hessian.py`).
 
 GPTQ rounds each weight to the grid point nearest its error-updated value w̃ (the original
 weight plus the feedback of the errors of the columns rounded before it). DiscQuant then
@@ -10,6 +11,7 @@ decided by a hair. The grid is GPTQ's (its scales, fitted from the error-updated
 GPTQ runs as usual (block by block, each block's inputs from the already-rounded blocks), but
 its rounded weights are only lent to the model while it runs: afterwards every target holds
 its original weight again (DiscQuant's teacher) and nothing of GPTQ stays but the starts.
+With KL Hessians no layer's Hessian depends on the layers before it: nothing is lent.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from .capture import sequential_quantize
 from .gptq_core import gptq_quantize
+from .kl_rounding import kl_factors
 
 
 @dataclass
@@ -65,6 +68,16 @@ def gptq_starts(model: nn.Module, config, targets: list[tuple[str, nn.Module]],
     return starts
 
 
+@torch.no_grad()
+def kl_starts(model: nn.Module, config, targets: list[tuple[str, nn.Module]],
+              batches: list[Tensor]) -> dict[str, Start]:
+    """`gptq_starts` with each layer's KL Hessian input factor in place of XᵀX (one forward
+    and backward pass per calibration sequence on the original model, then GPTQ per layer)."""
+    factors = kl_factors(model, batches, targets, config)
+    return {fqn: _gptq_start(m.weight.detach(), factors.pop(fqn)[0], config, fqn)[0]
+            for fqn, m in targets}
+
+
 def _gptq_start(W: Tensor, H: Tensor, config, fqn: str) -> tuple[Start, Tensor]:
     """One layer: its Start and GPTQ's rounded weight (what the later blocks see)."""
     grid = config.grid(fqn=fqn)
@@ -81,3 +94,6 @@ def _gptq_start(W: Tensor, H: Tensor, config, fqn: str) -> tuple[Start, Tensor]:
         Wq = unrotate_weight(Wq, s_out, s_in, q_out, q_in)
     return Start(seen, scale, zero), Wq
 
+
+
+STARTS = {"gptq": gptq_starts, "kl": kl_starts}  # disc_config(init=...) -> its starts

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from discq.tensors import kmeans, vq
 from discq.tensors.gptvq import VectorQuantizedTensor
 from torch import Tensor, nn
@@ -17,10 +18,12 @@ from torch import Tensor, nn
 from .block_source import checkpointed
 from .calibration import as_batches
 from .capture import sequential_quantize
-from .config import QuantConfig, check_finetune
-from .gptvq_core import VQLayout, gptvq_quantize, update_codebooks
+from .config import QuantConfig, check_finetune, check_hessian
+from .gptvq_core import VQLayout, VQResult, gptvq_quantize, update_codebooks
+from .kl_rounding import kl_quantize
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
+from .two_sided import round_two_sided
 from .validate import check_bool, check_dir, check_int, check_number
 
 
@@ -47,9 +50,12 @@ class GPTVQConfig(QuantConfig):
     finetune: bool = False
     finetune_steps: int = 100
     checkpoint_dir: str | None = None
+    hessian: str = "inputs"
+    kl_rows: int = 0
 
     def __post_init__(self):
         vq.check_bits_dim(self.bits, self.dim)
+        check_hessian(self)
         check_int(0, kmeans_iters=self.kmeans_iters, codebook_steps=self.codebook_steps)
         check_int(1, block_size=self.block_size)
         check_number(positive=True, codebook_lr=self.codebook_lr)
@@ -77,7 +83,8 @@ def gptvq_config(bits: int = 2, dim: int = 2, group_size: int | None = None, cal
                  scale_block: int | None = None, damp: float = 0.01, block_size: int = 128,
                  codebook_steps: int = 25, codebook_lr: float = 0.05,
                  true_sequential: bool = True, finetune: bool = False,
-                 finetune_steps: int = 100, checkpoint_dir: str | None = None) -> GPTVQConfig:
+                 finetune_steps: int = 100, checkpoint_dir: str | None = None,
+                 hessian: str = "inputs", kl_rows: int = 0) -> GPTVQConfig:
     """GPTVQ with `calibration` = token batches (`discq.data.calibration_batches`): `bits` per
     weight (2, 3, 4) as one index of bits·dim bits per vector of `dim` weights (1, 2 or 4;
     bits·dim <= 8) into an int8 codebook shared by a group of about `group_size` weights
@@ -88,14 +95,16 @@ def gptvq_config(bits: int = 2, dim: int = 2, group_size: int | None = None, cal
     paper's 1e-3 on Llama's weights) on the layer's output error. `scale_block=64`: 4-bit
     log-domain scales per 64 weights of a row (+0.0625 bits). `finetune=True` then tunes
     norms and biases end to end, codes fixed. `checkpoint_dir`: finished blocks are saved
-    there; the same call started again continues after the last one."""
+    there; the same call started again continues after the last one. `hessian="kl"`,
+    `kl_rows`: as for `gptq_config` (rows fed back whole codebook groups at a time; a codebook
+    spanning every row leaves the input side alone)."""
     return GPTVQConfig(bits=bits, dim=dim, group_size=group_size, calibration=calibration,
                        kmeans_iters=kmeans_iters, codebook_update=codebook_update,
                        codebook_bits=codebook_bits, scale_block=scale_block, damp=damp,
                        block_size=block_size, codebook_steps=codebook_steps,
                        codebook_lr=codebook_lr, true_sequential=true_sequential,
                        finetune=finetune, finetune_steps=finetune_steps,
-                       checkpoint_dir=checkpoint_dir)
+                       checkpoint_dir=checkpoint_dir, hessian=hessian, kl_rows=kl_rows)
 
 
 def layout_of(W: Tensor, config: GPTVQConfig, name: str = "") -> VQLayout:
@@ -110,19 +119,37 @@ def layout_of(W: Tensor, config: GPTVQConfig, name: str = "") -> VQLayout:
     return VQLayout(config.bits, config.dim, R_g, C_g, sb)
 
 
-def gptvq_layer(W: Tensor, H: Tensor, config: GPTVQConfig, name: str = ""
-                ) -> VectorQuantizedTensor:
-    """GPTVQ of one weight W: [N, K] with Hessian H: [K, K]."""
+def gptvq_layer(W: Tensor, H: Tensor, config: GPTVQConfig, name: str = "",
+                H_out: Tensor | None = None) -> VectorQuantizedTensor:
+    """GPTVQ of one weight W: [N, K] with Hessian H: [K, K]; with `H_out` [N, N] (KL
+    Hessians H_out ⊗ H) rows are fed back along the output side, whole codebook groups at a
+    time."""
     check_finite(W, name)
     layout = layout_of(W, config, name)
-    res, W0 = gptvq_quantize(W, H, layout, fit=_kmeans_fit(config.kmeans_iters),
-                             damp=config.damp, block_size=config.block_size, name=name)
-    if config.codebook_update and config.codebook_steps:
-        res = update_codebooks(W0, H, res, layout.scale_block, steps=config.codebook_steps,
-                               lr=config.codebook_lr)
-    return VectorQuantizedTensor.from_indices(
-        res.idx, res.codebook, res.scale, config.bits, config.dim, W.dtype, res.exponents,
-        layout.scale_block)
+
+    def round_rows(target: Tensor, rows: slice) -> tuple[VQResult, Tensor]:
+        res, W0 = gptvq_quantize(target, H, layout, fit=_kmeans_fit(config.kmeans_iters),
+                                 damp=config.damp, block_size=config.block_size, name=name)
+        if config.codebook_update and config.codebook_steps:
+            res = update_codebooks(W0, H, res, layout.scale_block, steps=config.codebook_steps,
+                                   lr=config.codebook_lr)
+        return res, _tensor(res, config, layout, W.dtype).dequantize(torch.float32)
+
+    if H_out is None:
+        return _tensor(round_rows(W, slice(None))[0], config, layout, W.dtype)
+    pieces = round_two_sided(W, H, H_out, round_rows, rows=config.kl_rows, unit=layout.R_g)
+    exps = [p.exponents for p in pieces]
+    res = VQResult(torch.cat([p.idx for p in pieces]), torch.cat([p.codebook for p in pieces]),
+                   torch.cat([p.scale for p in pieces]),
+                   None if exps[0] is None else torch.cat(exps))
+    return _tensor(res, config, layout, W.dtype)
+
+
+def _tensor(res: VQResult, config: GPTVQConfig, layout: VQLayout, dtype: torch.dtype
+            ) -> VectorQuantizedTensor:
+    return VectorQuantizedTensor.from_indices(res.idx, res.codebook, res.scale, config.bits,
+                                              config.dim, dtype, res.exponents,
+                                              layout.scale_block)
 
 
 def _kmeans_fit(iters: int):
@@ -135,13 +162,16 @@ def _kmeans_fit(iters: int):
 def _gptvq_model(model: nn.Module, config: GPTVQConfig, targets) -> None:
     batches = as_batches(config.calibration, model)
 
-    def quantize_layer(fqn: str, module: nn.Linear, H: Tensor) -> None:
-        install_weight(module, gptvq_layer(module.weight.detach(), H, config, fqn))
+    def quantize_layer(fqn: str, module: nn.Linear, H: Tensor, H_out: Tensor | None = None):
+        install_weight(module, gptvq_layer(module.weight.detach(), H, config, fqn, H_out))
 
     for fqn, m in targets:  # refuse bad weights and shapes before hours of work
         check_finite(m.weight, fqn)
         layout_of(m.weight, config, fqn)
+    desc = f"GPTVQ {config.bits}-bit dim {config.dim}"
+    if config.hessian == "kl":
+        return kl_quantize(model, batches, targets, quantize_layer, config,
+                           desc=f"{desc} (KL Hessians)")
     with checkpointed(config.checkpoint_dir, config.to_json()):
         sequential_quantize(model, batches, targets, quantize_layer,
-                            true_sequential=config.true_sequential,
-                            desc=f"GPTVQ {config.bits}-bit dim {config.dim}")
+                            true_sequential=config.true_sequential, desc=desc)

@@ -26,15 +26,21 @@ def block_ldl(H: Tensor, g: int) -> Tensor:
     if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or K % g:
         raise ValueError(f"block size g={g!r} must be a positive integer dividing the number of "
                          f"columns {K}")
+    return block_ldl_at(H, list(range(0, K + 1, g)))
+
+
+def block_ldl_at(H: Tensor, bounds: list[int]) -> Tensor:
+    """`block_ldl` with the blocks [bounds[i], bounds[i+1]) (any sizes, bounds[-1] = K)."""
+    K = H.shape[0]
     flip = torch.arange(K - 1, -1, -1, device=H.device)
     L, info = torch.linalg.cholesky_ex(H.double()[flip][:, flip])
     if info != 0:
         raise ValueError("H is not positive definite: damp it first (H + 0.01·mean(diag H)·I)")
     M = L[flip][:, flip]  # upper triangular, H = M Mᵀ
     out = torch.empty_like(M)
-    for b in range(0, K, g):
-        out[:, b:b + g] = torch.linalg.solve_triangular(
-            M[b:b + g, b:b + g], M[:, b:b + g], upper=True, left=False)
+    for b, e in zip(bounds[:-1], bounds[1:]):
+        out[:, b:e] = torch.linalg.solve_triangular(M[b:e, b:e], M[:, b:e], upper=True,
+                                                    left=False)
     return out.to(H.dtype)
 
 

@@ -88,8 +88,28 @@ def plan_run(model: nn.Module, config, targets: list[tuple[str, nn.Linear]], *,
         K = max((w.shape[1] for w in weights), default=0)
         NK = max((w.numel() for w in weights), default=0)
         plan.parts["one layer's Hessian and working copies"] = 4 * (4 * K * K + 4 * NK)
+        if getattr(config, "hessian", "inputs") == "kl":
+            _plan_kl(plan, model, targets, config, stream, len(blocks), width)
     plan.seconds = _seconds(method, config, weights, blocks, tokens)
+    if getattr(config, "hessian", "inputs") == "kl":  # a forward and a backward per sequence
+        plan.seconds += 3 * 2 * sum(w.numel() for w in weights) * tokens / matmul_rate()
     return plan
+
+
+def _plan_kl(plan: MemoryPlan, model, targets, config, stream: bool, n_blocks: int,
+             width: int) -> None:
+    """KL Hessians: one pass's chunk of factors, one batch's forward and backward."""
+    from .kl_hessian import MAX_BYTES, PIECE, batch_size, factor_bytes
+    if stream:
+        raise ValueError("hessian='kl' needs the whole model in memory (one backward pass "
+                         "through every block): it cannot stream; use hessian='inputs'")
+    output_side = getattr(config, "kl_rows", 0) > 0
+    plan.parts["KL Hessian factors (one pass's share)"] = min(
+        MAX_BYTES, sum(factor_bytes(m, output_side) for _, m in targets))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tokens = PIECE * batch_size(model, targets)
+    plan.parts["one batch's forward and backward"] = 4 * tokens * (
+        12 * width * max(n_blocks, 1) + 3 * getattr(head, "out_features", 0))
 
 
 def _seconds(method, config, weights, blocks, tokens: int) -> float:

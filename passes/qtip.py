@@ -52,7 +52,8 @@ def qtip_config(bits: int = 2, calibration=None, code: str = "hyb", finetune: bo
                 scale_override: float = SCALE_OVERRIDE,
                 group_size: int | None = None, symmetric: bool = False,
                 steps: int | None = None, checkpoint_dir: str | None = None,
-                trainer_kwargs: dict | None = None, **finetune_options) -> QtipConfig:
+                trainer_kwargs: dict | None = None, hessian: str = "inputs",
+                kl_rows: int = 0, **finetune_options) -> QtipConfig:
     """QTIP at `bits` = 2, 3 or 4 bits per weight (exactly, plus one scale, the sign vectors
     and for HYB a 512×2 table per layer), with `calibration` = token batches
     (`discq.data.calibration_batches`). `code`: "hyb" (two weights a step from a tuned
@@ -61,14 +62,15 @@ def qtip_config(bits: int = 2, calibration=None, code: str = "hyb", finetune: bo
     the quantization time (Viterbi visits 2^L states a step) at some cost in error.
     `finetune=True` then tunes sign vectors, norms and the HYB table block by block, and end
     to end (`steps` optimizer steps; `ft_*` keywords and `checkpoint_dir`, which makes the
-    run resumable, as for `quip_sharp_config`).
+    run resumable, as for `quip_sharp_config`). `hessian="kl"`, `kl_rows`: as for
+    `gptq_config` (rows fed back whole 16-row tiles at a time).
     `group_size`/`symmetric` exist for the command line's sake: trellis codes have neither,
     so they are ignored (with a warning if set)."""
     ignore_grid_options("qtip", "trellis codes", group_size, symmetric, finetune_options, steps)
     return QtipConfig(bits=bits, calibration=calibration, code=code, finetune=finetune,
                       seed=seed, state_bits=state_bits, scale_override=scale_override,
-                      checkpoint_dir=checkpoint_dir,
-                      trainer_kwargs=trainer_kwargs, **finetune_options)
+                      checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
+                      hessian=hessian, kl_rows=kl_rows, **finetune_options)
 
 
 @handles(QtipConfig)
@@ -97,15 +99,25 @@ class TileCoder:
         return torch.stack([self.walks[b] for b in sorted(self.walks)], 1)
 
 
-def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QtipConfig
-                   ) -> list[TrellisQuantizedTensor]:
-    """QTIP of linears sharing the input Hessian H: [K, K]; weights = [(fqn, W [N_i, K])]."""
+def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QtipConfig,
+                   H_out: Tensor | None = None) -> list[TrellisQuantizedTensor]:
+    """QTIP of linears sharing the input Hessian H: [K, K]; weights = [(fqn, W [N_i, K])].
+    With `H_out` (one weight; KL Hessians H_out ⊗ H) rows are fed back along the output side,
+    whole tiles at a time."""
     values = trellis.state_table(config.code, None, config.state_bits)  # [2^L, V]; HYB's default
     g = RotatedGroup(weights, H, config, check_shape,
                      lambda Wt: target_scale(Wt, config.code, values, config.scale_override))
-    coder = TileCoder(config, values)
-    ldlq(torch.cat(g.parts), g.Ht, coder, g=trellis.TILE)
-    states = coder.states().split([p.shape[0] // trellis.TILE for p in g.parts])
+
+    def round_rows(target: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        coder = TileCoder(config, values)
+        What = ldlq(target, g.Ht, coder, g=trellis.TILE)
+        return coder.states(), What  # [n/16, K/16, T]
+
+    if H_out is None:
+        states = round_rows(torch.cat(g.parts), slice(None))[0].split(
+            [p.shape[0] // trellis.TILE for p in g.parts])
+    else:
+        states = [torch.cat(g.two_sided(H_out, round_rows, config, unit=trellis.TILE))]
     return [TrellisQuantizedTensor.from_states(st, scale, g.s_in, s_out, g.q_in, q_out,
                                                config.bits, config.code, W.dtype,
                                                config.state_bits)

@@ -41,10 +41,12 @@ from .capture import (
     sequential_quantize,
     set_hidden,
 )
-from .config import QuantConfig
+from .config import QuantConfig, check_hessian
+from .kl_rounding import kl_factors
 from .ldlq import ldlq
 from .quantize import check_finite, install_weight
 from .registry import constructs, handles, register_method
+from .two_sided import round_two_sided
 from .validate import check_bool, check_dir, check_int, check_number
 
 BLOCK = 8  # columns per lattice code
@@ -73,6 +75,8 @@ class RotatedConfig(QuantConfig):
     checkpoint_dir: str | None = None
     trainer_kwargs: dict | None = field(default=None, repr=False, compare=False,
                                         metadata={"serialize": False})
+    hessian: str = "inputs"
+    kl_rows: int = 0
 
     def __post_init__(self):
         self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
@@ -84,6 +88,7 @@ class RotatedConfig(QuantConfig):
         if not 0 <= self.ft_valid_fraction < 1:
             raise ValueError(f"ft_valid_fraction must be in [0, 1), got {self.ft_valid_fraction!r}")
         check_bool(finetune=self.finetune, ft_tune_head=self.ft_tune_head)
+        check_hessian(self)
         if self.trainer_kwargs is not None and not isinstance(self.trainer_kwargs, dict):
             raise TypeError(f"trainer_kwargs must be a dict of lightning.Trainer arguments, got "
                             f"{type(self.trainer_kwargs).__name__}")
@@ -117,7 +122,8 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
                       refine_passes: int = 2, seed: int = 0, weight_rms: float | None = None,
                       group_size: int | None = None, symmetric: bool = False,
                       steps: int | None = None, checkpoint_dir: str | None = None,
-                      trainer_kwargs: dict | None = None, **finetune_options) -> QuipSharpConfig:
+                      trainer_kwargs: dict | None = None, hessian: str = "inputs",
+                      kl_rows: int = 0, **finetune_options) -> QuipSharpConfig:
     """QuIP# at `bits` = 2 (E8P), 3 or 4 (E8P + a residual code) bits per weight, with
     `calibration` = token batches (`discq.data.calibration_batches`). `refine_passes`: rounds
     of block coordinate descent after BlockLDLQ (QuIP# uses 10; each costs about one LDLQ).
@@ -126,6 +132,8 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
     `ft_*` keywords set its options (see `QuipSharpConfig`); `checkpoint_dir` makes the run
     resumable: finished blocks are saved there, and the same call started again continues
     after the last one (and from the end-to-end stage's last checkpoint).
+    `hessian="kl"`: each layer rounded for the whole model's output (YAQA's Kronecker factors
+    of the KL Hessian, rows fed back `kl_rows` at a time; see `gptq_config`).
     `group_size`/`symmetric` exist for the command line's sake: lattice codes have no groups
     and no zero point, so they are ignored (with a warning if set)."""
     ignore_grid_options("quip-sharp", "lattice codes", group_size, symmetric, finetune_options,
@@ -133,7 +141,7 @@ def quip_sharp_config(bits: int = 2, calibration=None, finetune: bool = True,
     return QuipSharpConfig(bits=bits, calibration=calibration, finetune=finetune,
                            refine_passes=refine_passes, seed=seed, weight_rms=weight_rms,
                            checkpoint_dir=checkpoint_dir, trainer_kwargs=trainer_kwargs,
-                           **finetune_options)
+                           hessian=hessian, kl_rows=kl_rows, **finetune_options)
 
 
 def ignore_grid_options(method: str, codes: str, group_size: int | None, symmetric: bool,
@@ -206,14 +214,23 @@ class CodeRecorder:
         return torch.stack(out, 1)
 
 
-def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSharpConfig
-                   ) -> list[LatticeQuantizedTensor]:
-    """QuIP# of linears sharing the input Hessian H: [K, K]; weights = [(fqn, W [N_i, K])]."""
+def quantize_group(weights: list[tuple[str, Tensor]], H: Tensor, config: QuipSharpConfig,
+                   H_out: Tensor | None = None) -> list[LatticeQuantizedTensor]:
+    """QuIP# of linears sharing the input Hessian H: [K, K]; weights = [(fqn, W [N_i, K])].
+    With `H_out` (one weight; KL Hessians H_out ⊗ H) rows are fed back along the output side."""
     g = RotatedGroup(weights, H, config, check_shape,
                      lambda Wt: Wt.pow(2).mean().sqrt().clamp(min=1e-12) / config.rms)
-    recorder = CodeRecorder(config.bits)
-    What = ldlq(torch.cat(g.parts), g.Ht, recorder, g=BLOCK, passes=config.refine_passes)
-    codes = recorder.codes(What).split([p.shape[0] for p in g.parts])
+
+    def round_rows(target: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        recorder = CodeRecorder(config.bits)
+        What = ldlq(target, g.Ht, recorder, g=BLOCK, passes=config.refine_passes)
+        return recorder.codes(What), What
+
+    if H_out is None:
+        codes = round_rows(torch.cat(g.parts), slice(None))[0].split(
+            [p.shape[0] for p in g.parts])
+    else:
+        codes = [torch.cat(g.two_sided(H_out, round_rows, config))]
     return [LatticeQuantizedTensor.from_codes(c, scale, g.s_in, s_out, g.q_in, q_out,
                                               config.bits, W.dtype)
             for c, scale, (s_out, q_out), (_, W) in zip(codes, g.scales, g.outs, weights)]
@@ -238,6 +255,18 @@ class RotatedGroup:
             self.scales.append(scale_of(Wt))
             self.parts.append(Wt / self.scales[-1])
             self.outs.append((s_out, q_out))
+
+    def two_sided(self, H_out: Tensor, round_rows, config: RotatedConfig, unit: int = 1
+                  ) -> list:
+        """The one weight of this group rounded with KL Hessians H_out ⊗ H (H_out: [N, N] of
+        the weight as stored; rotated here like the weight): its pieces, row block by row block
+        (`two_sided.round_two_sided`)."""
+        if len(self.parts) != 1:
+            raise ValueError("two-sided rounding takes one weight: KL Hessians differ per layer")
+        s_out, q_out = self.outs[0]
+        Ht_out = rotate_hessian(H_out.float(), s_out, q_out)
+        return round_two_sided(self.parts[0], self.Ht, Ht_out, round_rows,
+                               rows=config.kl_rows, unit=unit)
 
 
 # ---- the model, block by block (through the shared block driver) ---------------------------
@@ -331,11 +360,25 @@ def rotated_quantize(model: nn.Module, config: RotatedConfig, targets, *,
     for fqn, m in targets:  # refuse bad layers before any work, naming them
         check_finite(m.weight, fqn)
         check_shape(*m.weight.shape)
+    if config.hessian == "kl":  # every layer's factors, from the original model, first
+        quantize_group = per_layer_kl(quantize_group, kl_factors(model, batches, targets, config))
     hooks = RotatedBlocks(config, quantize_group, after_block)
     blocks_dir = None if config.checkpoint_dir is None else Path(config.checkpoint_dir) / "blocks"
     with checkpointed(blocks_dir, config.to_json()):
         sequential_quantize(model, batches, targets, quantize_group=hooks.quantize_group,
                             desc=desc, hooks=hooks)
+
+
+def per_layer_kl(quantize_group: GroupQuantizer, factors) -> GroupQuantizer:
+    """The group quantizer with KL Hessians: each linear with its own factors (the driver's
+    shared input Hessian is not used)."""
+    def quantize(weights, H, config):
+        out = []
+        for fqn, W in weights:
+            H_in, H_out = factors.pop(fqn)
+            out += quantize_group([(fqn, W)], H_in, config, H_out)
+        return out
+    return quantize
 
 
 def quip_sharp_quantize(model: nn.Module, config: QuipSharpConfig, targets, *,

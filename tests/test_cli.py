@@ -40,6 +40,21 @@ def test_quantize_then_eval_with_json(tmp_path):
     assert 0 < e["kl"] < 1 and 0.5 < e["top1"] <= 1 and e["perplexity"] > 1
 
 
+def test_kl_hessians_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "q"
+    q = json.loads(discq("quantize", TINY_LLAMA, "--method", "gptq", "--hessian", "kl",
+                         "--calib", CALIB_TEXT, "--n-calib", "4", "--seq-len", "64",
+                         "--eval-data", HELDOUT_TEXT, "--eval-windows", "2", "--out", out,
+                         "--json").stdout)
+    assert q["method"] == "gptq" and 0 < q["kl"] < 1
+    manifest = (out / "config.json").read_text()
+    assert '"hessian": "kl"' in manifest  # each layer's config, as it was rounded
+    from discq.cli import main
+    assert main(["quantize", str(TINY_LLAMA), "--method", "rtn", "--hessian", "kl", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "takes no Hessian" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_quip_sharp_two_bits_from_the_command_line(tmp_path):
     out = tmp_path / "q"
     done = discq("quantize", TINY_LLAMA, "--method", "quip-sharp", "--bits", "2", "--calib",

@@ -44,14 +44,17 @@ def test_gptq_codes_are_the_nearest_grid_points_of_the_values_it_rounded(bits, g
     assert not torch.equal(seen, W)  # the error feedback moved the values GPTQ rounded
 
 
-@pytest.mark.parametrize("incoherence", [False, True])
-def test_with_zero_kl_weight_a_gptq_start_ends_at_gptq(incoherence):
+@pytest.mark.parametrize("init,incoherence", [("gptq", False), ("gptq", True), ("kl", False)])
+def test_with_zero_kl_weight_a_gptq_start_ends_at_gptq(init, incoherence):
+    """init="kl": GPTQ's codes with KL Hessians (`gptq_config(hessian="kl")`)."""
     calib = _calib()
     gptq = tiny_random_llama()
-    discq.quantize_(gptq, gptq_config(3, 32, calibration=calib, incoherence=incoherence))
+    hessian = "kl" if init == "kl" else "inputs"
+    discq.quantize_(gptq, gptq_config(3, 32, calibration=calib, incoherence=incoherence,
+                                      hessian=hessian))
     model = tiny_random_llama()
     discq.quantize_(model, disc_config(3, 32, calibration=calib, steps=12, kl_weight=0,
-                                       init="gptq", incoherence=incoherence, **FAST))
+                                       init=init, incoherence=incoherence, **FAST))
     a, b = _weights(gptq), _weights(model)
     assert len(a) == 15 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)  # GPTQ's grid and codes, bit for bit
@@ -152,6 +155,8 @@ def test_gptq_start_is_refused_where_gptq_has_no_codes():
         disc_config(init="gptq", codebook="e8p")
     with pytest.raises(ValueError, match="init='gptq'"):
         disc_config(init="gptq", gguf="Q4_K")
+    with pytest.raises(ValueError, match="init='kl'"):
+        disc_config(init="kl", codebook="gptvq")
 
 
 def test_a_resumed_run_keeps_the_best_point_the_uninterrupted_run_keeps(monkeypatch, tmp_path):

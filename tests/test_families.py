@@ -21,6 +21,7 @@ CALIB = calibration()
 METHODS = {
     "rtn": lambda: discq.rtn_config(4, 32),
     "gptq": lambda: discq.gptq_config(4, 32, calibration=CALIB),
+    "gptq-kl": lambda: discq.gptq_config(4, 32, calibration=CALIB, hessian="kl", kl_rows=16),
     "gptvq": lambda: discq.gptvq_config(2, 2, calibration=CALIB, kmeans_iters=3,
                                         codebook_update=False),
     "disc": lambda: discq.disc_config(4, 32, calibration=CALIB, steps=2, warmup=1,

@@ -92,6 +92,35 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     same_model(ref, again)
 
 
+@pytest.mark.parametrize("make", [
+    lambda d: gptq_config(3, 32, calibration=CALIB, checkpoint_dir=d, hessian="kl"),
+    lambda d: gptvq_config(2, 2, calibration=CALIB, kmeans_iters=3, codebook_steps=2,
+                           group_size=1024, checkpoint_dir=d, hessian="kl"),
+], ids=["gptq", "gptvq"])
+def test_an_interrupted_kl_run_resumes_without_passes_or_redone_layers(tmp_path, monkeypatch,
+                                                                       make):
+    """hessian="kl": the factors' pass and the layers rounded before the crash are read back."""
+    import discq.passes.kl_hessian as kh
+    base = four_block_llama()
+    ref = copy.deepcopy(base)
+    discq.quantize_(ref, make(None), filter_fn=EVERY_LINEAR)
+    owner = gptq_module if make(None).method == "gptq" else discq.passes.gptvq
+    with monkeypatch.context() as m:
+        Interrupt(m, owner, f"{make(None).method}_layer", 16)
+        with pytest.raises(KeyboardInterrupt):
+            discq.quantize_(copy.deepcopy(base), make(tmp_path), filter_fn=EVERY_LINEAR)
+    passes = Interrupt(monkeypatch, kh, "collect", 10**6)
+    counter = Interrupt(monkeypatch, owner, f"{make(None).method}_layer", 10**6)
+    resumed = copy.deepcopy(base)
+    discq.quantize_(resumed, make(tmp_path), filter_fn=EVERY_LINEAR)
+    assert passes.calls == 0 and counter.calls == 4 * 7 + 1 - 15  # the rest only
+    same_model(ref, resumed)
+    other = copy.deepcopy(base)  # other settings: nothing of the first run is taken
+    discq.quantize_(other, gptq_config(4, 32, calibration=CALIB, checkpoint_dir=tmp_path,
+                                       hessian="kl"), filter_fn=EVERY_LINEAR)
+    assert passes.calls == 1
+
+
 @pytest.mark.parametrize("finetune", [False, True])
 def test_quip_sharp_resumes_with_and_without_block_finetuning(tmp_path, monkeypatch, finetune):
     from discq.passes.quip_sharp import RotatedBlocks
@@ -260,6 +289,15 @@ def test_the_plan_counts_what_each_kind_of_run_holds():
     assert "estimated peak" in memory.describe() and memory.seconds > 0
     with pytest.raises(ValueError, match="cannot stream"):
         plan_run(model, disc_config(3, 32), targets, stream=True)
+    kl = plan_run(model, gptq_config(3, 32, hessian="kl"), targets, tokens=4096)
+    two = plan_run(model, gptq_config(3, 32, hessian="kl", kl_rows=16), targets, tokens=4096)
+    K2 = sum(m.in_features ** 2 for _, m in targets)
+    assert kl.parts["KL Hessian factors (one pass's share)"] == 4 * K2  # the input side only
+    assert two.parts["KL Hessian factors (one pass's share)"] == 4 * K2 + 4 * sum(
+        m.out_features ** 2 for _, m in targets)
+    assert kl.peak > memory.peak and kl.seconds > memory.seconds
+    with pytest.raises(ValueError, match="cannot stream"):
+        plan_run(model, gptq_config(3, 32, hessian="kl"), targets, stream=True)
 
 
 def test_a_run_the_machine_cannot_hold_is_refused_before_any_work(monkeypatch, tmp_path):

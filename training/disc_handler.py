@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from discq.passes.calibration import as_batches
-from discq.passes.disc_init import gptq_starts
+from discq.passes.disc_init import STARTS
 from discq.passes.disc import RELAXATIONS, DiscConfig, RelaxedLinear, mean_noise
 from discq.passes.quantize import check_finite, install_weight
 from discq.passes.sharding import is_sharded
@@ -161,7 +161,8 @@ def disc_quantize(model: nn.Module, config: DiscConfig, targets) -> None:
     with _frozen_eval(model):
         for fqn, lin in targets:  # refuse NaN weights before any work, naming the layer
             check_finite(lin.weight, fqn)
-        starts = gptq_starts(model, config, targets, batches) if config.init == "gptq" else None
+        starts = STARTS[config.init](model, config, targets, batches) \
+            if config.init in STARTS else None
         try:
             layers = _relax(model, targets, config, starts)
             _fit(model, layers, config, batches)
