@@ -74,10 +74,13 @@ def markdown(r: dict) -> str:
             f"{row['ratios'][k]:.3f}" for k in keys) + " |")
     lines.append("| geometric mean | " + " | ".join(f"**{r['geomean'][k]:.3f}**" for k in keys)
                  + " |")
-    lines += ["", "At the paper's light damping (0.01) the output factor sketched from 16 "
-              "sequences overfits them: feeding it back raises the loss on the other 16. "
-              "Shrunk toward its diagonal (`two_sided.SHRINK`, 3 by default) it roughly breaks "
-              "even; the input factor alone is discq's default (`kl_rows=0`)."]
+    lines += ["", "At the paper's light damping (0.01) the output factor sketched from half the "
+              "calibration set overfits it: feeding it back raises the loss on the other half. "
+              "Shrunk toward its diagonal (`two_sided.SHRINK`, 3 by default) it gains a few "
+              "percent on the held-out proxy (more with smaller row blocks, at that many more "
+              "rounding passes). End to end (GPTQ 3-bit, the whole calibration set) `kl_rows=64` "
+              "gave KL 0.381 against the input factor alone's 0.382, in twice the time, so "
+              "the input factor alone is discq's default (`kl_rows=0`)."]
     return "\n".join(lines) + "\n"
 
 

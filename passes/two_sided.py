@@ -29,7 +29,7 @@ from .ldlq import block_ldl_at
 
 # A sketch's output factor from tens of sequences is noisy: fed back as it is, it overfits the
 # calibration set (benchmarks/results/kl_two_sided.md: scored on sequences the rounding did not
-# see, the paper's light damping loses to one-sided rounding; shrunk this much it breaks even)
+# see, the paper's light damping loses to one-sided rounding; shrunk this much it gains a little)
 SHRINK = 3.0
 
 # (target [n, K], rows) -> (the method's piece for those rows, its dequantized Ŵ [n, K] fp32)

@@ -15,6 +15,24 @@ def discq(*args, check=True):
     return done
 
 
+def discq_in_process(capsys, *args) -> tuple[int, str, str]:
+    """`discq ...` run in this process (no interpreter start, imports shared; for what the
+    command computes or refuses, not for how the process behaves): exit status, stdout,
+    stderr."""
+    from discq.cli import main
+    capsys.readouterr()
+    rc = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def discq_here(capsys, *args) -> dict:
+    """`discq ... --json` in this process: its JSON result (a non-zero exit fails)."""
+    rc, out, err = discq_in_process(capsys, *args, "--json")
+    assert rc == 0, err[-2000:]
+    return json.loads(out)
+
+
 def test_help_explains_every_option():
     out = discq("quantize", "--help").stdout
     for option in ("--method", "--bits", "--group-size", "--calib", "--out", "--json"):
@@ -42,10 +60,9 @@ def test_quantize_then_eval_with_json(tmp_path):
 
 def test_kl_hessians_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "q"
-    q = json.loads(discq("quantize", TINY_LLAMA, "--method", "gptq", "--hessian", "kl",
-                         "--calib", CALIB_TEXT, "--n-calib", "4", "--seq-len", "64",
-                         "--eval-data", HELDOUT_TEXT, "--eval-windows", "2", "--out", out,
-                         "--json").stdout)
+    q = discq_here(capsys, "quantize", TINY_LLAMA, "--method", "gptq", "--hessian", "kl",
+                   "--calib", CALIB_TEXT, "--n-calib", "4", "--seq-len", "64", "--eval-data",
+                   HELDOUT_TEXT, "--eval-windows", "2", "--out", out)
     assert q["method"] == "gptq" and 0 < q["kl"] < 1
     manifest = (out / "config.json").read_text()
     assert '"hessian": "kl"' in manifest  # each layer's config, as it was rounded
@@ -110,14 +127,14 @@ def test_gptvq_from_the_command_line(tmp_path):
     """)
 
 
-def test_existing_output_is_refused_before_work(tmp_path):
+def test_existing_output_is_refused_before_work(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
-    done = discq("quantize", TINY_LLAMA, "--out", tmp_path, check=False)
-    assert done.returncode == 2 and "overwrite" in done.stderr
+    rc, _, err = discq_in_process(capsys, "quantize", TINY_LLAMA, "--out", tmp_path)
+    assert rc == 2 and "overwrite" in err
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
-def test_bad_bits_is_a_clear_error(tmp_path):
+def test_bad_bits_is_a_clear_error(tmp_path):  # in its own process: no traceback printed
     done = discq("quantize", TINY_LLAMA, "--bits", "5", "--out", tmp_path / "x", check=False)
     assert done.returncode == 2 and "bits" in done.stderr and "Traceback" not in done.stderr
 
@@ -128,19 +145,19 @@ def test_unknown_method_is_a_clear_error():
         methods.config_constructor("magic")
 
 
-def test_methods_lists_every_registered_method_with_its_paper():
+def test_methods_lists_every_registered_method_with_its_paper(capsys):
     from discq.methods import METHODS
-    r = json.loads(discq("methods", "--json").stdout)
+    r = json.loads(discq_in_process(capsys, "methods", "--json")[1])
     assert [m["name"] for m in r] == ["rtn", "gptq", "gptvq", "disc", "quip-sharp", "qtip"]
     assert {m["name"] for m in r} == set(METHODS)
     assert all(m["paper"] for m in r if m["data_driven"])
-    text = discq("methods").stdout
+    text = discq_in_process(capsys, "methods")[1]
     assert "arXiv:2210.17323" in text and "quip-sharp" in text
     assert discq("--version").stdout.startswith("discq ")
 
 
-def test_bench_reports_speed_and_memory():
-    r = json.loads(discq("bench", TINY_LLAMA, "--tokens", "4", "--json").stdout)
+def test_bench_reports_speed_and_memory(capsys):
+    r = discq_here(capsys, "bench", TINY_LLAMA, "--tokens", "4")
     assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["bits_per_weight"] is None
 
 
@@ -160,9 +177,9 @@ def test_compressed_tensors_output_loads_in_transformers(tmp_path):
     (["--format", "gguf:Q4_0", "--group-along", "output"], "--group-along"),
     (["--format", "gguf:Q4_0", "--method", "quip-sharp"], "affine grids"),
     (["--format", "compressed-tensors", "--method", "quip-sharp"], "affine grids")])
-def test_output_formats_say_what_they_need_before_any_work(tmp_path, args, message):
-    done = discq("quantize", TINY_LLAMA, *args, "--out", tmp_path / "x", check=False)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+def test_output_formats_say_what_they_need_before_any_work(tmp_path, args, message, capsys):
+    rc, _, err = discq_in_process(capsys, "quantize", TINY_LLAMA, *args, "--out", tmp_path / "x")
+    assert rc == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 
@@ -199,7 +216,7 @@ def test_gguf_output_of_the_bundled_model_reads_back_in_gguf(tmp_path):
     assert "llama-cli" in (out / "README.md").read_text()
 
 
-def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path):
+def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from discq import hf  # noqa: F401  (registers discq's loader with transformers)
@@ -221,8 +238,8 @@ def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path
     assert e8["int8_activations"] is True and "int8_activations" not in e
     assert e8["perplexity"] != e["perplexity"]
     assert e8["perplexity"] == pytest.approx(e["perplexity"], rel=0.05)
-    done = discq("bench", out, "--int8-activations", check=False)
-    assert done.returncode == 2 and "--compile" in done.stderr and "Traceback" not in done.stderr
-    done = discq("quantize", TINY_LLAMA, "--head-bits", "8", "--quantize-head",
-                 "--out", tmp_path / "x", check=False)
-    assert done.returncode == 2 and "head_bits" in done.stderr and "Traceback" not in done.stderr
+    rc, _, err = discq_in_process(capsys, "bench", out, "--int8-activations")
+    assert rc == 2 and "--compile" in err and "Traceback" not in err
+    rc, _, err = discq_in_process(capsys, "quantize", TINY_LLAMA, "--head-bits", "8",
+                                  "--quantize-head", "--out", tmp_path / "x")
+    assert rc == 2 and "head_bits" in err and "Traceback" not in err

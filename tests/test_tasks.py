@@ -2,7 +2,6 @@
 multiple-choice task over a JSON-lines file, run on the tiny fixture and its quantized copy,
 from Python and from the command line (scores side by side, and in the model card)."""
 import copy
-import json
 import shutil
 
 import discq
@@ -10,7 +9,7 @@ import discq.eval
 import pytest
 from conftest import CALIB_TEXT, FIXTURES, HELDOUT_TEXT, TINY_LLAMA
 from discq.tasks import side_by_side
-from test_cli import discq as run_discq
+from test_cli import discq_here
 
 TASK = "discq_shakespeare_mc"
 
@@ -67,16 +66,22 @@ def test_bad_tasks_are_clear_errors(tiny_llama, task_dir, tmp_path):
         discq.eval.tasks(model, tok, [])
 
 
-def test_tasks_from_the_command_line_and_in_the_model_card(tmp_path, task_dir):
+def test_tasks_from_the_command_line_and_in_the_model_card(tmp_path, task_dir, capsys):
     out = tmp_path / "q"
-    q = json.loads(run_discq("quantize", TINY_LLAMA, "--method", "rtn", "--bits", "4",
-                             "--calib", CALIB_TEXT, "--eval-data", HELDOUT_TEXT,
-                             "--eval-windows", "1", "--tasks", TASK, "--tasks-dir", task_dir,
-                             "--out", out, "--json").stdout)
+    q = discq_here(capsys, "quantize", TINY_LLAMA, "--method", "rtn", "--bits", "4",
+                   "--calib", CALIB_TEXT, "--eval-data", HELDOUT_TEXT, "--eval-windows", "1",
+                   "--tasks", TASK, "--tasks-dir", task_dir, "--out", out)
     (row,) = q["tasks"]
     assert row["task"] == TASK and 0 <= row["this"] <= 1 and 0 <= row["original"] <= 1
     card = (out / "README.md").read_text()
     assert "## Zero-shot tasks (lm-evaluation-harness)" in card and f"| {TASK} | acc |" in card
-    e = run_discq("eval", out, "--data", HELDOUT_TEXT, "--n-windows", "1", "--seq-len", "128",
-                  "--tasks", TASK, "--tasks-dir", task_dir, "--tasks-limit", "4")
-    assert "zero-shot tasks" in e.stdout and TASK in e.stdout
+    e = discq_here(capsys, "eval", out, "--data", HELDOUT_TEXT, "--n-windows", "1",
+                   "--seq-len", "128", "--tasks", TASK, "--tasks-dir", task_dir,
+                   "--tasks-limit", "4")
+    assert e["reference"] == str(TINY_LLAMA) and [r["task"] for r in e["tasks"]] == [TASK]
+    from discq.cli import main  # without --json: the tasks' own table after the scores
+    assert main(["eval", str(out), "--data", str(HELDOUT_TEXT), "--n-windows", "1",
+                 "--seq-len", "128", "--tasks", TASK, "--tasks-dir", str(task_dir),
+                 "--tasks-limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot tasks" in printed and TASK in printed
