@@ -79,9 +79,9 @@ def record_hessians(monkeypatch):
     from discq.passes import gptq
     seen, original = {}, gptq.gptq_layer
 
-    def spy(W, H, config, name=""):
+    def spy(W, H, config, name="", H_out=None):
         seen[name] = H.clone()
-        return original(W, H, config, name)
+        return original(W, H, config, name, H_out)
     monkeypatch.setattr(gptq, "gptq_layer", spy)
     return seen
 
