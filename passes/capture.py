@@ -54,14 +54,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _forward_model(model: nn.Module, ids: torch.Tensor) -> None:
-    """model(ids) without a KV cache where the model takes that option."""
+def _forward_model(model: nn.Module, ids: torch.Tensor):
+    """model(ids) without a KV cache where the model takes that option; its output."""
     try:
-        model(ids, use_cache=False)
+        return model(ids, use_cache=False)
     except TypeError as e:
         if "use_cache" not in str(e):
             raise
-        model(ids)
+        return model(ids)
 
 
 Sink = Callable[[int, torch.Tensor], torch.Tensor]  # (batch, hidden) -> where it is kept

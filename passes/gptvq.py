@@ -127,16 +127,21 @@ def gptvq_layer(W: Tensor, H: Tensor, config: GPTVQConfig, name: str = "",
     check_finite(W, name)
     layout = layout_of(W, config, name)
 
-    def round_rows(target: Tensor, rows: slice) -> tuple[VQResult, Tensor]:
+    def rounded(target: Tensor) -> VQResult:
         res, W0 = gptvq_quantize(target, H, layout, fit=_kmeans_fit(config.kmeans_iters),
                                  damp=config.damp, block_size=config.block_size, name=name)
         if config.codebook_update and config.codebook_steps:
             res = update_codebooks(W0, H, res, layout.scale_block, steps=config.codebook_steps,
                                    lr=config.codebook_lr)
+        return res
+
+    if H_out is None:  # one-sided: nothing needs the rounded weights dequantized
+        return _tensor(rounded(W), config, layout, W.dtype)
+
+    def round_rows(target: Tensor, rows: slice) -> tuple[VQResult, Tensor]:
+        res = rounded(target)
         return res, _tensor(res, config, layout, W.dtype).dequantize(torch.float32)
 
-    if H_out is None:
-        return _tensor(round_rows(W, slice(None))[0], config, layout, W.dtype)
     pieces = round_two_sided(W, H, H_out, round_rows, rows=config.kl_rows, unit=layout.R_g)
     exps = [p.exponents for p in pieces]
     res = VQResult(torch.cat([p.idx for p in pieces]), torch.cat([p.codebook for p in pieces]),

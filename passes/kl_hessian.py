@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .capture import _forward_model
+
 
 MAX_BYTES = 4 << 30  # factors held in memory per pass (fp32)
 # Tokens per sketched sequence: calibration sequences are cut into pieces of this length. Each
@@ -130,12 +132,7 @@ def _accumulate(H_in: Tensor, H_out: Tensor | None, X: Tensor, D: Tensor) -> Non
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    try:
-        out = model(ids, use_cache=False)
-    except TypeError as e:
-        if "use_cache" not in str(e):
-            raise
-        out = model(ids)
+    out = _forward_model(model, ids)
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = out[0] if isinstance(out, tuple) else out
