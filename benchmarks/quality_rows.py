@@ -56,6 +56,16 @@ def _llamacpp(types, quick, model="smollm2"):
                   {"type": t}, model, sets)
 
 
+def _mixed(method: str, line: str, budgets, widths, settings: dict, name: str):
+    """Each matrix the candidate (method at one of `widths`) that minimizes the predicted KL
+    within `budget` bits per weight (`quantize_(model, budget=bits(b), candidates=[...])`)."""
+    candidates = [{"method": method, "bits": b, "group_size": g, **settings} for b, g in widths]
+    for b in budgets:
+        yield Row(f"smollm2-discq-mixed-{name}-{b}b", line, "discq_runner", "main",
+                  {"method": method, "bits": b, "group_size": None, "budget": b,
+                   "candidates": candidates})
+
+
 def smollm2_rows() -> list[Row]:
     no_groups = [(2, None), (3, None), (4, None)]
     rows = [
@@ -86,6 +96,12 @@ def smollm2_rows() -> list[Row]:
                 {"finetune": False, "state_bits": 12, "hessian": "kl"}, name="qtip-kl"),
         *_discq("gptvq", "discq GPTVQ (2-D), KL Hessians", [(2, None), (3, None)],
                 {"dim": 2, "kmeans_iters": 10, "hessian": "kl"}, name="gptvq-kl"),
+        # mixed widths under a size budget, against the same method's uniform widths
+        *_mixed("qtip", "discq QTIP, mixed widths", [2.5, 3.25],
+                [(2, None), (3, None), (4, None)], {"finetune": False, "state_bits": 12},
+                name="qtip"),
+        *_mixed("gptq", "discq GPTQ, KL Hessians, mixed widths", [2.5, 3.25],
+                [(2, 64), (3, 64), (4, 64)], {"hessian": "kl"}, name="gptq-kl"),
         *_peer("torchao-rtn", "torchao RTN (intx, asym)", "torchao_runner", "main",
                WIDTHS + [(5, 64), (6, 64), (8, 64)], {"algorithm": "affine"}, quick=(3, 64)),
         *_peer("torchao-hqq", "torchao HQQ (scale only)", "torchao_runner", "main", WIDTHS,
@@ -124,6 +140,12 @@ def minilm_rows() -> list[Row]:
         *_discq("gptq", "discq GPTQ", widths, {}, quick=(3, 64), model=m),
         *_discq("quip-sharp", "discq QuIP#", [(2, None), (3, None), (4, None)],
                 {"finetune": False}, model=m),
+        # mixed widths under a size budget, against the same method's uniform widths
+        *_mixed("qtip", "discq QTIP, mixed widths", [2.5, 3.25],
+                [(2, None), (3, None), (4, None)], {"finetune": False, "state_bits": 12},
+                name="qtip"),
+        *_mixed("gptq", "discq GPTQ, KL Hessians, mixed widths", [2.5, 3.25],
+                [(2, 64), (3, 64), (4, 64)], {"hessian": "kl"}, name="gptq-kl"),
         *_peer("torchao-rtn", "torchao RTN (intx, asym)", "torchao_runner", "main", widths,
                {"algorithm": "affine"}, quick=(3, 64), model=m),
         *_peer("hqq", "HQQ", "hqq_runner", "peers", widths, {}, quick=(3, 64), model=m),

@@ -10,6 +10,9 @@ from discq.decode import generate
 from discq.io import load_quantized, save_quantized
 from discq.passes import (
     METHODS,
+    Bits,
+    bits,
+    plan_of,
     DiscConfig,
     GPTQConfig,
     GPTVQConfig,
@@ -45,6 +48,9 @@ else:
 
 __all__ = [
     "METHODS",
+    "Bits",
+    "bits",
+    "plan_of",
     "AffineGrid",
     "AffineQuantizedTensor",
     "DiscConfig",

@@ -9,13 +9,14 @@ import pkgutil as _pkgutil
 for _m in _pkgutil.iter_modules(__path__):
     _importlib.import_module(f"{__name__}.{_m.name}")
 
+from .budget import Bits, bits  # noqa: E402
 from .config import GridConfig, QuantConfig  # noqa: E402
 from .disc import DiscConfig, disc_config  # noqa: E402
 from .export import QuantizeLinearsPass, quantize_exported  # noqa: E402
 from .gptq import GPTQConfig, gptq_config  # noqa: E402
 from .gptvq import GPTVQConfig, gptvq_config  # noqa: E402
 from .inspect import bits_per_weight, quantized_weights  # noqa: E402
-from .quantize import is_linear, quantize_  # noqa: E402
+from .quantize import is_linear, plan_of, quantize_  # noqa: E402
 from .qtip import QtipConfig, qtip_config  # noqa: E402
 from .quip_sharp import QuipSharpConfig, quip_sharp_config  # noqa: E402
 from .registry import METHODS, register_method  # noqa: E402
@@ -23,6 +24,9 @@ from .rtn import RTNConfig, rtn_config  # noqa: E402
 
 __all__ = [
     "METHODS",
+    "Bits",
+    "bits",
+    "plan_of",
     "DiscConfig",
     "GPTQConfig",
     "GPTVQConfig",

@@ -264,6 +264,18 @@ class KLFactors:
             self.held = self._chunk(self.where[fqn])
         return self.held.pop(fqn)
 
+    def get(self, fqn: str) -> tuple[Tensor, Tensor | None]:
+        """`fqn`'s factors, kept for another reader (copies: methods damp H in place)."""
+        if fqn not in self.held:
+            self.held = self._chunk(self.where[fqn])
+        H_in, H_out = self.held[fqn]
+        return H_in.clone(), None if H_out is None else H_out.clone()
+
+    def shared(self) -> Shared:
+        """A view whose `pop` leaves the factors here, for several runs over the same layers."""
+        return Shared(self)
+
+
     def _chunk(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
         layers = self.chunks[i]
         path = None if self.directory is None else self.directory / f"chunk-{i:04d}.safetensors"
@@ -277,6 +289,21 @@ class KLFactors:
         if path is not None:
             _write(path, out, self.settings)
         return out
+
+
+class Shared:
+    """`KLFactors` read by several methods in turn (mixed widths: every candidate rounds every
+    layer with the same factors): `pop` copies instead of removing."""
+
+    def __init__(self, factors: KLFactors):
+        self.factors = factors
+        self.output_side = factors.output_side
+
+    def covers(self, targets) -> bool:
+        return all(fqn in self.factors.where for fqn, _ in targets)
+
+    def pop(self, fqn: str) -> tuple[Tensor, Tensor | None]:
+        return self.factors.get(fqn)
 
 
 def _write(path: Path, factors: dict, settings: str) -> None:

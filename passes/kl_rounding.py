@@ -11,17 +11,33 @@ both back instead of running the passes and rounding those layers again.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .block_source import _store, fingerprint, write_json
-from .kl_hessian import KLFactors
+from .kl_hessian import KLFactors, Shared
 
 QuantizeKL = Callable[[str, nn.Linear, Tensor, Tensor | None], None]
+# factors taken once and read by every run inside `sharing(...)` (mixed widths' candidates)
+_SHARED: contextvars.ContextVar[Shared | None] = contextvars.ContextVar("kl_shared",
+                                                                        default=None)
+
+
+@contextlib.contextmanager
+def sharing(factors: KLFactors):
+    """Inside, a config with `hessian="kl"` rounds with `factors` (no pass of its own) when
+    they cover its targets (and hold the output side if its `kl_rows` needs it)."""
+    token = _SHARED.set(factors.shared())
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def check_whole_model(targets) -> None:
@@ -34,10 +50,14 @@ def check_whole_model(targets) -> None:
                              f"run); use hessian='inputs' when streaming")
 
 
-def kl_factors(model: nn.Module, batches, targets, config) -> KLFactors:
+def kl_factors(model: nn.Module, batches, targets, config) -> KLFactors | Shared:
     """Every target's factors for a config with `hessian="kl"` and `kl_rows` (and
     `checkpoint_dir`, `seed` where it has them), computed now, on the model as it is."""
     check_whole_model(targets)
+    shared = _SHARED.get()
+    if shared is not None and shared.covers(targets) \
+            and (shared.output_side or getattr(config, "kl_rows", 0) == 0):
+        return shared
     checkpoint_dir = getattr(config, "checkpoint_dir", None)
     directory = None if checkpoint_dir is None else Path(checkpoint_dir) / "kl_hessians"
     return KLFactors(model, batches, targets, seed=getattr(config, "seed", 0),

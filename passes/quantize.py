@@ -12,7 +12,8 @@ from torch import nn
 
 from .config import QuantConfig
 from .inspect import set_layer_config
-from .matrices import Coverage, Matrix, candidates, coverage, router_matrices
+from .matrices import Coverage, Matrix, coverage, router_matrices
+from .matrices import candidates as candidates_of
 from .prepare import Prepared
 from .registry import method_of
 from .validate import check_bool
@@ -35,14 +36,14 @@ def select_linears(model: nn.Module, filter_fn: FilterFn) -> list[tuple[str, nn.
 
 def select_matrices(model: nn.Module, filter_fn: FilterFn | None) -> list[Matrix]:
     """The matrices `quantize_(model, config, filter_fn=filter_fn)` would quantize."""
-    return _select(candidates(model), filter_fn)[0]
+    return _select(candidates_of(model), filter_fn)[0]
 
 
 def planned_coverage(model: nn.Module, filter_fn: FilterFn | None = None
                      ) -> tuple[list[Matrix], Coverage]:
     """What `quantize_` with one config and `filter_fn` would quantize and leave, before any
     work (`discq plan`): the selected matrices and the coverage."""
-    chosen, skipped = _select(candidates(model), filter_fn)
+    chosen, skipped = _select(candidates_of(model), filter_fn)
     return chosen, coverage(model, chosen, skipped)
 
 
@@ -75,8 +76,8 @@ def _check_args(model, config) -> None:
                         f"of module names/patterns to configs, got {type(config).__name__}")
 
 
-def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None,
-              calibrate_all_experts: bool = False) -> nn.Module:
+def quantize_(model: nn.Module, config=None, *, filter_fn: FilterFn | None = None,
+              calibrate_all_experts: bool = False, budget=None, candidates=None) -> nn.Module:
     """Quantize, in place, the weight matrices of `model` that `filter_fn(module, fqn)` selects
     (default: all but mixture-of-experts routers) with `config`. Returns `model`.
 
@@ -91,12 +92,19 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None,
     token embedding stays tied (one quantized tensor). `calibrate_all_experts`: methods that
     measure layer inputs send every calibration token through every expert (the layer's output
     still follows the router). What is left in full precision, and why, is
-    `coverage_of(model)` and logged; a matrix in the decoder blocks that no rule covers is warned about. If any
-    method fails or is interrupted, every weight is put back."""
+    `coverage_of(model)` and logged; a matrix in the decoder blocks that no rule covers is
+    warned about. If any method fails or is interrupted, every weight is put back.
+
+    Mixed widths: instead of `config`, `budget=discq.bits(2.5)` and `candidates=[configs]`
+    give each selected matrix the candidate that minimizes the predicted KL to the original
+    under the budget (bits per quantized weight, scales counted): see `passes/mixed.py`;
+    `plan_of(model)` says what each matrix got."""
+    if budget is not None or candidates is not None:
+        return _quantize_to_budget(model, budget, candidates, filter_fn, calibrate_all_experts)
     _check_args(model, config)
     check_bool(calibrate_all_experts=calibrate_all_experts)
     model = unwrap_compiled(model)  # names without `_orig_mod.`: same seeds, same manifest
-    matrices = candidates(model)
+    matrices = candidates_of(model)
     if isinstance(config, dict):  # routers join only when a config names them exactly
         matrices += [mx for mx in router_matrices(model) if mx.fqn in config]
     if not matrices and not any(isinstance(p, QuantizedTensor) for p in model.parameters()):
@@ -123,6 +131,58 @@ def quantize_(model: nn.Module, config, *, filter_fn: FilterFn | None = None,
     for fn in AFTER_QUANTIZE:
         fn(model)
     return model
+
+
+def _quantize_to_budget(model: nn.Module, budget, candidates, filter_fn,
+                        calibrate_all_experts: bool) -> nn.Module:
+    from .budget import Bits
+    from .mixed import check_candidates, quantize_mixed
+    if not isinstance(budget, Bits):
+        raise TypeError(f"budget must be discq.bits(<bits per weight>) with candidates=[...], "
+                        f"got {type(budget).__name__}")
+    candidates = check_candidates(candidates)
+    _check_args(model, candidates[0])
+    check_bool(calibrate_all_experts=calibrate_all_experts)
+    model = unwrap_compiled(model)
+    chosen, skipped = _select(candidates_of(model), filter_fn)
+    if not chosen:
+        raise ValueError("quantize_: the filter selected no weight matrix to give a width")
+    report = coverage(model, chosen, skipped)
+    _report(model, report)
+    prepared = Prepared(model, [(None, chosen)], calibrate_all_experts)
+    with prepared as runs:
+        units, it = [], iter(runs[0][1])
+        for mx in chosen:  # an expert stack's E linears are one unit: it keeps one format
+            n = len(mx.module._modules[mx.param]) if mx.kind == "experts" else 1
+            units.append((mx.fqn, [next(it) for _ in range(n)]))
+        plan, _ = quantize_mixed(model, budget, candidates, units,
+                                 lambda cfg, targets: _run_candidate(model, cfg, targets))
+    model.__dict__["discq_bit_plan"] = plan
+    _few_tokens(report, prepared.few_tokens)
+    for fn in AFTER_QUANTIZE:
+        fn(model)
+    return model
+
+
+def _run_candidate(model: nn.Module, config: QuantConfig, targets) -> set[str]:
+    """Round, with `config`'s method, the targets its format can hold; their names."""
+    fits = []
+    for t in targets:
+        try:
+            fits += config.bind(model, [t])[1]
+        except ValueError:  # e.g. rows that are not whole blocks of a GGUF type
+            continue
+    if not fits:
+        return set()
+    config, fits = config.bind(model, fits)
+    _check_memory(model, config, fits)
+    _handler(config)(model, config, fits)
+    return {fqn for fqn, m in fits if isinstance(m.weight, QuantizedTensor)}
+
+
+def plan_of(model: nn.Module):
+    """The mixed-width `Plan` of the last `quantize_(model, budget=..., candidates=...)`."""
+    return unwrap_compiled(model).__dict__.get("discq_bit_plan")
 
 
 def _select(matrices: list[Matrix], filter_fn: FilterFn | None):
@@ -202,7 +262,7 @@ def _plan(model: nn.Module, spec: dict, matrices: list[Matrix], skipped: dict
 
 def _check_names(model: nn.Module, exact: dict) -> None:
     """A typo would otherwise quantize a matrix the user meant to skip."""
-    names = {mx.fqn for mx in candidates(model) + router_matrices(model)}
+    names = {mx.fqn for mx in candidates_of(model) + router_matrices(model)}
     names |= {fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(exact) - names)
     if not unknown:

@@ -31,21 +31,40 @@ def _effective(m) -> torch.Tensor:
     return W
 
 
-def quantize(inputs, spec: dict) -> dict:
+def _config(inputs, spec: dict):
     settings = {k: v for k, v in spec.items() if k not in ("method", "bits", "group_size",
                                                             "seq_len")}
-    cfg = build_config(spec["method"], bits=spec["bits"], group_size=spec["group_size"],
-                       calibration=_calibration(inputs, spec), **settings)
+    return build_config(spec["method"], bits=spec["bits"], group_size=spec["group_size"],
+                        calibration=_calibration(inputs, spec), **settings)
+
+
+def _run(inputs, spec: dict, only):
+    """Quantize with one config, or with `spec["budget"]` bits per weight among
+    `spec["candidates"]` (mixed widths); returns the config as the table records it."""
+    if "budget" not in spec:
+        cfg = _config(inputs, spec)
+        discq.quantize_(inputs.model, cfg, filter_fn=only)
+        return {k: v for k, v in cfg.to_dict().items() if k != "calibration"}
+    configs = [_config(inputs, c) for c in spec["candidates"]]
+    calib = calibration_list(inputs.calib, 8)
+    discq.quantize_(inputs.model, budget=discq.bits(spec["budget"], calibration=calib),
+                    candidates=configs, filter_fn=only)
+    plan = discq.plan_of(inputs.model)
+    return {"budget": spec["budget"], "candidates": [c.to_dict() for c in configs],
+            "plan": {lab: list(plan.layers.values()).count(lab) for lab in plan.candidates},
+            "predicted_kl": plan.predicted_kl}
+
+
+def quantize(inputs, spec: dict) -> dict:
     targets = target_linears(inputs.model)
     chosen = set(targets.values())
     with stopwatch() as t:
-        discq.quantize_(inputs.model, cfg, filter_fn=lambda m, fqn: m in chosen)
+        config = _run(inputs, spec, lambda m, fqn: m in chosen)
     bits = numel = 0
     tensors = {}
     for name, m in targets.items():
         w = m.weight
         bits, numel = bits + w.storage_bits(), numel + w.numel()
         tensors[f"{name}.weight"] = _effective(m)
-    config = {k: v for k, v in cfg.to_dict().items() if k != "calibration"}
     return {"tensors": tensors, "bits": bits, "numel": numel, "seconds": t["seconds"],
             "config": {"discq": config}}
