@@ -86,6 +86,20 @@ def smollm2_rows() -> list[Row]:
         *_discq("disc", "discq DiscQuant from GPTQ, KL Hessians", [(3, 64)],
                 {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "kl", "warmup": 6},
                 name="disc-kl"),
+        # the smaller budget: 16 steps from each start (3-bit)
+        *_discq("disc", "discq DiscQuant, 16 steps", [(3, 64)],
+                {"steps": 16, "batch_size": 2, "seq_len": 128, "init": "rtn", "warmup": 2},
+                name="disc-16"),
+        *_discq("disc", "discq DiscQuant from GPTQ, 16 steps", [(3, 64)],
+                {"steps": 16, "batch_size": 2, "seq_len": 128, "init": "gptq", "warmup": 2},
+                name="disc-gptq-16"),
+        *_discq("disc", "discq DiscQuant from GPTQ, KL Hessians, 16 steps", [(3, 64)],
+                {"steps": 16, "batch_size": 2, "seq_len": 128, "init": "kl", "warmup": 2},
+                name="disc-kl-16"),
+        # the 64-step run from GPTQ's codes with its decoder blocks compiled (torch.compile)
+        *_discq("disc", "discq DiscQuant from GPTQ, compiled step", [(3, 64)],
+                {"steps": 64, "batch_size": 2, "seq_len": 128, "init": "gptq", "warmup": 6,
+                 "compile_step": True}, name="disc-gptq-compiled"),
         # k-means iterations cut from GPTVQ's 100 to 10 (time); codebook update kept
         *_discq("gptvq", "discq GPTVQ (2-D)", no_groups, {"dim": 2, "kmeans_iters": 10}),
         *_discq("quip-sharp", "discq QuIP#", no_groups, {"finetune": False}, quick=(3, None)),

@@ -28,6 +28,7 @@ from discq.passes import (
     qtip_config,
     quantized_weights,
     quip_sharp_config,
+    rotate_,
     rtn_config,
 )
 from discq.tensors import AffineGrid, AffineQuantizedTensor, QuantizedTensor
@@ -76,6 +77,7 @@ __all__ = [
     "load_quantized",
     "quantize_",
     "quantized_weights",
+    "rotate_",
     "rtn_config",
     "save_quantized",
 ]

@@ -9,6 +9,7 @@ import torch
 
 from discq import pipeline
 from discq.io import is_quantized_dir, load_quantized, read_metadata, save_quantized
+from discq.widths import candidate_configs, check_widths
 
 
 def _load_any(name: str):
@@ -29,21 +30,25 @@ def quantize(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # fail before the long work
         raise FileExistsError(f"{out} is not empty; choose a new --out or pass --overwrite")
+    check_widths(args)
     _check_format(args)
     if args.stream:
         return _quantize_streaming(args, out)
     model, tok = load_model(args.model)
     calib = None
-    if METHODS[args.method].data_driven:
+    if METHODS[args.method].data_driven or args.target_bpw is not None:  # (sensitivities)
         calib = calibration_batches(tok, args.calib, n_samples=args.n_calib, seq_len=args.seq_len)
-    extra = _config_extras(args)
+    extra = _config_extras(args) if args.target_bpw is None else \
+        {"budget": args.target_bpw, "candidates": candidate_configs(args, calib, _config_extras)}
     qmodel, summary = pipeline.quantize_copy(
         model, args.method, bits=args.bits, group_size=args.group_size or None,
         calibration=calib, quantize_head=args.quantize_head, head_bits=args.head_bits,
         symmetric=args.symmetric, **extra)
-    from discq.passes.quantize import coverage_of
+    from discq.passes.quantize import coverage_of, plan_of
     if coverage_of(qmodel) is not None:  # what it quantized, and what it left and why
         print(coverage_of(qmodel).describe(names=5))  # (stderr with --json)
+    if plan_of(qmodel) is not None:  # mixed widths: what each matrix got
+        print(plan_of(qmodel).describe())
     evaluation = _card_evaluation(qmodel, model, tok, args)
     task_rows = task_scores(qmodel, model, tok, args)
     if task_rows:
@@ -52,6 +57,7 @@ def quantize(args: argparse.Namespace) -> dict:
                 "calibration": _calibration_name(args) if calib is not None else None,
                 "evaluation": evaluation}
     _save(qmodel, out, tok, args, metadata)
+    summary.pop("bit_plan", None)  # in the manifest and the card, printed above
     return {"model": args.model, **summary, **_headline(evaluation), "out": str(out),
             **({"tasks": task_rows} if task_rows else {})}
 
@@ -199,7 +205,7 @@ def _save(qmodel, out: Path, tok, args: argparse.Namespace, metadata: dict) -> N
     """A transformers model directory with a model card (or, with --format, a GGUF file or a
     compressed-tensors directory); models transformers does not know: save_quantized."""
     card = _card(qmodel, args, metadata)
-    if args.format.startswith("gguf:"):
+    if args.format.startswith("gguf"):
         _save_gguf(qmodel, out, args, card, tok)
         return
     if args.format == "compressed-tensors":
@@ -220,10 +226,12 @@ def _card(qmodel, args: argparse.Namespace, metadata: dict) -> str:
     from discq.passes.quantize import coverage_of
     config = next((c for m in qmodel.modules() for name in m._parameters
                    if (c := layer_config(m, name))), None)
-    report = coverage_of(qmodel)
+    from discq.passes.quantize import plan_of
+    report, plan = coverage_of(qmodel), plan_of(qmodel)
     return model_card({"model": args.model, **metadata}, calibration=metadata["calibration"],
-                      evaluation=metadata["evaluation"], config=config, fmt=args.format,
-                      coverage=report.describe(names=8) if report else None)
+                      evaluation=metadata["evaluation"], config=None if plan else config,
+                      fmt=args.format, coverage=report.describe(names=8) if report else None,
+                      widths=plan.describe(names=len(plan.layers)) if plan else None)
 
 
 def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str, tok) -> None:
@@ -231,13 +239,14 @@ def _save_gguf(qmodel, out: Path, args: argparse.Namespace, card: str, tok) -> N
     copied from the model's own .gguf, or written from its config and tokenizer."""
     from discq.export import to_gguf
     from discq.io import write_atomically
-    kind = args.format.split(":")[1]
+    kind = args.format.split(":")[1] if ":" in args.format else None  # None: as rounded
     source = _gguf_source(args.model)
     origin = {"source": source} if source is not None else \
         {"tokenizer": tok, "pre": getattr(args, "gguf_pre", "default")}
 
     def write(tmp: Path) -> None:
-        to_gguf(qmodel, tmp / f"{Path(args.model).stem}-{kind}.gguf", type=kind, **origin)
+        name = f"{Path(args.model).stem}-{kind or f'{args.target_bpw}bpw'}.gguf"
+        to_gguf(qmodel, tmp / name, type=kind, **origin)
         (tmp / "README.md").write_text(card)
     write_atomically(out, args.overwrite, write)
 

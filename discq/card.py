@@ -4,13 +4,15 @@ from __future__ import annotations
 
 
 def model_card(summary: dict, *, calibration: str | None, evaluation: dict | None,
-               config: dict | None, fmt: str = "hf", coverage: str | None = None) -> str:
+               config: dict | None, fmt: str = "hf", coverage: str | None = None,
+               widths: str | None = None) -> str:
     """Markdown for a model quantized from `summary["model"]` with `summary["method"]`, saved
     as `fmt` ("hf", "gguf:<type>", "compressed-tensors").
     `evaluation`: {"data", "windows", "perplexity", "kl", "top1", "reference_perplexity"} and/or
     "tasks" (`discq.tasks.side_by_side` rows: zero-shot task scores beside the original's);
     `coverage`: `Coverage.describe()` of the run (matrices kept in full precision and why,
-    experts calibrated on few tokens)."""
+    experts calibrated on few tokens); `widths`: `Plan.describe()` of a mixed-width run (each
+    matrix's candidate)."""
     name = summary.get("model", "a model")
     lines = ["---", "library_name: transformers", "tags: [discq, quantized, "
              f"{summary.get('method', 'quantized')}]", "---", "",
@@ -32,6 +34,8 @@ def model_card(summary: dict, *, calibration: str | None, evaluation: dict | Non
     lines.append(f"| calibration data | {calibration or 'none (data-free)'} |")
     if coverage:  # what was quantized, what stayed in full precision and why
         lines += ["", "## Weights", "", "```", coverage, "```"]
+    if widths:  # mixed widths: what each matrix got, predicted KL against uniform widths
+        lines += ["", "## Widths", "", "```", widths, "```"]
     lines += ["", *_evaluation(evaluation), "## Use", "", *USAGE[fmt.split(":")[0]], ""]
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import sys
 from discq.methods import available_methods, describe
 from discq.passes.gguf_mixture import MIXTURES as GGUF_MIXTURES
 
-OUTPUT_FORMATS = ["hf", *(f"gguf:{m}" for m in GGUF_MIXTURES), "compressed-tensors"]
+OUTPUT_FORMATS = ["hf", "gguf", *(f"gguf:{m}" for m in GGUF_MIXTURES), "compressed-tensors"]
 
 
 def _add_grid_args(p: argparse.ArgumentParser) -> None:
@@ -88,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"mixtures {', '.join(GGUF_MIXTURES)}: the method rounds onto the "
                         "mixture's types, --bits/--group-size do not apply; metadata and "
                         "tokenizer copied from the model's .gguf, else written from its "
-                        "config and tokenizer), compressed-tensors (pack-quantized for vLLM; "
-                        "needs --symmetric)")
+                        "config and tokenizer), gguf (with --target-bpw and GGML-type "
+                        "--candidates: each tensor in the type it got), compressed-tensors "
+                        "(pack-quantized for vLLM; needs --symmetric)")
+    q.add_argument("--target-bpw", type=float, default=None, metavar="B",
+                   help="mixed widths: each layer gets the candidate (--candidates) that "
+                        "minimizes the predicted KL to the original within B bits per weight "
+                        "on average (scales counted); costs one KL pass plus each candidate's "
+                        "own run")
+    q.add_argument("--candidates", default=None, metavar="C1,C2",
+                   help="with --target-bpw: <bits> (--method at that width), <method>:<bits> "
+                        "or a GGML type (Q4_0, rounded by --method); default --method at 2,3,4")
     q.add_argument("--gguf-pre", default="default", metavar="NAME",
                    help="with --format gguf:* from a model that is not a .gguf: llama.cpp's "
                         "pre-tokenizer name for its tokenizer (e.g. llama-bpe, qwen2, smollm)")

@@ -63,7 +63,9 @@ def _collect(model: nn.Module, with_tensors: bool = True, skip=None
         elif with_tensors:
             tensors[key] = t.detach().contiguous().cpu()
             storages.add(tensors[key].untyped_storage().data_ptr())
-    return tensors, {"quantized": quantized, "aliases": aliases}
+    plan = model.__dict__.get("discq_bit_plan")  # mixed widths: what each matrix got
+    return tensors, {"quantized": quantized, "aliases": aliases,
+                     **({"bit_plan": plan.to_dict()} if plan is not None else {})}
 
 
 def _layer_config(model: nn.Module, key: str) -> dict | None:

@@ -23,11 +23,15 @@ def keep_head_filter(model: nn.Module):
 
 def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int | None,
                   calibration=None, quantize_head: bool = False, head_bits: int | None = None,
+                  budget: float | None = None, candidates: list | None = None,
                   **config_kwargs) -> tuple[nn.Module, dict]:
     """Quantize a deep copy of `model` (the original stays untouched, it is the reference).
     `head_bits` (8 or 4) also rounds the output head, and the token embedding tied to it, to a
     symmetric grid in blocks of 32 (llama.cpp's Q8_0/Q4_0) for inference speed; its quality
-    cost shows in the evaluation. Returns (quantized model, summary)."""
+    cost shows in the evaluation. With `budget` (bits per weight) each layer gets one of
+    `candidates` (configs; mixed widths) instead. Returns (quantized model, summary)."""
+    if budget is not None:
+        return _quantize_mixed_copy(model, budget, candidates, calibration, quantize_head)
     if head_bits is not None and (head_bits not in (4, 8) or quantize_head):
         raise ValueError(f"head_bits must be 8 or 4 (and not combined with quantize_head), got "
                          f"{head_bits!r}")
@@ -51,6 +55,24 @@ def quantize_copy(model: nn.Module, method: str, *, bits: int, group_size: int |
                "bits_per_weight": round(bits_per_weight(qmodel), 4),
                "quantize_seconds": round(seconds, 1),
                "peak_rss_gib": round(peak_rss_gib(), 2)}
+    return qmodel, summary
+
+
+def _quantize_mixed_copy(model: nn.Module, budget: float, candidates, calibration,
+                         quantize_head: bool) -> tuple[nn.Module, dict]:
+    from discq.passes import bits as bits_budget
+    from discq.passes.quantize import coverage_of, plan_of
+    qmodel = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    quantize_(qmodel, budget=bits_budget(budget, calibration=calibration), candidates=candidates,
+              filter_fn=None if quantize_head else keep_head_filter(qmodel))
+    seconds = time.perf_counter() - t0
+    plan = plan_of(qmodel)
+    summary = {"method": "mixed widths", "bits": budget, "candidates": plan.candidates,
+               "quantized_share": round(coverage_of(qmodel).share, 4),
+               "bits_per_weight": round(bits_per_weight(qmodel), 4),
+               "quantize_seconds": round(seconds, 1), "peak_rss_gib": round(peak_rss_gib(), 2),
+               "bit_plan": plan.to_dict()}
     return qmodel, summary
 
 

@@ -20,6 +20,7 @@ from .quantize import is_linear, plan_of, quantize_  # noqa: E402
 from .qtip import QtipConfig, qtip_config  # noqa: E402
 from .quip_sharp import QuipSharpConfig, quip_sharp_config  # noqa: E402
 from .registry import METHODS, register_method  # noqa: E402
+from .rotate import rotate_  # noqa: E402
 from .rtn import RTNConfig, rtn_config  # noqa: E402
 
 __all__ = [
@@ -47,5 +48,6 @@ __all__ = [
     "quantized_weights",
     "quip_sharp_config",
     "register_method",
+    "rotate_",
     "rtn_config",
 ]

@@ -105,6 +105,8 @@ class DiscConfig(GridConfig):
     hidden_weight: float = 0.0
     init: str = "uniform"
     keep_best: bool = True
+    teacher_topk: int = 128
+    compile_step: bool = False
     gradient_checkpointing: bool | None = None
     finetune: bool = False
     finetune_steps: int = 100
@@ -115,7 +117,7 @@ class DiscConfig(GridConfig):
     def __post_init__(self):
         super().__post_init__()
         check_int(1, steps=self.steps, batch_size=self.batch_size)
-        check_int(0, warmup=self.warmup, seed=self.seed)
+        check_int(0, warmup=self.warmup, seed=self.seed, teacher_topk=self.teacher_topk)
         check_number(positive=True, lr=self.lr, clamp=self.clamp, rho=self.rho)
         check_number(positive=False, kl_weight=self.kl_weight, ce_weight=self.ce_weight,
                       hidden_weight=self.hidden_weight)
@@ -136,7 +138,8 @@ class DiscConfig(GridConfig):
                              f"bits/group_size; with codebook={self.codebook!r}"
                              f"{f', gguf={self.gguf!r}' if self.gguf else ''} use init='rtn' "
                              f"or 'uniform'")
-        check_bool(incoherence=self.incoherence, keep_best=self.keep_best)
+        check_bool(incoherence=self.incoherence, keep_best=self.keep_best,
+                   compile_step=self.compile_step)
         if self.gradient_checkpointing is not None:
             check_bool(gradient_checkpointing=self.gradient_checkpointing)
         self.checkpoint_dir = check_dir("checkpoint_dir", self.checkpoint_dir)
@@ -157,7 +160,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                 finetune: bool = False, finetune_steps: int = 100,
                 codebook: str = "affine", hidden_weight: float = 0.0,
                 gguf: str | None = None, vector_dim: int = 2,
-                codebook_group_size: int | None = None, keep_best: bool = True) -> DiscConfig:
+                codebook_group_size: int | None = None, keep_best: bool = True,
+                teacher_topk: int = 128, compile_step: bool = False) -> DiscConfig:
     """DiscQuant. `calibration`: token batches (`discq.data.calibration_batches`); their
     sequences are reshuffled (seeded) into `steps` optimizer steps of `batch_size` sequences.
     `clamp`/`rho`: the KL gradient is scaled by ρ and clipped to ±clamp (0.05 suits
@@ -170,7 +174,12 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
     point on held-out calibration sequences (an eighth, at most 32) at the start, every
     quarter and the end, and return the best (so the result is never worse than the start
     by that measure; one process only: DDP and FSDP runs hold no sequence out and return the
-    last step's point).
+    last step's point). `teacher_topk`: where sequences repeat across steps, the original
+    model's distribution is computed once and kept as each position's `teacher_topk` most
+    likely tokens' log-probabilities (the rest of its mass one bucket; 0 keeps all), in memory
+    or, when large, in a memory-mapped temporary file (training/teacher.py). `compile_step`:
+    each decoder block's forward and backward compiled by `torch.compile` (one compilation
+    shared by the blocks; pays off over long runs, see the README).
     `checkpoint_dir`: Lightning checkpoints every ≤ 50 steps; calling again with the same
     arguments resumes from the last one and gives the uninterrupted result. `trainer_kwargs`
     go to `lightning.Trainer` (e.g. devices=2, strategy="ddp", accelerator="cpu").
@@ -199,7 +208,8 @@ def disc_config(bits: int = 3, group_size: int | None = 64, symmetric: bool = Fa
                       gradient_checkpointing=gradient_checkpointing, finetune=finetune,
                       finetune_steps=finetune_steps, codebook=codebook,
                       hidden_weight=hidden_weight, gguf=gguf, vector_dim=vector_dim,
-                      codebook_group_size=codebook_group_size, keep_best=keep_best)
+                      codebook_group_size=codebook_group_size, keep_best=keep_best,
+                      teacher_topk=teacher_topk, compile_step=compile_step)
 
 
 @handles(DiscConfig)

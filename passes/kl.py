@@ -22,6 +22,31 @@ def forward_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return token_kl(lt, ls).mean()
 
 
+def top_k_kl(teacher_logprobs: Tensor, index: Tensor | None, student_logits: Tensor) -> Tensor:
+    """KL(p_t ‖ p_s) averaged over positions, the teacher kept as the log-probabilities of its
+    k most likely tokens (`index` [B, S, k]: which tokens; `teacher_logprobs` [B, S, k]) and the
+    rest of its mass as one bucket: the KL of the two distributions coarsened to those k tokens
+    and "any other" — never above the full KL (coarsening loses information) and equal to it
+    when the k tokens hold all the teacher's mass. `index` None: `teacher_logprobs` is the
+    whole [B, S, V]."""
+    ls = F.log_softmax(student_logits.float(), dim=-1)  # [B, S, V]
+    if index is None:
+        return token_kl(teacher_logprobs, ls).mean()
+    lq = ls.gather(-1, index.long())  # [B, S, k]
+    lp_rest = _log_rest(teacher_logprobs)  # log of the mass outside the k tokens
+    lq_rest = _log_rest(lq)
+    rest = lp_rest.exp() * (lp_rest - lq_rest)
+    return (token_kl(teacher_logprobs, lq) + rest).mean()
+
+
+def _log_rest(logp: Tensor) -> Tensor:
+    """log(1 − Σ_k p) from k log-probabilities [..., k], floored at log(1e-6) (the mass left
+    outside a top-k can round to zero or below; 1e-6 of KL is far below the scores' spread)."""
+    inside = torch.logsumexp(logp, dim=-1).clamp(max=-1e-6)
+    return torch.where(inside > -0.693, torch.log(-torch.expm1(inside)),
+                       torch.log1p(-inside.exp()))
+
+
 def soft_cross_entropy(teacher_logits: Tensor, student_logits: Tensor) -> tuple[Tensor, Tensor]:
     """(−Σ p_t log p_s, KL(p_t ‖ p_s)), both averaged over positions: the cross-entropy has the
     KL's gradient in the student (they differ by the teacher's entropy). logits: [B, S, V]."""

@@ -166,8 +166,10 @@ def fit_groups(Wr: Tensor, grid: AffineGrid, dtype: torch.dtype) -> tuple[Tensor
 
 
 def expand_groups(t: Tensor, g: int, C: int) -> Tensor:
-    """t: [R, G] per-group values -> [R, C] per-weight values."""
-    return t.repeat_interleave(g, dim=1)[:, :C]
+    """t: [R, G] per-group values -> [R, C] per-weight values. A gather, not
+    `repeat_interleave(g)[:, :C]`: torch.compile (Inductor, CPU, torch 2.13) computes that
+    slice of a repeat wrongly when g does not divide C (garbage in DiscQuant's compiled step)."""
+    return t.index_select(1, torch.arange(C, device=t.device) // g)
 
 
 def zero_of(zero: Tensor | None, grid: AffineGrid) -> Tensor | float:

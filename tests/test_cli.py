@@ -243,3 +243,48 @@ def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path
     rc, _, err = discq_in_process(capsys, "quantize", TINY_LLAMA, "--head-bits", "8",
                                   "--quantize-head", "--out", tmp_path / "x")
     assert rc == 2 and "head_bits" in err and "Traceback" not in err
+
+
+def test_target_bpw_gives_each_layer_a_width_within_the_budget(tmp_path, capsys):
+    out = tmp_path / "q"
+    q = discq_here(capsys, "quantize", TINY_LLAMA, "--method", "gptq", "--hessian", "kl",
+                   "--group-size", "32", "--target-bpw", "3.2", "--calib", CALIB_TEXT,
+                   "--n-calib", "4", "--seq-len", "64", "--eval-data", HELDOUT_TEXT,
+                   "--eval-windows", "1", "--out", out)
+    assert q["method"] == "mixed widths" and q["bits_per_weight"] <= 3.2
+    assert q["candidates"] == ["gptq 2-bit g32 kl", "gptq 3-bit g32 kl", "gptq 4-bit g32 kl"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    plan = config["metadata"]["bit_plan"]
+    assert plan["budget"] == 3.2 and len(set(plan["layers"].values())) > 1
+    card = (out / "README.md").read_text()
+    assert "## Widths" in card and "mixed widths: " in card
+    assert all(f"{fqn}: {lab}" in card for fqn, lab in plan["layers"].items())
+
+
+def test_target_bpw_to_gguf_writes_the_types_it_chose(tmp_path, capsys):
+    import gguf
+    from families import tiny_family, tiny_tokenizer
+    tiny_family("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    q = discq_here(capsys, "quantize", tmp_path / "m", "--method", "rtn", "--target-bpw", "6",
+                   "--candidates", "Q4_0,Q5_0,Q8_0", "--format", "gguf", "--gguf-pre", "gpt-2",
+                   "--calib", CALIB_TEXT, "--n-calib", "2", "--seq-len", "32",
+                   "--eval-windows", "0", "--out", tmp_path / "g")
+    assert q["bits_per_weight"] <= 6
+    (file,) = (tmp_path / "g").glob("*-6.0bpw.gguf")
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(file)).tensors}
+    assert {"Q8_0", "Q4_0"} <= types or {"Q8_0", "Q5_0"} <= types  # mixed, per tensor
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--candidates", "2,3"], "give both"),
+    (["--format", "gguf"], "GGML-type --candidates"),
+    (["--target-bpw", "3", "--format", "gguf"], "every candidate must be a GGML type"),
+    (["--target-bpw", "3", "--stream"], "drop --stream"),
+    (["--target-bpw", "3", "--candidates", "2,x"], "is not <bits>"),
+    (["--target-bpw", "3", "--candidates", "qtip:Q4_0"], "GGML types are affine")])
+def test_target_bpw_says_what_it_needs_before_any_work(tmp_path, args, message, capsys):
+    rc, _, err = discq_in_process(capsys, "quantize", TINY_LLAMA, "--method", "gptq", *args,
+                                  "--out", tmp_path / "x")
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()

@@ -426,7 +426,7 @@ def test_the_teacher_runs_once_per_sequence_when_sequences_repeat(monkeypatch):
         forwards.clear()
         model = tiny_random_llama()
         discq.quantize_(model, disc_config(2, 32, calibration=_calib(), steps=10,
-                                           trainer_kwargs=FP32, **FAST))
+                                           trainer_kwargs=FP32, teacher_topk=0, **FAST))
         # 8 sequences of 16 tokens, one held out for scoring, 10 steps of 2: each of the 7
         # others 2-3 times
         teacher = sum(n for t, n in forwards if t)
@@ -436,6 +436,54 @@ def test_the_teacher_runs_once_per_sequence_when_sequences_repeat(monkeypatch):
     a, b = results.values()
     same = sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
     assert same > 0.999  # the same teacher logits, batched differently: float rounding only
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**16), st.floats(0.1, 6.0))
+def test_top_k_kl_never_exceeds_the_kl_and_equals_it_with_every_token(k, seed, spread):
+    from discq.passes.kl import top_k_kl
+    g = torch.Generator().manual_seed(seed)
+    t, s = (torch.randn(2, 3, 40, generator=g) * spread for _ in range(2))
+    logp = torch.log_softmax(t, -1)
+    full = float(forward_kl(t, s))
+    top, index = logp.topk(k, -1)
+    assert float(top_k_kl(top, index, s)) <= full + 1e-5
+    every = logp.topk(40, -1)
+    assert float(top_k_kl(*every, s)) == pytest.approx(full, rel=1e-4, abs=1e-5)
+    assert float(top_k_kl(logp, None, s)) == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_the_teacher_kept_on_disk_is_the_teacher_kept_in_memory(monkeypatch):
+    from discq.training import disc_module, teacher
+    caches = []
+    init = teacher.TeacherCache.__init__
+    monkeypatch.setattr(teacher.TeacherCache, "__init__", lambda self, *a: (
+        init(self, *a), caches.append(self))[0])
+    results = {}
+    for room in (2**31, 1):  # in memory, then a memory-mapped file
+        monkeypatch.setattr(disc_module, "TEACHER_CACHE_BYTES", room)
+        model = tiny_random_llama()
+        discq.quantize_(model, disc_config(2, 32, calibration=_calib(), steps=10,
+                                           trainer_kwargs=FP32, teacher_topk=16, **FAST))
+        results[room] = _codes(model)
+    assert [c.on_disk for c in caches] == [False, True] and caches[0].k == 16
+    a, b = results.values()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_compiled_step_rounds_as_the_eager_one():
+    """compile_step=True: every decoder block through torch.compile, forward and backward; the
+    tiny model's 176-wide MLP rows are not whole groups of 32 (a ragged last group)."""
+    results = []
+    for compile_step in (False, True):
+        model = tiny_random_llama()
+        discq.quantize_(model, disc_config(2, 32, calibration=_calib(), steps=6,
+                                           trainer_kwargs=FP32, keep_best=False,
+                                           compile_step=compile_step, **FAST))
+        results.append(_codes(model))
+        assert all(m._compiled_call_impl is None for m in model.modules())  # undone after
+    a, b = results
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gradient_checkpointing_by_default_where_activations_are_large():

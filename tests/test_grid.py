@@ -186,3 +186,15 @@ def test_bad_group_size_raises(group_size):
 def test_bad_group_along_raises():
     with pytest.raises(ValueError, match="group_along"):
         AffineGrid(group_along="rows")
+
+
+@pytest.mark.parametrize("g, C", [(32, 176), (32, 192), (64, 100), (7, 50)])
+def test_expand_groups_compiles_to_the_same_values(g, C):
+    """Inductor (CPU, torch 2.13) miscomputed `repeat_interleave(g)[:, :C]` when g does not
+    divide C; expand_groups must give the same values compiled as eager."""
+    t = torch.rand(8, -(-C // g), generator=torch.Generator().manual_seed(C)).half()
+    eager = expand_groups(t, g, C)
+    assert eager.shape == (8, C) and torch.equal(eager[:, g - 1], t[:, 0])
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(lambda: expand_groups(t, g, C).float())(),
+                               eager.float(), rtol=0, atol=0)

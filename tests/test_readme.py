@@ -57,3 +57,10 @@ def test_readme_mixture_of_experts_block_runs_as_written(tmp_path):
     assert out[0] == "ExpertsQuantizedTensor"
     assert "87.2% of the model's matrix parameters" in out[1] and "routers" in out[3]
     assert (tmp_path / "qwen3-moe-q" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_mixed_widths_block_runs_as_written(tmp_path):
+    out = run_block("discq.bits(", tmp_path, timeout=1800).strip().splitlines()
+    assert out[0].startswith("mixed widths: ")
+    assert float(out[-1]) <= 3.6

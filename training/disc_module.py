@@ -14,12 +14,13 @@ from discq.passes.disc import (
     hidden_mse,
     next_token_ce,
 )
-from discq.passes.kl import chunked_forward_kl, forward_kl, vocab_size
+from discq.passes.kl import chunked_forward_kl, forward_kl, top_k_kl, vocab_size
 from discq.passes.memory_plan import available_bytes
 from discq.passes.sharding import is_sharded, local, rows_held
 from torch import nn
 
 from .disc_best import Best, Scorer, rounded_kl, score_steps
+from .teacher import TeacherCache
 
 log = logging.getLogger("discq")
 
@@ -28,9 +29,10 @@ log = logging.getLogger("discq")
 # has its KL formed a slice of positions at a time (Gemma 3's 262k vocabulary at 8×512 tokens:
 # 4.3 GB of logits per pass, teacher and student, plus their log-softmax and gradients)
 LOGIT_ELEMENTS = 2**28
-# the teacher's logits on every calibration sequence are computed once and kept when they take
-# at most this much memory (SmolLM2's 49k vocabulary at 64x128 tokens: 1.6 GB); else the
-# teacher runs at every step
+# the teacher's distribution on every calibration sequence (its top-k log-probabilities,
+# `disc_config(teacher_topk=k)`) is computed once and kept in memory up to this much (and a
+# quarter of what is free), beyond it in a memory-mapped temporary file; 0: the teacher runs
+# at every step instead
 TEACHER_CACHE_BYTES = 2**31
 # the fraction of variables at a vertex (a pass over every variable) is logged this often
 VERTEX_LOG_EVERY = 10
@@ -47,7 +49,7 @@ class DiscQuantModule(L.LightningModule):
         self.config = config
         self.noise = noise
         self.units = list(units)  # the decoder blocks: FSDP's units when sharded
-        self.teacher_logits: torch.Tensor | None = None  # [n, S, V], see cache_teacher
+        self.teacher: TeacherCache | None = None  # see cache_teacher
         self.best = Best()  # see discq.training.disc_best
         self.scorer: Scorer | None = None
 
@@ -94,10 +96,12 @@ class DiscQuantModule(L.LightningModule):
         ids, c = batch["ids"], self.config  # ids: [B, S]
         if c.kl_weight == 0 and c.ce_weight == 0 and c.hidden_weight == 0:
             return sum(l.x.sum() for l in self.layers) * 0.0  # only the pull to RTN is left
-        if self.teacher_logits is not None:
-            teacher = self.teacher_logits[batch["idx"].cpu()].to(ids.device)
+        if self.teacher is not None:
+            logp, index = self.teacher.get(batch["idx"])  # [B, S, k] each
             student, _ = self._forward(ids, teacher=False)
-            return self._loss(forward_kl(teacher, student), student, ids)
+            kl = top_k_kl(logp.to(ids.device), None if index is None else index.to(ids.device),
+                          student)
+            return self._loss(kl, student, ids)
         kl = None
         if c.hidden_weight == 0 and c.ce_weight == 0 and self.units_unsharded():
             kl = chunked_forward_kl(self.model, ids, self._set_teacher, LOGIT_ELEMENTS)
@@ -156,28 +160,31 @@ class DiscQuantModule(L.LightningModule):
 
     @torch.no_grad()
     def cache_teacher(self) -> None:
-        """The teacher's logits on every calibration sequence, computed once, where the run
-        would otherwise compute them more than once (each sequence seen in more than one step)
-        and they fit TEACHER_CACHE_BYTES and a quarter of the free memory: a step then runs
-        only the student. Not for the intermediate-layer term (it needs the teacher's hidden
-        states), large vocabularies (sliced KL), or several processes."""
+        """The teacher's distribution on every calibration sequence, computed once where the
+        run would otherwise compute it more than once (each sequence seen in more than one
+        step): its `teacher_topk` most likely tokens' log-probabilities a position (all with
+        0), in memory up to TEACHER_CACHE_BYTES and a quarter of the free memory, else on
+        disk (`training/teacher.py`); a step then runs only the student. Not for the
+        intermediate-layer term (it needs the teacher's hidden states), a batch whose logits
+        are formed in slices (large vocabularies), several processes, or
+        TEACHER_CACHE_BYTES = 0."""
         c, data = self.config, self.trainer.datamodule
         seqs = getattr(data, "sequences", None)  # [n, S]
-        if seqs is None or c.hidden_weight or self.trainer.world_size > 1:
+        if seqs is None or c.hidden_weight or self.trainer.world_size > 1 \
+                or not TEACHER_CACHE_BYTES:
             return
         (n, S), B = seqs.shape, c.batch_size
         V = vocab_size(self.model)
-        if c.steps * B <= n or V is None:  # each sequence seen once at most: nothing to save
-            return
+        if c.steps * B <= n or V is None or B * S * V > LOGIT_ELEMENTS:
+            return  # each sequence seen once at most: nothing to save; or sliced logits
         room = min(TEACHER_CACHE_BYTES, available_bytes() // 4)  # a quarter of what is free
-        if n * S * V * 4 > room or B * S * V > LOGIT_ELEMENTS:
-            return
+        cache = TeacherCache(n, S, V, c.teacher_topk, room)
         device = next(self.model.parameters()).device
-        cache = torch.empty(n, S, V)  # [n, S, V] fp32
         per = max(B, LOGIT_ELEMENTS // (4 * S * V))  # sequences a forward: larger is faster
         for i in range(0, n, per):
-            cache[i:i + per] = self._forward(seqs[i:i + per].to(device), teacher=True)[0].cpu()
-        self.teacher_logits = cache
+            rows = slice(i, min(i + per, n))
+            cache.put(rows, self._forward(seqs[rows].to(device), teacher=True)[0])
+        self.teacher = cache
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # after backward (and DDP's all-reduce): the pull term and the clamp of the KL gradient

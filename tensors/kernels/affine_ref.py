@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..grid import expand_groups
 from ..packing import unpack_codes
 
 
@@ -21,11 +22,11 @@ def dequantize_packed(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, b
     if along_output:
         codes = codes.t()  # row form [K, N]
     C = codes.shape[1]
-    s = scale.float().repeat_interleave(group_size, dim=1)[:, :C]
+    s = expand_groups(scale.float(), group_size, C)
     if zero_point is None:
         z = float(2 ** (bits - 1))
     else:
-        z = zero_point.float().repeat_interleave(group_size, dim=1)[:, :C]
+        z = expand_groups(zero_point.float(), group_size, C)
     Wr = (codes.float() - z) * s
     return (Wr.t() if along_output else Wr).to(dtype)
 
