@@ -190,9 +190,9 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(tmp_pa
     calib = [torch.randint(0, 320, (2, 16), generator=g) for _ in range(8)]
     single = tiny_random_llama()
     # the last step's point on all the sequences: several processes keep no best point and
-    # hold no sequence out for it
+    # hold no sequence out for it, nor keep the teacher (every logit, as they compute it)
     discq.quantize_(single, disc_config(2, 32, calibration=calib, steps=6, batch_size=4,
-                                        warmup=2, keep_best=False,
+                                        warmup=2, keep_best=False, teacher_topk=0,
                                         trainer_kwargs=dict(accelerator="cpu", **FP32)))
     one = _codes(single)
     assert len(one) == 15
@@ -237,7 +237,7 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_halves_memory_and_resumes(
     from discq.training import ShardBytes
     single, bytes_ = tiny_random_llama(), ShardBytes()
     discq.quantize_(single, disc_config(2, 32, calibration=calib, steps=6, batch_size=4,
-                                        warmup=2, keep_best=False,
+                                        warmup=2, keep_best=False, teacher_topk=0,
                                         trainer_kwargs=dict(accelerator="cpu",
                                                             callbacks=[bytes_], **FP32)))
     one = _codes(single)
