@@ -100,6 +100,8 @@ def quantize_(model: nn.Module, config=None, *, filter_fn: FilterFn | None = Non
     under the budget (bits per quantized weight, scales counted): see `passes/mixed.py`;
     `plan_of(model)` says what each matrix got."""
     if budget is not None or candidates is not None:
+        if config is not None:
+            raise TypeError("quantize_ takes one config, or budget= with candidates=, not both")
         return _quantize_to_budget(model, budget, candidates, filter_fn, calibrate_all_experts)
     _check_args(model, config)
     check_bool(calibrate_all_experts=calibrate_all_experts)

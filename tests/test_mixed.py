@@ -116,6 +116,8 @@ def test_the_plan_is_in_the_manifest_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
+    (dict(config=discq.rtn_config(bits=3), budget=discq.bits(3.0), candidates=[]), TypeError,
+     "not both"),
     (dict(budget=2.5, candidates=[None]), TypeError, "discq.bits"),
     (dict(budget=discq.bits(3.0), candidates=[]), TypeError, "non-empty list"),
     (dict(budget=discq.bits(3.0), candidates=["gptq"]), TypeError, r"candidates\[0\]"),
