@@ -268,6 +268,21 @@ def evaluate(args: argparse.Namespace) -> dict:
             **({"tasks": task_rows} if task_rows else {})}
 
 
+def imatrix(args: argparse.Namespace) -> dict:
+    """`discq imatrix`: llama.cpp's importance matrix of the model on the calibration text."""
+    from discq.data import calibration_batches
+    from discq.export import to_imatrix
+    from discq.models import load_model
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # before the model is loaded
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    model, tok = load_model(args.model)
+    calib = calibration_batches(tok, args.calib, n_samples=args.n_calib, seq_len=args.seq_len)
+    to_imatrix(model, calib, out, dataset=_calibration_name(args), overwrite=args.overwrite)
+    return {"model": args.model, "calibration": _calibration_name(args),
+            "tokens": sum(b.numel() for b in calib), "out": str(out)}
+
+
 def bench(args: argparse.Namespace) -> dict:
     from discq.passes import bits_per_weight
     model, tok, _ = _load_any(args.model)

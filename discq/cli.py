@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "per block of 32 and multiply in integers (faster on CPU; `discq eval "
                         "--int8-activations` gives its perplexity)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    im = sub.add_parser("imatrix", help="llama.cpp's importance matrix from calibration text, "
+                                        "for llama.cpp's own quantizer (llama-quantize "
+                                        "--imatrix FILE)")
+    im.add_argument("model", help="bundled name, transformers directory or .gguf")
+    _add_data_args(im, "calib", 128, 512)
+    im.add_argument("--out", required=True, help="the imatrix file to write (.gguf)")
+    im.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    im.add_argument("--json", action="store_true", help="print the summary as JSON")
     m = sub.add_parser("methods", help="list the registered rounding methods")
     m.add_argument("--json", action="store_true", help="print the list as JSON")
     return ap
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from discq import _commands
     run = {"quantize": _commands.quantize, "eval": _commands.evaluate,
-           "bench": _commands.bench, "plan": _commands.plan}[args.command]
+           "bench": _commands.bench, "plan": _commands.plan,
+           "imatrix": _commands.imatrix}[args.command]
     try:
         # with --json, stdout carries only the JSON: progress bars (Lightning's rich bar
         # writes to stdout) go to stderr
