@@ -18,6 +18,7 @@ from, or from the model's config and `tokenizer` (`gguf_metadata.py`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -48,9 +49,7 @@ def to_gguf(model: nn.Module, path: str | os.PathLike, *, source: str | os.PathL
     model = unwrap_compiled(model)
     entry = _check(model, Path(path), source, tokenizer, overwrite)
     mixture = _mixture(model, type)
-    tmp = Path(path).parent / f".{Path(path).name}.tmp-{uuid.uuid4().hex[:8]}"
-    writer = gguf.GGUFWriter(str(tmp), arch=arch_name(entry))
-    try:
+    with gguf_writer(Path(path), arch_name(entry)) as writer:
         kinds = []
         for name, raw, kind in gguf_tensors(model, entry, mixture):
             dtype = None if kind in ("F32", "F16") else gguf.GGMLQuantizationType[kind]
@@ -61,6 +60,18 @@ def to_gguf(model: nn.Module, path: str | os.PathLike, *, source: str | os.PathL
             copy_metadata(writer, gguf.GGUFReader(str(source)), file_type)
         else:
             write_hf_metadata(writer, model, entry, tokenizer, file_type, pre)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def gguf_writer(path: Path, arch: str):
+    """A `gguf.GGUFWriter` on a temporary file beside `path`: what the block adds is written
+    and renamed into place when it ends without error; otherwise `path` is left as it was."""
+    import gguf
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    writer = gguf.GGUFWriter(str(tmp), arch=arch)
+    try:
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -68,7 +79,6 @@ def to_gguf(model: nn.Module, path: str | os.PathLike, *, source: str | os.PathL
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return Path(path)
 
 
 def _check(model: nn.Module, path: Path, source, tokenizer, overwrite: bool):

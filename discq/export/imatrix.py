@@ -14,7 +14,6 @@ name (their per-expert rows are not written yet).
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from discq.passes.calibration import as_batches
 from discq.passes.experts import is_experts
 
+from .gguf import gguf_writer
 from .gguf_archs import arch_name, arch_of
 
 
@@ -71,9 +71,7 @@ def to_imatrix(model: nn.Module, calibration, path: str | os.PathLike, *,
     rows = _rows(model, input_sums(model, batches), names)
     tokens = max(n for _, _, n in rows)
     chunk = int(batches[0].shape[1])
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    writer = gguf.GGUFWriter(str(tmp), arch=arch_name(entry))
-    try:
+    with gguf_writer(path, arch_name(entry)) as writer:
         writer.add_string("general.type", "imatrix")
         writer.add_array("imatrix.datasets", [dataset])
         writer.add_uint32("imatrix.chunk_count", tokens // chunk)
@@ -81,13 +79,6 @@ def to_imatrix(model: nn.Module, calibration, path: str | os.PathLike, *,
         for name, s, n in rows:
             writer.add_tensor(f"{name}.in_sum2", s.float().numpy()[None])  # [1, K]: ne [K, 1]
             writer.add_tensor(f"{name}.counts", np.full((1, 1), n, np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
