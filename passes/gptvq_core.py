@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from discq.tensors import kmeans, vq
 from discq.tensors.gptvq import to_groups
+from discq.tensors.grid import expand_groups
 from torch import Tensor
 
 from .gptq import proxy_loss
@@ -50,7 +51,7 @@ class VQResult:
         """Per-weight block factors [N, K] (1.0 without block scales)."""
         if self.exponents is None:
             return 1.0
-        return vq.block_factors(self.exponents).repeat_interleave(scale_block, 1)[:, :K]
+        return expand_groups(vq.block_factors(self.exponents), scale_block, K)
 
     def weight(self, K: int, scale_block: int) -> Tensor:
         """Ŵ [N, K] fp32 from the stored (int8) codebooks."""

@@ -275,7 +275,6 @@ class KLFactors:
         """A view whose `pop` leaves the factors here, for several runs over the same layers."""
         return Shared(self)
 
-
     def _chunk(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
         layers = self.chunks[i]
         path = None if self.directory is None else self.directory / f"chunk-{i:04d}.safetensors"
@@ -297,7 +296,10 @@ class Shared:
 
     def __init__(self, factors: KLFactors):
         self.factors = factors
-        self.output_side = factors.output_side
+
+    @property
+    def output_side(self) -> bool:
+        return self.factors.output_side
 
     def covers(self, targets) -> bool:
         return all(fqn in self.factors.where for fqn, _ in targets)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .budget import Bits, Options, allocate, total
 from .calibration import as_batches
 from .config import QuantConfig
+from .gptq import proxy_loss
 from .inspect import set_layer_config
 from .kl_hessian import KLFactors
 from .kl_rounding import check_whole_model, sharing
@@ -107,9 +108,9 @@ def _batches(model: nn.Module, budget: Bits, candidates) -> list[Tensor]:
 
 
 def quantize_mixed(model: nn.Module, budget: Bits, candidates: list[QuantConfig],
-                   units: list[Unit], run) -> tuple[Plan, dict[str, QuantConfig]]:
+                   units: list[Unit], run) -> Plan:
     """Round every unit with every candidate (`run(config, targets)` runs one config's method
-    on targets), keep the allocation's choice in place. Returns (plan, fqn -> config)."""
+    on targets), keep the allocation's choice in place; what was chosen."""
     targets = [t for _, group in units for t in group]
     check_whole_model(targets)
     batches = _batches(model, budget, candidates)
@@ -137,10 +138,9 @@ def _measure(group, ci: int, rounded, originals, factors: KLFactors) -> tuple[fl
     size = err = 0.0
     for fqn, _ in group:
         q = rounded[ci, fqn]
-        dW = q.dequantize(torch.float32) - originals[fqn].detach().float()  # [N, K]
-        H_in = factors.get(fqn)[0]
         size += q.storage_bits()
-        err += 0.5 * float(((dW @ H_in) * dW).sum())
+        err += 0.5 * proxy_loss(originals[fqn].detach(), q.dequantize(torch.float32),
+                                factors.get(fqn)[0])
     return size, err
 
 
@@ -160,17 +160,17 @@ def _install(model, budget: Bits, candidates, units, options, rounded):
                          f"candidates' {smallest:.3f}: raise it or add a smaller candidate")
     choice = allocate(options, budget.per_weight * numel)
     labels = [label(c) for c in candidates]
-    configs = {}
     for (name, group), ci in zip(units, choice):
         for fqn, m in group:
             m.weight = rounded[ci, fqn]
             set_layer_config(m, "weight", candidates[ci].to_dict())
-            configs[fqn] = candidates[ci]
     size, err = total(options, choice)
-    uniform = {labels[c]: (total(options, [c] * len(units))[0] / numel,
-                           total(options, [c] * len(units))[1])
-               for c in range(len(candidates)) if all(c in o for o in options)}
+    uniform = {}
+    for c in range(len(candidates)):
+        if all(c in o for o in options):
+            s, e = total(options, [c] * len(units))
+            uniform[labels[c]] = (s / numel, e)
     plan = Plan(budget.per_weight, size / numel, err, labels,
                 {name: labels[ci] for (name, _), ci in zip(units, choice)}, uniform)
     log.info("quantize_: %s", plan.describe())
-    return plan, configs
+    return plan

@@ -157,8 +157,8 @@ def _quantize_to_budget(model: nn.Module, budget, candidates, filter_fn,
         for mx in chosen:  # an expert stack's E linears are one unit: it keeps one format
             n = len(mx.module._modules[mx.param]) if mx.kind == "experts" else 1
             units.append((mx.fqn, [next(it) for _ in range(n)]))
-        plan, _ = quantize_mixed(model, budget, candidates, units,
-                                 lambda cfg, targets: _run_candidate(model, cfg, targets))
+        plan = quantize_mixed(model, budget, candidates, units,
+                              lambda cfg, targets: _run_candidate(model, cfg, targets))
     model.__dict__["discq_bit_plan"] = plan
     _few_tokens(report, prepared.few_tokens)
     for fn in AFTER_QUANTIZE:

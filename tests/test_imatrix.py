@@ -16,7 +16,7 @@ def read(path):
     return fields, {t.name: np.array(t.data) for t in reader.tensors}
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-untied", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "llama-untied", "qwen3", "phi3", "gpt2"])
 def test_the_file_holds_each_linears_input_square_sums(family, tmp_path):
     model = tiny_family(family)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -28,20 +28,22 @@ def test_the_file_holds_each_linears_input_square_sums(family, tmp_path):
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(
         a[0].reshape(-1, a[0].shape[-1]))) for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)]
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
     with torch.no_grad():
         for ids in calib:
             model(ids)
     for h in hooks:
         h.remove()
-    q = "blk.1.attn_qkv.weight" if family == "phi3" else "blk.1.attn_q.weight"
-    fqn = "model.layers.1.self_attn." + ("qkv_proj" if family == "phi3" else "q_proj")
+    q, fqn = {"phi3": ("blk.1.attn_qkv.weight", "model.layers.1.self_attn.qkv_proj"),
+              "gpt2": ("blk.1.attn_qkv.weight", "transformer.h.1.attn.c_attn")}.get(
+        family, ("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj"))
     X = torch.cat(seen[fqn]).double()
     np.testing.assert_allclose(tensors[f"{q}.in_sum2"].reshape(-1), (X * X).sum(0).numpy(),
                                rtol=1e-5)
     assert float(tensors[f"{q}.counts"].reshape(-1)[0]) == 64
     assert ("output.weight.in_sum2" in tensors) == (not tied)  # tied: llama.cpp has no output
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+                  for m in model.modules())
     assert len(tensors) == 2 * (linears - tied)
 
 

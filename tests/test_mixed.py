@@ -50,12 +50,13 @@ def test_the_budget_holds_and_buys_lower_kl_than_the_narrower_width():
                                    twin.weight.dequantize())
 
 
-def test_a_generous_budget_gives_every_matrix_the_widest_and_one_kl_pass(monkeypatch):
+@pytest.mark.parametrize("family", ["qwen3", "gpt2", "gemma3"])
+def test_a_generous_budget_gives_every_matrix_the_widest_and_one_kl_pass(monkeypatch, family):
     from discq.passes import kl_hessian
     calls = []
     collect = kl_hessian.collect
     monkeypatch.setattr(kl_hessian, "collect", lambda *a, **k: calls.append(1) or collect(*a, **k))
-    model = tiny_family("qwen3")
+    model = tiny_family(family)
     discq.quantize_(model, budget=discq.bits(8.0), candidates=[gptq(2), gptq(4)])
     assert set(plan_of(model).layers.values()) == {"gptq 4-bit g32 kl"}
     assert len(calls) == 1  # every candidate rounded with the budget's own factors

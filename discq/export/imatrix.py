@@ -8,8 +8,8 @@ that llama.cpp's quantizer and discq's methods can be given the same data. The f
 llama.cpp's GGUF imatrix (`general.type = "imatrix"`): per weight, under llama.cpp's tensor
 name, `<name>.in_sum2` (Σ x² over the tokens, one row per matrix) and `<name>.counts` (the
 tokens), with `imatrix.datasets`, `imatrix.chunk_count` and `imatrix.chunk_size`.
-Every nn.Linear of the decoder (and an untied head) is written; expert stacks are refused by
-name (their per-expert rows are not written yet).
+Every nn.Linear and Conv1D (GPT-2) of the decoder, and an untied head, is written; expert
+stacks are refused by name (their per-expert rows are not written yet).
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ from tqdm.auto import tqdm
 
 from discq.passes.calibration import as_batches
 from discq.passes.experts import is_experts
+from discq.passes.matrices import is_conv1d
 
 from .gguf import gguf_writer
 from .gguf_archs import arch_name, arch_of
 
 
 def input_sums(model: nn.Module, batches) -> dict[str, tuple[torch.Tensor, int]]:
-    """{linear's name: (Σ x² per input column [K] in float64, tokens)} over `batches`."""
+    """{name of a linear or Conv1D: (Σ x² per input column [K] in float64, tokens)} over
+    `batches`."""
     sums: dict[str, list] = {}
 
     def hook(fqn):
@@ -40,7 +42,7 @@ def input_sums(model: nn.Module, batches) -> dict[str, tuple[torch.Tensor, int]]
             acc[1] += x.shape[0]
         return seen
     handles = [m.register_forward_pre_hook(hook(fqn)) for fqn, m in model.named_modules()
-               if isinstance(m, nn.Linear)]
+               if isinstance(m, nn.Linear) or is_conv1d(m)]  # GPT-2's Conv1D: x [.., K] too
     try:
         with torch.no_grad():
             for ids in tqdm(batches, desc="imatrix", unit="batch", leave=False):
