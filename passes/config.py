@@ -128,7 +128,8 @@ def bind_gguf(config, model, targets) -> tuple[GridConfig, list]:
     """Resolve a mixture per layer (layers llama.cpp keeps in F16 are left unquantized); with
     one block type, refuse layers whose rows are not whole blocks."""
     if config.gguf in MIXTURES:
-        types = layer_types(model, config.gguf, targets)
+        # a method that weighs errors by calibration data gets llama.cpp's imatrix rules
+        types = layer_types(model, config.gguf, targets, imatrix=hasattr(config, "calibration"))
         kept = [(fqn, m) for fqn, m in targets if types[fqn] != "F16"]
         return dataclasses.replace(config, layer_types=types), kept
     for fqn, m in targets:

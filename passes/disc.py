@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.gguf import GGUFGrid
+from discq.tensors.gguf_layout import VECTOR_TYPES
 from discq.tensors.grid import (
     AffineGrid,
     decode,
@@ -53,6 +54,7 @@ from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import Tensor, nn
 
 from .config import GridConfig, check_finetune
+from .gguf_mixture import CODEBOOK_MIXTURES
 from .registry import constructs, handles, register_method
 from .sharding import is_sharded, local, rows_held
 from .validate import check_bool, check_dir, check_int, check_number
@@ -138,6 +140,10 @@ class DiscConfig(GridConfig):
                              f"bits/group_size; with codebook={self.codebook!r}"
                              f"{f', gguf={self.gguf!r}' if self.gguf else ''} use init='rtn' "
                              f"or 'uniform'")
+        if self.gguf in VECTOR_TYPES or self.gguf in CODEBOOK_MIXTURES:
+            raise ValueError(f"gguf={self.gguf!r} stores codewords of 4 or 8 weights, which "
+                             f"DiscQuant does not relax yet; round it with gptq_config(gguf="
+                             f"{self.gguf!r}) or rtn_config")
         check_bool(incoherence=self.incoherence, keep_best=self.keep_best,
                    compile_step=self.compile_step)
         if self.gradient_checkpointing is not None:
@@ -308,17 +314,34 @@ class RelaxedLinear(Relaxation):
         """Sets down, gap, pull and the RTN noise from Wr [R, C]; returns the RTN vertex."""
         C = Wr.shape[1]
         s, z = self._per_weight(self.scale, C), self._per_weight(self.zero, C)
-        down, up = neighbours(Wr, s, z, self.grid)
+        self.levels = getattr(self.grid, "levels", None)  # IQ4_NL/IQ4_XS: code q is levels[q]
+        if self.levels is None:
+            down, up = neighbours(Wr, s, z, self.grid)
+            y = Wr / s.float() + zero_of(z, self.grid) - down.float()  # as encode computes
+            rtn = encode(Wr, s, z, self.grid)
+        else:  # neighbours on the level table, y the fraction of the level gap
+            t = Wr / s.float() + zero_of(z, self.grid)
+            down, up, y = self.grid.bracket(t)
+            rtn = self.grid.nearest(t)
         gap = up > down
-        y = Wr / s.float() + zero_of(z, self.grid) - down.float()  # same arithmetic as encode
-        rtn = encode(Wr, s, z, self.grid)
         # contiguous row form, whatever the layout of Wr (a transposed view for output groups)
         self.register_buffer("down", down.contiguous(), persistent=False)
         self.register_buffer("gap", gap.to(torch.uint8).contiguous(), persistent=False)
         self.register_buffer("pull", torch.where(gap, 1 - 2 * y, 0.0).half().contiguous(),
                              persistent=False)
-        self.rtn_noise = 12 * float((decode(rtn, s, z, self.grid) - Wr).pow(2).mean())
+        rtn_w = decode(rtn, s, z, self.grid) if self.levels is None else \
+            self._dequantize_rows(self.levels.to(rtn.device)[rtn.long()])
+        self.rtn_noise = 12 * float((rtn_w - Wr).pow(2).mean())
         return (rtn > down).float()
+
+    def _values(self, t: Tensor) -> Tensor:
+        """t = x·gap [R, C] -> grid values between the neighbours: down + t on the affine
+        grid; on a level table, levels[down] + t·(levels[down + 1] − levels[down])."""
+        if self.levels is None:
+            return self.down + t
+        lv, down = self.levels.to(t.device), self.down.long()
+        lo = lv[down]
+        return lo + t * (lv[(down + 1).clamp(max=len(lv) - 1)] - lo)
 
     def _dequantize_rows(self, q: Tensor) -> Tensor:
         """(q − zero)·scale for real-valued codes q [R, C]; scales broadcast over groups
@@ -334,14 +357,14 @@ class RelaxedLinear(Relaxation):
 
     def weight_hat(self) -> Tensor:
         """Ŵ(x) in weight orientation [N, K], differentiable in x."""
-        q = self.down + self.x_now() * self.gap  # [R, C] fp32
+        q = self._values(self.x_now() * self.gap)  # [R, C] fp32
         return from_rows(self._dequantize_rows(q), self.grid).to(self.original.weight.dtype)
 
     @torch.no_grad()
     def neighbour_values(self) -> tuple[Tensor, Tensor]:
         """The two grid points around each weight, (down, up) values in weight orientation."""
-        lo = self._dequantize_rows(self.down.float())
-        hi = self._dequantize_rows(self.down.float() + self.gap)
+        lo = self._dequantize_rows(self._values(torch.zeros_like(self.x)))
+        hi = self._dequantize_rows(self._values(self.gap.float()))
         return from_rows(lo, self.grid), from_rows(hi, self.grid)
 
     @torch.no_grad()

@@ -124,6 +124,8 @@ def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
     form, and for a GGML block grid its block headers [N, K / block, P] (else None). `seen`,
     an [N, K] fp32 tensor, receives each weight's error-updated value at the moment it was
     rounded (the codes are its nearest grid points): DiscQuant relaxes around it."""
+    if getattr(getattr(grid, "type", None), "vector", 0):
+        return _codebook_quantize(W, H, grid, damp, name)
     N, K = W.shape
     with _few_threads(W.device.type == "cpu" and N * block_size <= SMALL_UPDATE):
         W, H, perm = _prepare(W, H, act_order)
@@ -141,6 +143,30 @@ def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
         seen.copy_(seen_p[:, pos])
     headers = None if groups.headers is None else torch.cat(groups.headers, dim=1)
     return codes[:, pos], groups.scale, groups.zero, headers
+
+
+def _codebook_quantize(W: Tensor, H: Tensor, grid, damp: float, name: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A codebook GGML type (IQ2_XXS … IQ3_S): BlockLDLQ, GPTQ's feedback over blocks of 8
+    columns (a sign byte's weights) in their order, as QuIP# rounds onto E8P, each block to
+    its nearest codewords on scales fitted to W first. -> (codes [N, K / 8]: each sign
+    group's codeword indices and sign byte, scale [N, K / group], zero 0, headers)."""
+    from .ldlq import ldlq
+    W, H, _ = _prepare(W, H, act_order=False)
+    H.diagonal().add_(damp * H.diagonal().mean())
+    scale, zero, headers = grid.fit(W)  # a [N, K / group]
+    v, g = 8, grid.group_size  # blocks of 8 columns: a sign byte's weights (parity)
+    codes = torch.zeros(W.shape[0], W.shape[1] // v, dtype=torch.int64, device=W.device)
+
+    def round_block(Wb: Tensor, b: int) -> Tensor:  # Wb: [N, 8], columns b .. b + 8
+        a = scale[:, b // g, None]  # [N, 1]
+        codes[:, b // v], values = grid.round_vectors(Wb / a)
+        return values * a
+    try:
+        ldlq(W, H, round_block, g=v)
+    except ValueError as e:  # not positive definite even damped
+        raise ValueError(f"GPTQ {name}: {e}") from None
+    return codes, scale, zero, headers
 
 
 # Below this many elements per column update, one CPU thread is faster: the per-column ops are
@@ -177,17 +203,23 @@ def _quantize_block(W, U, i1, i2, perm, pos, groups, codes, seen=None) -> None:
         return out
 
     grid, original = groups.grid, perm[i1:i2].tolist()
+    levels = getattr(grid, "levels", None)  # a non-linear grid (IQ4_NL/IQ4_XS): [L] fp32
+    mids = None if levels is None else (levels[1:] + levels[:-1]).to(W.device) / 2
     for j in range(i2 - i1):
         col = i1 + j
         s, z = groups.for_column(original[j], current)  # [N] fp32 each (z: or a constant)
         w = W1[:, j]
         # encode's and decode's arithmetic, with the codes kept in fp32 until stored (a third
         # fewer ops per column than calling them: this loop's time is per-op overhead)
-        q = torch.round(w / s + z).clamp_(0, grid.qmax)
+        if mids is None:
+            q = v = torch.round(w / s + z).clamp_(0, grid.qmax)
+        else:  # the nearest level (mids: midpoints between levels)
+            q = torch.bucketize(w / s + z, mids)
+            v = levels[q]
         codes[:, col] = q
         if seen is not None:
             seen[:, col] = w
-        e = (w - (q - z) * s) / U[col, col]
+        e = (w - (v - z) * s) / U[col, col]
         W1[:, j:] -= e[:, None] * U[col, col:i2][None, :]
         E[:, j] = e
     W[:, i2:] -= E @ U[i1:i2, i2:]

@@ -9,8 +9,9 @@ Attributes: ggml_type ("Q4_0", "Q4_K", …), shape, dtype.
 `F.linear` with this tensor as weight is one `discq::gguf_linear` node: it decodes the blocks
 (as llama.cpp does, bit for bit) and multiplies; on CPU for inference through
 `discq::gguf_linear_cpu`, a fused C++ kernel that decodes each block once into a small buffer
-and never writes the dense weight. Rows must be a whole number of blocks (32 weights for
-Q4_0…Q8_0, 256 for the k-quants), as in llama.cpp.
+and never writes the dense weight (the codebook i-quants, IQ2_XXS … IQ3_S, are decoded by
+torch, then one matmul). Rows must be a whole number of blocks (32 weights for Q4_0…Q8_0 and IQ4_NL, 256 for
+the k-quants and the other i-quants), as in llama.cpp.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gguf_codebook as books
+from . import gguf_codebook_fit as book_fit
 from . import gguf_layout as layout
 from .base import QuantizedTensor, register_format
-from .gguf_fit import fit_header
+from .gguf_fit import fit_header, level_boundaries
 from .kernels import gguf_cpu
 from .ops import composite_op
 
@@ -62,6 +65,34 @@ class GGUFGrid:
     def block(self) -> int:
         return self.type.block
 
+    @property
+    def levels(self) -> Tensor | None:
+        """A non-linear type's levels (code q stands for levels[q]), fp32; None when affine."""
+        lv = self.type.levels
+        return None if lv is None else torch.tensor(lv, dtype=torch.float32)
+
+    def nearest(self, t: Tensor) -> Tensor:
+        """t = w / a + zero in grid units -> the nearest code (uint8)."""
+        if self.type.levels is None:
+            return torch.round(t).clamp_(0, self.qmax).to(torch.uint8)
+        mids = level_boundaries(self.type.levels, t.device)
+        return torch.bucketize(t.float().contiguous(), mids).to(torch.uint8)
+
+    def bracket(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """t: grid units [R, C] -> the codes of the grid points just below and just above
+        (equal on a point or outside the range) and t's fraction y of the way between their
+        values (DiscQuant's relaxation, for the non-linear levels as for the affine steps)."""
+        t = t.float()
+        if self.type.levels is None:
+            down, up = torch.floor(t).clamp(0, self.qmax), torch.ceil(t).clamp(0, self.qmax)
+            return down.to(torch.uint8), up.to(torch.uint8), torch.where(up > down, t - down, 0.)
+        lv = self.levels.to(t.device)
+        down = (torch.bucketize(t.contiguous(), lv, right=True) - 1).clamp(0, len(lv) - 1)
+        up = torch.where(t > lv[down], down + 1, down).clamp(max=len(lv) - 1)
+        lo, hi = lv[down], lv[up]
+        y = torch.where(up > down, (t - lo) / (hi - lo).clamp(min=1e-30), 0.0)
+        return down.to(torch.uint8), up.to(torch.uint8), y
+
     def check_row(self, K: int, name: str = "") -> None:
         if K % self.block:
             raise ValueError(
@@ -75,23 +106,64 @@ class GGUFGrid:
         R, C = Wr.shape
         self.check_row(C)
         t = self.type
+        if t.vector:  # a per scale group from d and the 4-bit ls; no zero; the header is
+            f = book_fit.fit_header(Wr.reshape(-1, t.block), self.book)  # d and ls bytes
+            a = books.scales(f, self.book).view(R, -1)
+            head = torch.cat([f.d, f.ls.to(torch.uint8)], dim=1)
+            return a, torch.zeros_like(a), head.view(R, C // t.block, -1)
         head = fit_header(Wr.reshape(-1, t.block), t)  # [R·S, P]
         a, b = layout.affine(head, t)  # [R·S, block / group]
         return a.view(R, -1), (-b / a).view(R, -1), head.view(R, C // t.block, -1)
 
     def pack(self, codes: Tensor, headers: Tensor, dtype: torch.dtype) -> GGUFQuantizedTensor:
-        """codes [N, K] uint8, headers [N, K / block, P] -> the stored tensor."""
-        N, K = codes.shape
+        """codes [N, K] uint8 (a codebook type: [N, K / 8] int64, each 8 weights' codeword
+        indices and sign byte, as `round_vectors` gives them), headers [N, K / block, P] ->
+        the stored tensor."""
         t = self.type
-        raw = layout.join(headers.reshape(-1, t.header_bytes), codes.reshape(-1, t.block), t)
+        N = codes.shape[0]
+        K = codes.shape[1] * (8 if t.vector else 1)  # codebook codes: one per 8 weights
+        if t.vector:  # codes: [N, K / 8] sign groups, each (indices …, sign byte) packed
+            raw = self._join_codebook(headers, codes)
+        else:
+            raw = layout.join(headers.reshape(-1, t.header_bytes), codes.reshape(-1, t.block), t)
         return GGUFQuantizedTensor(raw.view(N, -1), self.ggml_type, torch.Size([N, K]), dtype)
+
+    @property
+    def book(self) -> books.Codebook:
+        return books.TYPES[self.ggml_type]
+
+    def round_vectors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A codebook type's rounding of sign groups: x [m, 8] in units of the scale ->
+        (codes [m] int64: the codeword indices and the sign byte packed, values [m, 8])."""
+        idx, sign, values = book_fit.nearest(x.float(), self.book)
+        per = 8 // self.book.vec  # codewords per sign group
+        code = sign.long()
+        for j in range(per):  # 10 bits per index (the largest grid has 1024 entries)
+            code = code | (idx[:, j].long() << (8 + 10 * j))
+        return code, values
+
+    def _join_codebook(self, headers: Tensor, codes: Tensor) -> Tensor:
+        """headers [N, K / 256, 2 + groups] (d bytes, ls), codes [N, K / 8] -> block bytes."""
+        c, n = self.book, codes.numel() // (books.BLOCK // 8)
+        codes = codes.reshape(n, -1).long()  # [n, 32]
+        per = 8 // c.vec
+        idx = torch.stack([(codes >> (8 + 10 * j)) & 1023 for j in range(per)], dim=2)
+        head = headers.reshape(n, -1)
+        f = books.Fields(head[:, :2], head[:, 2:].to(torch.int32), idx.reshape(n, -1).int(),
+                         (codes & 255).int())
+        return books.join(f, c)
 
     def quantize(self, W: Tensor) -> GGUFQuantizedTensor:
         """Round to nearest: W [N, K] -> the stored tensor."""
+        if self.type.vector:
+            self.check_row(W.shape[1])
+            raw = book_fit.quantize(W.detach().float().reshape(-1, self.block), self.book)
+            return GGUFQuantizedTensor(raw.view(W.shape[0], -1), self.ggml_type, W.shape,
+                                       W.dtype)
         scale, zero, headers = self.fit(W.detach().float())
         g = self.group_size
-        q = torch.round(W.float() / scale.repeat_interleave(g, 1) + zero.repeat_interleave(g, 1))
-        return self.pack(q.clamp_(0, self.qmax).to(torch.uint8), headers, W.dtype)
+        q = self.nearest(W.float() / scale.repeat_interleave(g, 1) + zero.repeat_interleave(g, 1))
+        return self.pack(q, headers, W.dtype)
 
 
 def dequantize_blocks(qdata: Tensor, ggml_type: str, in_features: int) -> Tensor:
@@ -106,7 +178,7 @@ def dequantize_blocks(qdata: Tensor, ggml_type: str, in_features: int) -> Tensor
 def _gguf_linear(x, qdata, bias, ggml_type, in_features):
     """y = x Ŵᵀ + b, Ŵ decoded from the blocks: on CPU by the fused C++ kernel, which never
     writes Ŵ (up to 64 activation rows); else, and for gradients, decoded here then F.linear."""
-    if gguf_cpu.supports(x):
+    if gguf_cpu.supports(x) and ggml_type not in layout.VECTOR_TYPES:
         return gguf_cpu.gguf_linear(x, qdata, bias, ggml_type, in_features)
     W = dequantize_blocks(qdata, ggml_type, in_features).to(x.dtype)
     return F.linear(x, W, None if bias is None else bias.to(x.dtype))
@@ -130,7 +202,8 @@ class GGUFQuantizedTensor(QuantizedTensor):
         return layout.TYPES[self.ggml_type]
 
     def codes(self) -> Tensor:
-        """Unsigned codes [N, K] uint8 (w = a·q + b per group)."""
+        """Unsigned codes [N, K] uint8 (w = a·q + b per group; a·levels[q] for IQ4_NL/IQ4_XS);
+    a codebook type (IQ2_XXS … IQ3_S) has none: ValueError."""
         t = self.block_type
         return layout.codes(self.qdata.reshape(-1, t.nbytes), t).view(self.shape)
 

@@ -8,13 +8,22 @@ candidate scales with a least-squares refit (the search llama.cpp's k-quant quan
 quantize those to the super-block's fp16 factors and 4- or 6-bit sub-scales. A sub-scale never
 rounds to 0 and no factor is 0, so every group's step a is nonzero and `(w - b) / a` is always
 defined (llama.cpp allows a zero sub-scale; discq's grid is then the same minus that point).
+The 4-bit i-quants (IQ4_NL, IQ4_XS) fit a signed factor per group of 32 onto their non-linear
+level table by the same candidate search with a least-squares refit; IQ4_XS then quantizes the
+eight factors of a super-block to d·(ls - 32) as Q3_K does.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .gguf_layout import BlockType, pack_q3_scales, pack_six_bit_pairs, to_fp16_bytes
+from .gguf_layout import (
+    BlockType,
+    pack_iq4_scales,
+    pack_q3_scales,
+    pack_six_bit_pairs,
+    to_fp16_bytes,
+)
 from .grid import min_scale, round_up_to, signed_extreme_scale
 
 TINY = min_scale(torch.float16)  # the smallest normal fp16: no factor is 0
@@ -24,6 +33,8 @@ CHUNK = 2**14  # groups per search step (bounds the [groups, candidates, group] 
 def fit_header(w: Tensor, t: BlockType) -> Tensor:
     """w: [n, block] -> header bytes [n, t.header_bytes] (its fields in struct order)."""
     w = w.float()
+    if t.levels is not None:
+        return _levels_header(w, t)
     if t.block == 32:
         return _legacy_header(w, t)
     x = w.view(-1, t.group)  # [n·G, g]
@@ -90,6 +101,48 @@ def _search_symmetric(x: Tensor, nmax: int) -> Tensor:
     a = (L * X).sum(-1) / (L * L).sum(-1).clamp(min=1e-30)
     err = (a[..., None] * L - X).pow(2).sum(-1)
     return a.gather(-1, err.argmin(-1, keepdim=True))[:, 0]
+
+
+def level_boundaries(levels, device=None) -> Tensor:
+    """Midpoints between consecutive levels (ascending): `bucketize(x, them)` is the index of
+    the level nearest x."""
+    lv = torch.tensor(levels, dtype=torch.float32, device=device)
+    return (lv[1:] + lv[:-1]) / 2
+
+
+def _search_levels(x: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """Per group: w ≈ a·levels[L], a signed, by least squares over candidates that put the
+    group's signed extreme near the lowest or the highest level (both orientations of the
+    asymmetric table), as llama.cpp's IQ4 search; unweighted, as `_search_symmetric`.
+    x: [m, g] -> a: [m]."""
+    lv = torch.tensor(levels, dtype=torch.float32, device=x.device)
+    mids = level_boundaries(levels, x.device)
+    extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # [m, 1]
+    extreme = torch.where(extreme == 0, TINY, extreme)
+    spread = torch.arange(-7.0, 8.0, device=x.device)
+    target = torch.cat([lv[0] + spread, lv[-1] + spread])  # [c]
+    a0 = extreme / target  # [m, c]
+    V = lv[torch.bucketize((x[:, None] / a0[..., None]).contiguous(), mids)]  # [m, c, g]
+    X = x[:, None]
+    a = (V * X).sum(-1) / (V * V).sum(-1).clamp(min=1e-30)
+    err = (a[..., None] * V - X).pow(2).sum(-1)
+    return a.gather(-1, err.argmin(-1, keepdim=True))[:, 0]
+
+
+def _levels_header(w: Tensor, t: BlockType) -> Tensor:
+    """IQ4_NL: d = the block's a in fp16. IQ4_XS: each group's a as d·(ls - 32), ls in
+    [0, 63], the largest |a| on ls = 0 (as `_signed_header`; ls - 32 is never 0)."""
+    a = _chunked(lambda x, _: _search_levels(x, t.levels), w.reshape(-1, t.group), 0)
+    if t.block == t.group:
+        d = torch.where(a.abs() < TINY, TINY, a)
+        return to_fp16_bytes(d)
+    a = a.view(-1, t.block // t.group)  # [n, 8]
+    amax = a.gather(-1, a.abs().argmax(-1, keepdim=True))[:, 0]
+    d = amax / -32
+    d = torch.where(d.abs() < TINY, TINY, d).half().float()
+    s = torch.round(a / d[:, None]).clamp(-32, 31)
+    s = torch.where(s == 0, 1.0, s)
+    return torch.cat([to_fp16_bytes(d), pack_iq4_scales((s + 32).to(torch.uint8))], dim=1)
 
 
 def _min_header(a: Tensor, mn: Tensor, t: BlockType) -> Tensor:

@@ -17,6 +17,16 @@ quantized (DESIGN: "the sub-scales are part of the grid"):
   Q4_K    256     32     4   d, dmin fp16, 12 bytes (6-bit sc, m) d·sc         -dmin·m
   Q5_K    256     32     5   d, dmin fp16, 12 bytes (6-bit sc, m) d·sc         -dmin·m
   Q6_K    256     16     6   16 int8 sc, d fp16                   d·sc         -32·a
+  IQ4_NL   32     32     4   d fp16                               d            0
+  IQ4_XS  256     32     4   d fp16, 6-bit ls (2 + 4 bytes)       d·(ls - 32)  0
+  IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: 256 weights in codewords (gguf_codebook.py)
+
+The two 4-bit i-quants are the exception to "a·q": their 16 levels are not evenly spaced but
+llama.cpp's fixed non-linear table `IQ4_LEVELS` (denser near 0, where most weights are), so a
+weight is a·levels[q] — the same grid machinery with q replaced by its level (`values`).
+The codebook i-quants (IQ2_XXS … IQ3_S) store codewords of 4 or 8 weights rather than a code
+per weight: `gguf_codebook` holds their layouts and decode, `gguf_codebook_fit` their rounding;
+their BlockTypes here record size, scale group and codeword length.
 
 Products of an fp16 factor and small integers are exact in fp32, so a·q + b rounds once,
 exactly where llama.cpp's own decode rounds: decoding here equals the `gguf` package's reference
@@ -64,6 +74,8 @@ class BlockType:
     fields: tuple[tuple[str, int], ...]
     code_bits: tuple[Bits, ...]
     xor: int = 0  # Q8_0 stores int8 q - 128 = code ^ 0x80
+    levels: tuple[int, ...] | None = None  # a non-linear grid: code q means levels[q]
+    vector: int = 0  # codewords of this many weights (gguf_codebook), not a code per weight
 
     @property
     def nbytes(self) -> int:
@@ -111,9 +123,36 @@ def _kquants() -> list[BlockType]:
     ]
 
 
+# llama.cpp's kvalues_iq4nl: 16 int8 levels, ascending
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iquants() -> list[BlockType]:
+    """IQ4_NL: 32 weights, d fp16, the Q4_0 nibble order. IQ4_XS: 256 weights in 8 groups of
+    32, d fp16, each group's 6-bit ls split into a 2-bit field of the uint16 scales_h and a
+    nibble of scales_l; group g's 16 code bytes as IQ4_NL's."""
+    return [
+        BlockType("IQ4_NL", 32, 32, 4, (("d", 2), ("qs", 16)), (Bits("qs", 0, 4, 1, 2, 16),),
+                  levels=IQ4_LEVELS),
+        BlockType("IQ4_XS", 256, 32, 4, (("d", 2), ("scales_h", 2), ("scales_l", 4),
+                                         ("qs", 128)), (Bits("qs", 0, 4, 8, 2, 16),),
+                  levels=IQ4_LEVELS),
+    ]
+
+
+def _codebooks() -> list[BlockType]:
+    """IQ2_XXS … IQ3_S: codewords of 4 or 8 weights (gguf_codebook.py holds their layouts);
+    recorded here by size, group of the 4-bit scale and codeword length."""
+    from .gguf_codebook import TYPES as BOOKS
+    return [BlockType(c.name, 256, c.group, 2 if c.name.startswith("IQ2") else 3,
+                      (("blocks", c.nbytes),), (), vector=c.vec) for c in BOOKS.values()]
+
+
 TYPES: dict[str, BlockType] = {t.name: t for t in [
     _legacy("Q4_0", 4, False), _legacy("Q4_1", 4, True), _legacy("Q5_0", 5, False),
-    _legacy("Q5_1", 5, True), _legacy("Q8_0", 8, False), *_kquants()]}
+    _legacy("Q5_1", 5, True), _legacy("Q8_0", 8, False), *_kquants(), *_iquants(),
+    *_codebooks()]}
+VECTOR_TYPES = tuple(name for name, t in TYPES.items() if t.vector)
 
 
 def block_type(name: str) -> BlockType:
@@ -167,6 +206,9 @@ def join(header: Tensor, q: Tensor, t: BlockType) -> Tensor:
 
 def codes(raw: Tensor, t: BlockType) -> Tensor:
     """Block bytes [n, t.nbytes] -> codes [n, block] uint8."""
+    if t.vector:
+        raise ValueError(f"{t.name} stores codewords of {t.vector} weights, not a code per "
+                         f"weight")
     fields = split(raw, t)
     q = sum(unpack_field(fields[f.name], f) for f in t.code_bits)
     return (q ^ t.xor if t.xor else q).to(torch.uint8)
@@ -227,13 +269,44 @@ def pack_q3_scales(s: Tensor) -> Tensor:
     return torch.cat([low, high], dim=1).to(torch.uint8)
 
 
+def iq4_scales(raw: Tensor) -> Tensor:
+    """IQ4_XS's scales_h (2 bytes, a little-endian uint16) and scales_l (4 bytes) [n, 6] ->
+    ls [n, 8] in [0, 63]: group g's low nibble is nibble g % 2 of scales_l byte g // 2, its top
+    two bits bits 2g, 2g + 1 of scales_h."""
+    r = raw.to(torch.int32)
+    h = r[:, 0] | (r[:, 1] << 8)  # [n]
+    low = torch.stack([r[:, 2:6] & 15, r[:, 2:6] >> 4], dim=2).reshape(-1, 8)
+    shift = torch.arange(8, device=raw.device, dtype=torch.int32) * 2
+    return low | (((h[:, None] >> shift) & 3) << 4)
+
+
+def pack_iq4_scales(ls: Tensor) -> Tensor:
+    """Inverse of `iq4_scales`: ls [n, 8] in [0, 63] -> [n, 6] uint8."""
+    ls = ls.to(torch.int32)
+    shift = torch.arange(8, device=ls.device, dtype=torch.int32) * 2
+    h = ((ls >> 4) << shift).sum(-1)  # [n]: the 2-bit fields do not overlap
+    low = (ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)
+    return torch.cat([torch.stack([h & 255, h >> 8], dim=1), low], dim=1).to(torch.uint8)
+
+
+def values(q: Tensor, t: BlockType) -> Tensor:
+    """Codes -> the grid values they stand for, fp32: q itself, or a non-linear type's level."""
+    if t.levels is None:
+        return q.float()
+    return torch.tensor(t.levels, dtype=torch.float32, device=q.device)[q.long()]
+
+
 def affine(head: Tensor, t: BlockType) -> tuple[Tensor, Tensor]:
-    """header [n, t.header_bytes] -> (a, b) [n, block / group] fp32: w = a·q + b."""
+    """header [n, t.header_bytes] -> (a, b) [n, block / group] fp32: w = a·values(q) + b."""
     f, at = {}, 0
     for name, size in t.header_fields:
         f[name] = head[:, at:at + size]
         at += size
     d = fp16(f["d"])
+    if t.levels is not None:
+        a = d if t.block == 32 else d * (iq4_scales(torch.cat([f["scales_h"], f["scales_l"]],
+                                                              dim=1)) - 32)
+        return a, torch.zeros_like(a)
     if t.block == 32:
         b = fp16(f["m"]) if "m" in f else -(2 ** (t.bits - 1)) * d
         return d, b
@@ -252,6 +325,9 @@ def affine(head: Tensor, t: BlockType) -> tuple[Tensor, Tensor]:
 
 def dequantize(raw: Tensor, t: BlockType) -> Tensor:
     """Block bytes [n, t.nbytes] -> weights [n, block] fp32, as llama.cpp decodes them."""
+    if t.vector:
+        from . import gguf_codebook
+        return gguf_codebook.dequantize(raw, gguf_codebook.TYPES[t.name])
     a, b = affine(header(raw, t), t)  # [n, G]
-    q = codes(raw, t).float().view(raw.shape[0], -1, t.group)
+    q = values(codes(raw, t), t).view(raw.shape[0], -1, t.group)
     return (a.unsqueeze(-1) * q + b.unsqueeze(-1)).view(raw.shape[0], t.block)

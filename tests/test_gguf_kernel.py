@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from discq.tensors.gguf import GGUFGrid, GGUFQuantizedTensor, dequantize_blocks
-from discq.tensors.gguf_layout import TYPES
+from discq.tensors.gguf_layout import TYPES, VECTOR_TYPES
 from discq.tensors.kernels import gguf_cpu
 
 pytestmark = pytest.mark.skipif(not gguf_cpu.supports(torch.zeros(1)),
@@ -16,7 +16,10 @@ def weight(ggml_type: str, N: int = 24, K: int = 512, seed: int = 0) -> GGUFQuan
     return GGUFGrid(ggml_type).quantize(torch.randn(N, K, generator=g) * 0.05)
 
 
-@pytest.mark.parametrize("ggml_type", sorted(TYPES))
+FUSED = sorted(set(TYPES) - set(VECTOR_TYPES))  # codebook types decode in torch, then matmul
+
+
+@pytest.mark.parametrize("ggml_type", FUSED)
 def test_every_block_decodes_exactly_as_the_reference(ggml_type):
     # rows of the identity through the many-rows path (decode rows, then one GEMM): the
     # products are w·1 and sums with zeros, so y is the decoded weight itself, bit for bit
@@ -26,7 +29,7 @@ def test_every_block_decodes_exactly_as_the_reference(ggml_type):
     assert torch.equal(y.t(), dequantize_blocks(q.qdata, ggml_type, 512)[:, :100])
 
 
-@pytest.mark.parametrize("ggml_type", sorted(TYPES))
+@pytest.mark.parametrize("ggml_type", FUSED)
 @pytest.mark.parametrize("M", [1, 5, 64, 70])
 def test_kernel_matches_decode_then_matmul(ggml_type, M):
     q = weight(ggml_type, seed=M)
@@ -69,3 +72,13 @@ def test_gguf_linears_use_the_kernel_for_inference_and_the_reference_for_gradien
     lin(xg).sum().backward()  # the kernel has no backward: the reference answers
     assert len(calls) == before
     assert torch.allclose(xg.grad, lin.weight.dequantize().sum(0).expand_as(x), atol=1e-4)
+
+
+def test_codebook_types_decode_then_multiply_also_compiled():
+    lin = torch.nn.Linear(512, 24)
+    lin.weight = torch.nn.Parameter(weight("IQ2_XS"), requires_grad=False)
+    x = torch.randn(2, 7, 512)
+    ref = x @ dequantize_blocks(lin.weight.qdata, "IQ2_XS", 512).t() + lin.bias
+    with torch.no_grad():
+        assert torch.allclose(lin(x), ref, atol=1e-4)
+        assert torch.allclose(torch.compile(lin)(x), ref, atol=1e-4)

@@ -86,6 +86,35 @@ def test_quantizer_keeps_embedding_and_head_in_the_type_asked(tmp_path):
     assert not (tmp_path / "r.gguf").exists()
 
 
+@pytest.mark.parametrize("mixture", ["IQ4_XS", "IQ2_XS", "IQ3_XXS"])
+def test_iquant_mixtures_are_llama_cpps_with_an_imatrix_and_run_there(smollm2, tmp_path,
+                                                                       mixture):
+    """llama-quantize --imatrix (discq's imatrix of the same calibration) writes the same types
+    and file size as discq's GPTQ onto the i-quant grids, and llama.cpp runs discq's file with
+    discq's perplexity."""
+    from discq.data import calibration_batches
+    try:
+        llamacpp.llama_quantize_path()
+    except FileNotFoundError:
+        pytest.skip("needs llama.cpp's llama-quantize program: make llama-tools")
+    model, tok = smollm2
+    calib = calibration_batches(tok, str(CALIB_TEXT), n_samples=4, seq_len=256, seed=0)
+    imatrix = discq.export.to_imatrix(model, calib, tmp_path / "i.imatrix.gguf")
+    theirs = llamacpp.quantize(bundled_path("smollm2-135m"), tmp_path / "theirs.gguf", mixture,
+                               imatrix=imatrix)
+    q = _copy(model)
+    discq.quantize_(q, discq.gptq_config(gguf=mixture, calibration=calib),
+                    filter_fn=keep_head_filter(q))
+    ours = discq.export.to_gguf(q, tmp_path / "ours.gguf", source=bundled_path("smollm2-135m"))
+    assert types_of(ours) == types_of(theirs)
+    assert abs(ours.stat().st_size - theirs.stat().st_size) < 2**16
+    windows = eval_windows(tok, str(HELDOUT_TEXT), n_windows=1, seq_len=512)
+    mine = evaluate(q, model, windows, progress=False)
+    with llamacpp.LlamaCppModel(ours, n_ctx=512) as m:
+        there = compare(model, m, windows, progress=False)
+    assert abs(there["perplexity"] / mine["perplexity"] - 1) < 0.02
+
+
 def test_llama_cpp_model_refuses_long_sequences_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         llamacpp.LlamaCppModel(tmp_path / "none.gguf")

@@ -107,13 +107,17 @@ def _mixture(model: nn.Module, mixture: str | None) -> str | None:
     if mixture is not None:
         check_mixture(mixture)
         return mixture
-    named = set()
+    configured, named = set(), set()
     for m in model.modules():
         for name, w in m._parameters.items():
             if isinstance(w, QuantizedTensor):
                 inner = w.expert(0) if isinstance(w, ExpertsQuantizedTensor) else w
-                named.add((layer_config(m, name) or {}).get("gguf") or block_type(inner))
+                gguf = (layer_config(m, name) or {}).get("gguf")
+                configured.add(gguf)
+                named.add(gguf or block_type(inner))
+    configured.discard(None)  # a tied embedding holds its head's weight but no config
     named.discard(None)
+    named = configured if len(configured) == 1 else named
     return named.pop() if len(named) == 1 and next(iter(named)) in MIXTURES else None
 
 

@@ -61,23 +61,35 @@ def gguf_tensors(model: nn.Module, entry: GGUFArch, mixture: str | None) -> Iter
         want = None
         if mixture is not None and t.dim() == 2 and not gguf_name.endswith(".bias") \
                 and not any(k in gguf_name for k in KEPT_FLOAT):
-            want = tensor_type(mixture, name.removesuffix(".weight"), t.shape[1], *shape)
+            want = _wants(mixture, name.removesuffix(".weight"), t.shape[1], shape)
         rows = rope_rows(name, t.shape[0], model.config) if entry.rope_rows else None
         yield (gguf_name, *tensor_bytes(name, t, want, rows))
 
 
-def tensor_bytes(name: str, t, want: str | None, rows=None) -> tuple[np.ndarray, str]:
-    """(what the writer gets, its GGML type): a quantized weight as it is (it must be the type
-    the mixture gives it); a float matrix rounded to nearest onto `want`; the rest F32."""
+def _wants(mixture: str, fqn: str, K: int, shape: tuple) -> tuple[str, ...]:
+    """The types the mixture gives `fqn`: without an importance matrix (what a float matrix is
+    rounded to here), then with one (what discq's data-driven methods chose)."""
+    return tuple(dict.fromkeys(tensor_type(mixture, fqn, K, *shape, imatrix=imatrix)
+                               for imatrix in (False, True)))
+
+
+def tensor_bytes(name: str, t, want: str | tuple[str, ...] | None, rows=None
+                 ) -> tuple[np.ndarray, str]:
+    """(what the writer gets, its GGML type): a quantized weight as it is (it must be a type
+    the mixture gives it, `want`); a float matrix rounded to nearest onto `want` (the first of
+    them); the rest F32."""
+    wants = (want,) if isinstance(want, str) else want
     if isinstance(t, QuantizedTensor):
         kind = block_type(t)
         if kind is None:
             raise ValueError(f"{name}: {t!r} has no llama.cpp block type; quantize with "
                              f"gguf='Q4_K_M' (or another mixture or GGML type)")
-        if want is not None and kind != want:
-            raise ValueError(f"{name} is {kind}, but the mixture gives it {want}: quantize with "
-                             f"gguf=<the mixture>, or pass the mixture it was quantized with")
+        if wants is not None and kind not in wants:
+            raise ValueError(f"{name} is {kind}, but the mixture gives it {' or '.join(wants)}: "
+                             f"quantize with gguf=<the mixture>, or pass the mixture it was "
+                             f"quantized with")
         return to_blocks(t, rows), kind
+    want = None if wants is None else wants[0]
     w = t.detach().float().cpu()
     w = w[rows] if rows is not None else w
     if want is None:
@@ -120,7 +132,7 @@ def _experts(name: str, t, module: nn.Module, attr: str, mixture, shape: tuple
             fqn = f"{name}.0"  # what the mixture decided for the stack's experts
             K = (t.expert(0).shape[1] if isinstance(t, ExpertsQuantizedTensor)
                  else t.shape[1] if module.is_transposed else t.shape[2])
-            want = tensor_type(mixture, fqn, K, *shape)
+            want = _wants(mixture, fqn, K, shape)
         raw, kind_out = _stack_bytes(name, t, module, rows, want)
         yield f"{gname}.weight", raw, kind_out
 
@@ -146,7 +158,7 @@ def _rows(module: nn.Module, stack: str) -> int:
     return W.shape[2] if module.is_transposed else W.shape[1]
 
 
-def _stack_bytes(name: str, t, module: nn.Module, rows: slice, want: str | None
+def _stack_bytes(name: str, t, module: nn.Module, rows: slice, want
                  ) -> tuple[np.ndarray, str]:
     """[E, rows, ...] of the experts' weights ([N, K] each) in one GGML type."""
     per_expert, kinds = [], set()

@@ -148,6 +148,29 @@ void q6_k(const uint8_t* b, float* w) {
   }
 }
 
+// The 4-bit i-quants: code q stands for IQ4_LEVELS[q] (gguf_layout.IQ4_LEVELS), times the
+// block's d (IQ4_NL) or its group's d·(ls - 32) (IQ4_XS); nibble order as Q4_0's per 32.
+constexpr float IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                  1,    13,   25,  38,  53,  69,  89,  113};
+
+void iq4_group(const uint8_t* qs, float a, float* w) {
+  for (int j = 0; j < 16; ++j) {
+    w[j] = a * IQ4_LEVELS[qs[j] & 15];
+    w[j + 16] = a * IQ4_LEVELS[qs[j] >> 4];
+  }
+}
+
+void iq4_nl(const uint8_t* b, float* w) { iq4_group(b + 2, fp16(b), w); }
+
+void iq4_xs(const uint8_t* b, float* w) {
+  const float d = fp16(b);
+  const int h = b[2] | (b[3] << 8);  // scales_h: group g's top two bits at bit 2g
+  for (int g = 0; g < 8; ++g) {
+    const int ls = ((b[4 + g / 2] >> (4 * (g % 2))) & 15) | (((h >> (2 * g)) & 3) << 4);
+    iq4_group(b + 8 + 16 * g, d * static_cast<float>(ls - 32), w + 32 * g);
+  }
+}
+
 struct Type {
   const char* name;
   int block, nbytes;
@@ -158,7 +181,7 @@ constexpr Type TYPES[] = {
     {"Q4_0", 32, 18, q4_0},    {"Q4_1", 32, 20, q4_1},    {"Q5_0", 32, 22, q5_0},
     {"Q5_1", 32, 24, q5_1},    {"Q8_0", 32, 34, q8_0},    {"Q2_K", 256, 84, q2_k},
     {"Q3_K", 256, 110, q3_k},  {"Q4_K", 256, 144, q4_k},  {"Q5_K", 256, 176, q5_k},
-    {"Q6_K", 256, 210, q6_k}};
+    {"Q6_K", 256, 210, q6_k},  {"IQ4_NL", 32, 18, iq4_nl}, {"IQ4_XS", 256, 136, iq4_xs}};
 
 const Type& find_type(const std::string& name) {
   for (const Type& t : TYPES)

@@ -1,0 +1,90 @@
+"""Rounding onto llama.cpp's codebook i-quants (`gguf_codebook`): the nearest codewords with
+their signs, the scales of a block, and round to nearest.
+
+Signs come first, as in llama.cpp's quantizers: each 8 weights keep their own signs (with
+parity types, when the count of negatives is odd, the weight of smallest |x| takes the wrong
+sign — the cheapest flip — and then wants the smallest level, so its target is −|x|); each
+vector then takes the codeword nearest its target (exact search over the whole grid: one
+matmul). Scales: per group, candidates putting max|w| near the grid's highest level (and one
+on its lowest, for groups of equal weights), each refit
+by least squares on its nearest codewords, the least squared error kept; then d with the
+largest group scale on ls = 15 and each ls rounded (scales are never negative: signs are in
+the sign bytes).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gguf_codebook import BLOCK, SIGNS, Codebook, Fields, factor, grid, join, scales
+from .gguf_layout import to_fp16_bytes
+
+CHUNK = 512  # scale groups per search step: bounds the [chunk, candidates, entries] scores
+
+
+def nearest(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
+    """x: [m, 8] in units of the scale -> (codeword indices [m, 8 / vec] int32, sign bytes [m]
+    int32, decoded values [m, 8])."""
+    neg = x < 0
+    u = x.abs()
+    if c.parity:
+        odd = neg.sum(-1) % 2 == 1
+        flip = torch.zeros_like(neg).scatter_(1, u.argmin(-1, keepdim=True), True)
+        flip &= odd[:, None]
+        neg = neg ^ flip
+        u = torch.where(flip, -u, u)
+    G = grid(c, x.device)  # [E, vec]
+    t = u.reshape(-1, c.vec)  # [m·8/vec, vec]
+    idx = ((G * G).sum(-1)[None] - 2 * t @ G.t()).argmin(-1)  # least ‖t − g‖²
+    sign = (neg.int() << torch.arange(SIGNS, device=x.device, dtype=torch.int32)).sum(-1)
+    values = G[idx].reshape(-1, SIGNS) * (1.0 - 2.0 * neg.float())
+    return idx.view(-1, SIGNS // c.vec).int(), sign.int(), values
+
+
+def fit_scales(w: Tensor, c: Codebook) -> Tensor:
+    """w: [m, group] -> a [m] >= 0. Candidates put max|w| near the grid's highest level, and
+    one on its lowest (a group of equal weights wants that: each grid has (low, …, low))."""
+    levels = grid(c).unique()  # ascending, e.g. 8, 25, 43
+    mult = torch.linspace(0.9, 1.2, 5)
+    inv = torch.cat([mult / levels[-1], 1 / levels[:1]]).to(w.device)  # [cand]
+    out = []
+    for x in w.split(CHUNK):
+        amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)  # [k, 1]
+        a0 = amax * inv  # [k, cand]
+        _, _, v = nearest((x[:, None, :] / a0[..., None]).reshape(-1, SIGNS), c)
+        v = v.view(x.shape[0], len(inv), c.group)
+        X = x[:, None]
+        a = ((v * X).sum(-1) / (v * v).sum(-1).clamp(min=1e-30)).clamp(min=0)
+        err = (a[..., None] * v - X).pow(2).sum(-1)
+        out.append(a.gather(-1, err.argmin(-1, keepdim=True))[:, 0])
+    return torch.cat(out)
+
+
+def fit_header(w: Tensor, c: Codebook) -> Fields:
+    """w: [n, 256] -> Fields with d and ls set (indices and signs zero)."""
+    n = w.shape[0]
+    a = fit_scales(w.float().reshape(-1, c.group), c).view(n, -1)  # [n, 256 / group]
+    d = (a.amax(-1) / c.top).clamp(min=6.2e-5).half().float()  # [n]
+    ratio = a / d[:, None]  # = f(ls)
+    ls = (ratio - 1) / 2 if c.scale == "odd" else ratio / (0.25 if c.scale == "quarter"
+                                                           else 0.5) - 0.5
+    ls = torch.round(ls).clamp(0, 15).to(torch.int32)
+    zeros = torch.zeros(n, BLOCK // c.vec, dtype=torch.int32, device=w.device)
+    return Fields(to_fp16_bytes(d), ls, zeros, torch.zeros(n, BLOCK // SIGNS,
+                                                             dtype=torch.int32, device=w.device))
+
+
+def round_with(f: Fields, w: Tensor, c: Codebook) -> Fields:
+    """Every vector of w [n, 256] to its nearest codeword on the scales of `f`."""
+    a = scales(f, c).repeat_interleave(c.group, dim=1)  # [n, 256]
+    idx, sign, _ = nearest((w.float() / a).reshape(-1, SIGNS), c)
+    n = w.shape[0]
+    return Fields(f.d, f.ls, idx.reshape(n, -1), sign.reshape(n, -1))
+
+
+def quantize(w: Tensor, c: Codebook) -> Tensor:
+    """Round to nearest: w [n, 256] -> block bytes [n, c.nbytes]."""
+    return join(round_with(fit_header(w, c), w, c), c)
+
+
+__all__ = ["nearest", "fit_scales", "fit_header", "round_with", "quantize", "factor"]
