@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from discq.tensors.affine import AffineQuantizedTensor
 from discq.tensors.gguf import GGUFGrid
-from discq.tensors.gguf_layout import VECTOR_TYPES
 from discq.tensors.grid import (
     AffineGrid,
     decode,
@@ -54,7 +53,6 @@ from discq.tensors.incoherent import IncoherentQuantizedTensor
 from torch import Tensor, nn
 
 from .config import GridConfig, check_finetune
-from .gguf_mixture import CODEBOOK_MIXTURES
 from .registry import constructs, handles, register_method
 from .sharding import is_sharded, local, rows_held
 from .validate import check_bool, check_dir, check_int, check_number
@@ -140,10 +138,6 @@ class DiscConfig(GridConfig):
                              f"bits/group_size; with codebook={self.codebook!r}"
                              f"{f', gguf={self.gguf!r}' if self.gguf else ''} use init='rtn' "
                              f"or 'uniform'")
-        if self.gguf in VECTOR_TYPES or self.gguf in CODEBOOK_MIXTURES:
-            raise ValueError(f"gguf={self.gguf!r} stores codewords of 4 or 8 weights, which "
-                             f"DiscQuant does not relax yet; round it with gptq_config(gguf="
-                             f"{self.gguf!r}) or rtn_config")
         check_bool(incoherence=self.incoherence, keep_best=self.keep_best,
                    compile_step=self.compile_step)
         if self.gradient_checkpointing is not None:
@@ -433,8 +427,12 @@ def _relax_affine(linear: nn.Linear, config: DiscConfig, fqn: str, generator,
                   start=None) -> RelaxedLinear:
     """The affine grid of `config` (in the layer's seeded rotated basis with incoherence); with
     a `start` (passes/disc_init.py), its grid, around the weights it rounded."""
+    grid = config.grid(fqn=fqn)
+    if isinstance(grid, GGUFGrid) and grid.type.vector:  # a codebook i-quant: codes of 8
+        from .disc_codebook import RelaxedCodebookLinear
+        return RelaxedCodebookLinear(linear, grid, config.init, generator)
     rot = layer_rotation(*linear.weight.shape, layer_seed(fqn)) if config.incoherence else None
-    return RelaxedLinear(linear, config.grid(fqn=fqn), config.init, generator, rot, start)
+    return RelaxedLinear(linear, grid, config.init, generator, rot, start)
 
 
 register_codebook("affine", _relax_affine)

@@ -132,10 +132,12 @@ class GGUFGrid:
     def book(self) -> books.Codebook:
         return books.TYPES[self.ggml_type]
 
-    def round_vectors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def round_vectors(self, x: Tensor, runner_up: bool = False) -> tuple[Tensor, Tensor]:
         """A codebook type's rounding of sign groups: x [m, 8] in units of the scale ->
-        (codes [m] int64: the codeword indices and the sign byte packed, values [m, 8])."""
-        idx, sign, values = book_fit.nearest(x.float(), self.book)
+        (codes [m] int64: the codeword indices and the sign byte packed, values [m, 8]); the
+        nearest codes, or with `runner_up` the second nearest (`gguf_codebook_fit`)."""
+        search = book_fit.runner_up if runner_up else book_fit.nearest
+        idx, sign, values = search(x.float(), self.book)
         per = 8 // self.book.vec  # codewords per sign group
         code = sign.long()
         for j in range(per):  # 10 bits per index (the largest grid has 1024 entries)

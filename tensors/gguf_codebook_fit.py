@@ -22,9 +22,9 @@ from .gguf_layout import to_fp16_bytes
 CHUNK = 512  # scale groups per search step: bounds the [chunk, candidates, entries] scores
 
 
-def nearest(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
-    """x: [m, 8] in units of the scale -> (codeword indices [m, 8 / vec] int32, sign bytes [m]
-    int32, decoded values [m, 8])."""
+def _signs(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor]:
+    """x: [m, 8] -> (negative [m, 8] bool: the signs stored, the codewords' targets [m, 8]:
+    |x|, or −|x| for a weight given the wrong sign by parity)."""
     neg = x < 0
     u = x.abs()
     if c.parity:
@@ -33,12 +33,42 @@ def nearest(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
         flip &= odd[:, None]
         neg = neg ^ flip
         u = torch.where(flip, -u, u)
-    G = grid(c, x.device)  # [E, vec]
-    t = u.reshape(-1, c.vec)  # [m·8/vec, vec]
-    idx = ((G * G).sum(-1)[None] - 2 * t @ G.t()).argmin(-1)  # least ‖t − g‖²
-    sign = (neg.int() << torch.arange(SIGNS, device=x.device, dtype=torch.int32)).sum(-1)
+    return neg, u
+
+
+def _distances(t: Tensor, G: Tensor) -> Tensor:
+    """‖t − g‖² − ‖t‖² for targets t [v, vec] and every codeword g of G [E, vec]: [v, E]."""
+    return (G * G).sum(-1)[None] - 2 * t @ G.t()
+
+
+def _result(idx: Tensor, neg: Tensor, G: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
+    sign = (neg.int() << torch.arange(SIGNS, device=neg.device, dtype=torch.int32)).sum(-1)
     values = G[idx].reshape(-1, SIGNS) * (1.0 - 2.0 * neg.float())
     return idx.view(-1, SIGNS // c.vec).int(), sign.int(), values
+
+
+def nearest(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
+    """x: [m, 8] in units of the scale -> (codeword indices [m, 8 / vec] int32, sign bytes [m]
+    int32, decoded values [m, 8])."""
+    neg, u = _signs(x, c)
+    G = grid(c, x.device)  # [E, vec]
+    idx = _distances(u.reshape(-1, c.vec), G).argmin(-1)  # least ‖t − g‖²
+    return _result(idx, neg, G, c)
+
+
+def runner_up(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
+    """The second-nearest codes with the same signs, as `nearest` returns them: the nearest
+    with the one vector of the 8 weights (of 8 / vec) that loses least switched to its
+    second-nearest codeword. DiscQuant chooses between the two."""
+    neg, u = _signs(x, c)
+    G = grid(c, x.device)
+    d = _distances(u.reshape(-1, c.vec), G)  # [v, E]
+    best = d.topk(2, dim=-1, largest=False)  # values, indices [v, 2]
+    loss = (best.values[:, 1] - best.values[:, 0]).view(-1, SIGNS // c.vec)  # [m, per]
+    switch = torch.zeros_like(loss, dtype=torch.bool).scatter_(1, loss.argmin(-1, keepdim=True),
+                                                               True).view(-1)
+    idx = torch.where(switch, best.indices[:, 1], best.indices[:, 0])
+    return _result(idx, neg, G, c)
 
 
 def fit_scales(w: Tensor, c: Codebook) -> Tensor:
@@ -87,4 +117,5 @@ def quantize(w: Tensor, c: Codebook) -> Tensor:
     return join(round_with(fit_header(w, c), w, c), c)
 
 
-__all__ = ["nearest", "fit_scales", "fit_header", "round_with", "quantize", "factor"]
+__all__ = ["nearest", "runner_up", "fit_scales", "fit_header", "round_with", "quantize",
+           "factor"]

@@ -119,7 +119,7 @@ def _search_levels(x: Tensor, levels: tuple[int, ...]) -> Tensor:
     mids = level_boundaries(levels, x.device)
     extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # [m, 1]
     extreme = torch.where(extreme == 0, TINY, extreme)
-    spread = torch.arange(-7.0, 8.0, device=x.device)
+    spread = torch.arange(-6.0, 7.0, 2.0, device=x.device)  # every other step: as good, half the cost
     target = torch.cat([lv[0] + spread, lv[-1] + spread])  # [c]
     a0 = extreme / target  # [m, c]
     V = lv[torch.bucketize((x[:, None] / a0[..., None]).contiguous(), mids)]  # [m, c, g]

@@ -247,8 +247,10 @@ def test_bracket_holds_each_point_between_its_neighbours(name, seed):
     assert ((q == down) | (q == up)).all()
 
 
-def test_discquant_on_the_level_grid_beats_round_to_nearest():
-    # IQ4_XS: DiscQuant relaxes between neighbouring levels of the non-linear table
+@pytest.mark.parametrize("name", ["IQ4_XS", "IQ2_XS", "IQ3_XXS"])
+def test_discquant_on_the_i_quants_beats_round_to_nearest(name):
+    # IQ4_XS: DiscQuant relaxes between neighbouring levels of the non-linear table; the
+    # codebook types: each 8 weights between their nearest codes and the runner-up
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
     ref = tiny_llama_256()
     logp = ref(ids).logits.log_softmax(-1).detach()
@@ -257,11 +259,11 @@ def test_discquant_on_the_level_grid_beats_round_to_nearest():
         out = model(ids).logits.log_softmax(-1)
         return float(torch.nn.functional.kl_div(out, logp, log_target=True, reduction="batchmean"))
     rtn, disc = tiny_llama_256(), tiny_llama_256()
-    discq.quantize_(rtn, discq.rtn_config(gguf="IQ4_XS"))
-    discq.quantize_(disc, discq.disc_config(gguf="IQ4_XS", calibration=[ids], steps=30,
+    discq.quantize_(rtn, discq.rtn_config(gguf=name))
+    discq.quantize_(disc, discq.disc_config(gguf=name, calibration=[ids], steps=30,
                                             batch_size=4, warmup=2, init="rtn"))
-    assert disc.model.layers[1].mlp.down_proj.weight.ggml_type == "IQ4_XS"
-    assert kl(disc) < 0.9 * kl(rtn)
+    assert disc.model.layers[1].mlp.down_proj.weight.ggml_type == name
+    assert kl(disc) < 0.9 * kl(rtn)  # measured 0.86 (IQ4_XS), 0.72, 0.80 of RTN's
 
 
 BOOKS = sorted(books.TYPES)
@@ -312,8 +314,6 @@ def test_codebook_types_round_read_back_in_gguf_and_gptq_beats_rtn(name):
         D = W - What
         return float(((D @ H) * D).sum())
     assert proxy(gptq.dequantize()) < 0.85 * proxy(rtn.dequantize())
-    with pytest.raises(ValueError, match="codewords"):
-        discq.disc_config(gguf=name)
 
 
 @pytest.mark.parametrize("mixture", ["IQ2_XXS", "IQ2_M", "IQ3_XXS", "IQ3_M"])
@@ -335,3 +335,17 @@ def test_gptq_rounds_onto_the_codebook_mixtures_and_the_file_reads_back(mixture,
     t = tensors["blk.1.ffn_down.weight"]
     assert t.tensor_type.name == w.ggml_type
     assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), w.dequantize().numpy())
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(BOOKS), st.integers(0, 10**6))
+def test_the_runner_up_is_the_next_nearest_code_with_the_same_signs(name, seed):
+    c = books.TYPES[name]
+    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(seed)) * 20
+    _, sign, v = book_fit.nearest(x, c)
+    idx2, sign2, v2 = book_fit.runner_up(x, c)
+    assert torch.equal(sign, sign2)  # the same signs, a different codeword
+    assert ((v2 - v).abs().sum(-1) > 0).all()
+    assert ((v - x).pow(2).sum(-1) <= (v2 - x).pow(2).sum(-1) + 1e-4).all()
+    assert torch.equal(books.signed_vectors(idx2.reshape(1, -1), sign2.reshape(1, -1), c)
+                       .view(-1, 8), v2)
