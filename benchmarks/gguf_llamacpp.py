@@ -5,8 +5,9 @@ quantizer — SmolLM2-135M or Gemma 3 270M, side by side in one run:
   GGUF, the same weights discq starts from; with `--imatrix`, also `llama-quantize --imatrix`
   (`make llama-tools`) with the importance matrix of discq's GPTQ calibration tokens
   (`discq.export.to_imatrix`): the same data discq's methods see;
-- discq RTN, GPTQ and DiscQuant with `gguf=<mixture>`: the same per-tensor types (llama.cpp's
-  fallbacks included), written by `discq.export.to_gguf`;
+- discq RTN, GPTQ (XᵀX or KL Hessians) and DiscQuant with `gguf=<mixture>`: the same per-tensor
+  types (llama.cpp's fallbacks included), written by `discq.export.to_gguf`; with `--rotate`,
+  of the model rotated by `discq.rotate_` first;
 - full precision: the model as an F32 GGUF.
 Every file is evaluated *in llama.cpp* (llama-cpp-python) on held-out text: perplexity, KL to the
 fp32 model and top-1 agreement, plus the file size; for discq's files also discq's own
@@ -14,7 +15,7 @@ evaluation of the same weights (the two agree within llama.cpp's 8-bit activatio
 
     python benchmarks/gguf_llamacpp.py [--model smollm2|gemma3] [--types Q4_0,Q4_K_M,Q3_K_M,Q2_K]
                                        [--methods rtn,gptq,gptq-kl,disc] [--disc-steps 100]
-                                       [--imatrix]
+                                       [--imatrix] [--rotate]
 """
 from __future__ import annotations
 
@@ -42,9 +43,13 @@ from discq.pipeline import evaluate, keep_head_filter  # noqa: E402
 MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
 
 
-def discq_file(model, config, path: Path, source: Path) -> tuple[Path, object]:
-    """The model rounded by `config` (head left to the export: llama.cpp's type for it)."""
+def discq_file(model, config, path: Path, source: Path, rotate: bool = False
+               ) -> tuple[Path, object]:
+    """The model rounded by `config` (head left to the export: llama.cpp's type for it); with
+    `rotate`, rotated first (`discq.rotate_`: the same function, rotations in the weights)."""
     q = copy.deepcopy(model)
+    if rotate:
+        discq.rotate_(q)
     discq.quantize_(q, config, filter_fn=keep_head_filter(q))
     return discq.export.to_gguf(q, path, source=source), q
 
@@ -73,10 +78,13 @@ def configs(mixture: str, a, calib, disc_calib) -> dict:
 def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
-    theirs = quantize(a.source, tmp / f"llama-{mixture}.gguf", mixture)
-    rows.append({"type": mixture, "method": "llama.cpp", "seconds": time.perf_counter() - t0,
-                 **in_llama_cpp(theirs, model, windows), **types_of(theirs)})
-    print(rows[-1], flush=True)
+    try:
+        theirs = quantize(a.source, tmp / f"llama-{mixture}.gguf", mixture)
+        rows.append({"type": mixture, "method": "llama.cpp", "seconds": time.perf_counter() - t0,
+                     **in_llama_cpp(theirs, model, windows), **types_of(theirs)})
+        print(rows[-1], flush=True)
+    except RuntimeError as e:  # llama.cpp refuses IQ2_XXS/IQ2_XS/IQ1 without an imatrix
+        print(f"{mixture} llama.cpp without an importance matrix: skipped ({e})", flush=True)
     if a.imatrix_path is not None:
         t0 = time.perf_counter()
         theirs = quantize(a.source, tmp / f"llama-im-{mixture}.gguf", mixture,
@@ -95,7 +103,8 @@ def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> l
             print(f"{mixture} {name}: skipped ({e})", flush=True)
             continue
         t0 = time.perf_counter()
-        path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf", a.source)
+        path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf", a.source, a.rotate)
+        name = f"{name}, rotated" if a.rotate else name
         seconds = time.perf_counter() - t0
         ours = evaluate(q, None, windows, progress=False)  # perplexity only: no second fp32 pass
         rows.append({"type": mixture, "method": name, "seconds": seconds,
@@ -125,7 +134,8 @@ def table(rows: list[dict], a, info: dict) -> str:
           f"same weights. Command: `python benchmarks/gguf_llamacpp.py --model {a.model} --types "
           f"{','.join(a.types)} --methods {','.join(a.methods)} --n-calib {a.n_calib} "
           f"--disc-steps {a.disc_steps} --disc-batch {a.disc_batch} --disc-seq {a.disc_seq} "
-          f"{'--imatrix ' if a.imatrix else ''}--name {a.name}`.", "",
+          f"{'--imatrix ' if a.imatrix else ''}{'--rotate ' if a.rotate else ''}"
+          f"--name {a.name}`.", "",
           "| type | method | MiB | perplexity | KL | top-1 | discq ppl | time (s) | tensors |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,6 +151,8 @@ def main() -> None:
     ap.add_argument("--types", type=lambda s: s.split(","), default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"])
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["rtn", "gptq", "disc"],
                     help="of rtn, gptq, gptq-kl, disc (DiscQuant)")
+    ap.add_argument("--rotate", action="store_true",
+                    help="rotate the model before discq's rounding (discq.rotate_)")
     ap.add_argument("--imatrix", action="store_true",
                     help="also llama.cpp's quantizer with the importance matrix of the GPTQ "
                          "calibration tokens (needs llama-quantize: make llama-tools)")

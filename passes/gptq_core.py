@@ -147,26 +147,39 @@ def gptq_quantize(W: Tensor, H: Tensor, grid: AffineGrid, *, damp: float = 0.01,
 
 def _codebook_quantize(W: Tensor, H: Tensor, grid, damp: float, name: str
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A codebook GGML type (IQ2_XXS … IQ3_S): BlockLDLQ, GPTQ's feedback over blocks of 8
-    columns (a sign byte's weights) in their order, as QuIP# rounds onto E8P, each block to
-    its nearest codewords on scales fitted to W first. -> (codes [N, K / 8]: each sign
-    group's codeword indices and sign byte, scale [N, K / group], zero 0, headers)."""
-    from .ldlq import ldlq
+    """A codebook GGML type (IQ2_XXS … IQ3_S): BlockLDLQ (`ldlq.py`), GPTQ's feedback over
+    blocks of 8 columns (a sign byte's weights) in their order, as QuIP# rounds onto E8P.
+    Each super-block's scales are fitted when it is first reached, to its columns as the
+    feedback so far has moved them (as `_Groups` does for the scalar grids: scales fitted to
+    the original W clip the moved weights at 2 bits); scale search and codeword search are
+    weighted by the Hessian's diagonal (the block's own error is e·H_BB·eᵀ; its diagonal is
+    what llama.cpp's importance matrix keeps). -> (codes [N, K / 8]: each 8 weights'
+    codeword indices and sign byte, scale [N, K / group], zero 0, headers)."""
+    from .ldlq import block_ldl
     W, H, _ = _prepare(W, H, act_order=False)
     H.diagonal().add_(damp * H.diagonal().mean())
-    scale, zero, headers = grid.fit(W)  # a [N, K / group]
-    v, g = 8, grid.group_size  # blocks of 8 columns: a sign byte's weights (parity)
-    codes = torch.zeros(W.shape[0], W.shape[1] // v, dtype=torch.int64, device=W.device)
-
-    def round_block(Wb: Tensor, b: int) -> Tensor:  # Wb: [N, 8], columns b .. b + 8
-        a = scale[:, b // g, None]  # [N, 1]
-        codes[:, b // v], values = grid.round_vectors(Wb / a)
-        return values * a
     try:
-        ldlq(W, H, round_block, g=v)
+        UI = block_ldl(H, 8)  # blocks of 8 columns: a sign byte's weights (parity)
     except ValueError as e:  # not positive definite even damped
         raise ValueError(f"GPTQ {name}: {e}") from None
-    return codes, scale, zero, headers
+    importance = H.diagonal() / H.diagonal().mean()  # [K]
+    (N, K), S, g = W.shape, grid.block, grid.group_size
+    What = torch.zeros_like(W)
+    codes = torch.zeros(N, K // 8, dtype=torch.int64, device=W.device)
+    scale = torch.zeros(N, K // g, device=W.device)
+    headers = []
+    for b in range(0, K, 8):
+        if b % S == 0:  # a new super-block: its scales from its current (moved) columns
+            cur = W[:, b:b + S] + (W[:, :b] - What[:, :b]) @ UI[:b, b:b + S]
+            a, _, head = grid.fit(cur, importance[b:b + S].expand_as(cur))
+            scale[:, b // g:(b + S) // g] = a
+            headers.append(head)
+        target = W[:, b:b + 8] + (W[:, :b] - What[:, :b]) @ UI[:b, b:b + 8]  # [N, 8]
+        a = scale[:, b // g, None]  # [N, 1]
+        codes[:, b // 8], values = grid.round_vectors(
+            target / a, importance=importance[b:b + 8].expand_as(target))
+        What[:, b:b + 8] = values * a
+    return codes, scale, torch.zeros_like(scale), torch.cat(headers, dim=1)
 
 
 # Below this many elements per column update, one CPU thread is faster: the per-column ops are

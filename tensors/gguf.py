@@ -10,8 +10,8 @@ Attributes: ggml_type ("Q4_0", "Q4_K", …), shape, dtype.
 (as llama.cpp does, bit for bit) and multiplies; on CPU for inference through
 `discq::gguf_linear_cpu`, a fused C++ kernel that decodes each block once into a small buffer
 and never writes the dense weight (the codebook i-quants, IQ2_XXS … IQ3_S, are decoded by
-torch, then one matmul). Rows must be a whole number of blocks (32 weights for Q4_0…Q8_0 and IQ4_NL, 256 for
-the k-quants and the other i-quants), as in llama.cpp.
+torch, then one matmul). Rows must be a whole number of blocks (32 weights for Q4_0…Q8_0 and
+IQ4_NL, 256 for the k-quants and the other i-quants), as in llama.cpp.
 """
 from __future__ import annotations
 
@@ -100,14 +100,17 @@ class GGUFGrid:
                 f"{self.ggml_type} blocks ({self.block}); llama.cpp stores such a tensor in a "
                 f"32-weight type (e.g. Q4_0/Q5_0/Q8_0) — the gguf mixtures choose it for you")
 
-    def fit(self, Wr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def fit(self, Wr: Tensor, importance: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, Tensor]:
         """Wr: [R, C] (C a multiple of the block) -> scale a, zero -b/a [R, C / group] fp32,
-        headers [R, C / block, header bytes] uint8."""
+        headers [R, C / block, header bytes] uint8. `importance` [R, C] weighs the codebook
+        types' scale search (GPTQ passes the Hessian's diagonal)."""
         R, C = Wr.shape
         self.check_row(C)
         t = self.type
-        if t.vector:  # a per scale group from d and the 4-bit ls; no zero; the header is
-            f = book_fit.fit_header(Wr.reshape(-1, t.block), self.book)  # d and ls bytes
+        if t.vector:  # a per scale group from d and the 4-bit ls; no zero
+            imp = None if importance is None else importance.reshape(-1, t.block)
+            f = book_fit.fit_header(Wr.reshape(-1, t.block), self.book, imp)  # d, ls bytes
             a = books.scales(f, self.book).view(R, -1)
             head = torch.cat([f.d, f.ls.to(torch.uint8)], dim=1)
             return a, torch.zeros_like(a), head.view(R, C // t.block, -1)
@@ -132,28 +135,25 @@ class GGUFGrid:
     def book(self) -> books.Codebook:
         return books.TYPES[self.ggml_type]
 
-    def round_vectors(self, x: Tensor, runner_up: bool = False) -> tuple[Tensor, Tensor]:
+    def round_vectors(self, x: Tensor, runner_up: bool = False,
+                      importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """A codebook type's rounding of sign groups: x [m, 8] in units of the scale ->
         (codes [m] int64: the codeword indices and the sign byte packed, values [m, 8]); the
-        nearest codes, or with `runner_up` the second nearest (`gguf_codebook_fit`)."""
-        search = book_fit.runner_up if runner_up else book_fit.nearest
-        idx, sign, values = search(x.float(), self.book)
-        per = 8 // self.book.vec  # codewords per sign group
-        code = sign.long()
-        for j in range(per):  # 10 bits per index (the largest grid has 1024 entries)
-            code = code | (idx[:, j].long() << (8 + 10 * j))
-        return code, values
+        nearest codes (in the distance weighted by `importance` [m, 8], if given), or with
+        `runner_up` the second nearest (`gguf_codebook_fit`)."""
+        if runner_up:
+            idx, sign, values = book_fit.runner_up(x.float(), self.book)
+        else:
+            idx, sign, values = book_fit.nearest(x.float(), self.book, importance)
+        return books.pack_codes(idx, sign), values
 
     def _join_codebook(self, headers: Tensor, codes: Tensor) -> Tensor:
         """headers [N, K / 256, 2 + groups] (d bytes, ls), codes [N, K / 8] -> block bytes."""
-        c, n = self.book, codes.numel() // (books.BLOCK // 8)
-        codes = codes.reshape(n, -1).long()  # [n, 32]
-        per = 8 // c.vec
-        idx = torch.stack([(codes >> (8 + 10 * j)) & 1023 for j in range(per)], dim=2)
+        n = codes.numel() // (books.BLOCK // 8)
+        idx, sign = books.unpack_codes(codes.reshape(n, -1), self.book)
         head = headers.reshape(n, -1)
-        f = books.Fields(head[:, :2], head[:, 2:].to(torch.int32), idx.reshape(n, -1).int(),
-                         (codes & 255).int())
-        return books.join(f, c)
+        return books.join(books.Fields(head[:, :2], head[:, 2:].to(torch.int32), idx, sign),
+                          self.book)
 
     def quantize(self, W: Tensor) -> GGUFQuantizedTensor:
         """Round to nearest: W [N, K] -> the stored tensor."""

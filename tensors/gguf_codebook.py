@@ -178,6 +178,23 @@ def join(f: Fields, c: Codebook) -> Tensor:
                       _pack_nibbles(f.ls)], dim=1)
 
 
+def pack_codes(idx: Tensor, sign: Tensor) -> Tensor:
+    """One int64 code per 8 weights, how rounding passes them around: the sign byte in bits
+    0–7, codeword j's index (10 bits: the largest grid has 1024 entries) at 8 + 10j.
+    idx [m, 8 / vec], sign [m] -> [m]."""
+    code = sign.long()
+    for j in range(idx.shape[1]):
+        code = code | (idx[:, j].long() << (8 + 10 * j))
+    return code
+
+
+def unpack_codes(codes: Tensor, c: Codebook) -> tuple[Tensor, Tensor]:
+    """codes [n, 32] (per block) -> (indices [n, 256 / vec], sign bytes [n, 32]) int32."""
+    codes = codes.long()
+    idx = torch.stack([(codes >> (8 + 10 * j)) & 1023 for j in range(SIGNS // c.vec)], dim=2)
+    return idx.reshape(codes.shape[0], -1).int(), (codes & 255).int()
+
+
 def scales(f: Fields, c: Codebook) -> Tensor:
     """a [n, 256 / group] fp32."""
     from .gguf_layout import fp16  # gguf_layout's table imports this module

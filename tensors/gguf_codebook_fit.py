@@ -22,23 +22,27 @@ from .gguf_layout import to_fp16_bytes
 CHUNK = 512  # scale groups per search step: bounds the [chunk, candidates, entries] scores
 
 
-def _signs(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor]:
+def _signs(x: Tensor, c: Codebook, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x: [m, 8] -> (negative [m, 8] bool: the signs stored, the codewords' targets [m, 8]:
-    |x|, or −|x| for a weight given the wrong sign by parity)."""
+    |x|, or −|x| for the weight given the wrong sign by parity: the least weight·x²)."""
     neg = x < 0
     u = x.abs()
     if c.parity:
         odd = neg.sum(-1) % 2 == 1
-        flip = torch.zeros_like(neg).scatter_(1, u.argmin(-1, keepdim=True), True)
+        cost = u * u if weight is None else weight * u * u
+        flip = torch.zeros_like(neg).scatter_(1, cost.argmin(-1, keepdim=True), True)
         flip &= odd[:, None]
         neg = neg ^ flip
         u = torch.where(flip, -u, u)
     return neg, u
 
 
-def _distances(t: Tensor, G: Tensor) -> Tensor:
-    """‖t − g‖² − ‖t‖² for targets t [v, vec] and every codeword g of G [E, vec]: [v, E]."""
-    return (G * G).sum(-1)[None] - 2 * t @ G.t()
+def _distances(t: Tensor, G: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Σ_k w_k (t_k − g_k)² − Σ_k w_k t_k² for targets t [v, vec] and every codeword g of
+    G [E, vec] (w: weights [v, vec], or 1): [v, E]."""
+    if weight is None:
+        return (G * G).sum(-1)[None] - 2 * t @ G.t()
+    return weight @ (G * G).t() - 2 * (weight * t) @ G.t()
 
 
 def _result(idx: Tensor, neg: Tensor, G: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,12 +51,15 @@ def _result(idx: Tensor, neg: Tensor, G: Tensor, c: Codebook) -> tuple[Tensor, T
     return idx.view(-1, SIGNS // c.vec).int(), sign.int(), values
 
 
-def nearest(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
+def nearest(x: Tensor, c: Codebook, weight: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [m, 8] in units of the scale -> (codeword indices [m, 8 / vec] int32, sign bytes [m]
-    int32, decoded values [m, 8])."""
-    neg, u = _signs(x, c)
+    int32, decoded values [m, 8]), nearest in the distance weighted by `weight` [m, 8] (each
+    weight's importance: the Hessian's diagonal, as llama.cpp's importance matrix), if given."""
+    neg, u = _signs(x, c, weight)
     G = grid(c, x.device)  # [E, vec]
-    idx = _distances(u.reshape(-1, c.vec), G).argmin(-1)  # least ‖t − g‖²
+    w = None if weight is None else weight.reshape(-1, c.vec)
+    idx = _distances(u.reshape(-1, c.vec), G, w).argmin(-1)  # least Σ w (t − g)²
     return _result(idx, neg, G, c)
 
 
@@ -71,29 +78,34 @@ def runner_up(x: Tensor, c: Codebook) -> tuple[Tensor, Tensor, Tensor]:
     return _result(idx, neg, G, c)
 
 
-def fit_scales(w: Tensor, c: Codebook) -> Tensor:
-    """w: [m, group] -> a [m] >= 0. Candidates put max|w| near the grid's highest level, and
-    one on its lowest (a group of equal weights wants that: each grid has (low, …, low))."""
+def fit_scales(w: Tensor, c: Codebook, weight: Tensor | None = None) -> Tensor:
+    """w: [m, group] -> a [m] >= 0, least (weighted: `weight` [m, group]) squared error.
+    Candidates put max|w| near the grid's highest level, and one on its lowest (a group of
+    equal weights wants that: each grid has (low, …, low))."""
     levels = grid(c).unique()  # ascending, e.g. 8, 25, 43
     mult = torch.linspace(0.9, 1.2, 5)
     inv = torch.cat([mult / levels[-1], 1 / levels[:1]]).to(w.device)  # [cand]
+    weight = torch.ones_like(w) if weight is None else weight.float()
     out = []
-    for x in w.split(CHUNK):
+    for x, wt in zip(w.split(CHUNK), weight.split(CHUNK)):
         amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)  # [k, 1]
         a0 = amax * inv  # [k, cand]
-        _, _, v = nearest((x[:, None, :] / a0[..., None]).reshape(-1, SIGNS), c)
+        wc = wt[:, None].expand(-1, len(inv), -1).reshape(-1, SIGNS)
+        _, _, v = nearest((x[:, None, :] / a0[..., None]).reshape(-1, SIGNS), c, wc)
         v = v.view(x.shape[0], len(inv), c.group)
-        X = x[:, None]
-        a = ((v * X).sum(-1) / (v * v).sum(-1).clamp(min=1e-30)).clamp(min=0)
-        err = (a[..., None] * v - X).pow(2).sum(-1)
+        X, Wt = x[:, None], wt[:, None]
+        a = ((Wt * v * X).sum(-1) / (Wt * v * v).sum(-1).clamp(min=1e-30)).clamp(min=0)
+        err = (Wt * (a[..., None] * v - X).pow(2)).sum(-1)
         out.append(a.gather(-1, err.argmin(-1, keepdim=True))[:, 0])
     return torch.cat(out)
 
 
-def fit_header(w: Tensor, c: Codebook) -> Fields:
-    """w: [n, 256] -> Fields with d and ls set (indices and signs zero)."""
+def fit_header(w: Tensor, c: Codebook, weight: Tensor | None = None) -> Fields:
+    """w: [n, 256] (`weight`: the same shape, each weight's importance) -> Fields with d and
+    ls set (indices and signs zero)."""
     n = w.shape[0]
-    a = fit_scales(w.float().reshape(-1, c.group), c).view(n, -1)  # [n, 256 / group]
+    wt = None if weight is None else weight.reshape(-1, c.group)
+    a = fit_scales(w.float().reshape(-1, c.group), c, wt).view(n, -1)  # [n, 256 / group]
     d = (a.amax(-1) / c.top).clamp(min=6.2e-5).half().float()  # [n]
     ratio = a / d[:, None]  # = f(ls)
     ls = (ratio - 1) / 2 if c.scale == "odd" else ratio / (0.25 if c.scale == "quarter"
