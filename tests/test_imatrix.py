@@ -67,3 +67,19 @@ def test_discq_imatrix_from_the_command_line(tmp_path, capsys):
     assert fields["imatrix.chunk_size"] == 32 and "blk.0.ffn_down.weight.in_sum2" in tensors
     rc, _, err = discq_in_process(capsys, "imatrix", TINY_LLAMA, "--out", out)
     assert rc == 2 and "--overwrite" in err and "Traceback" not in err
+
+
+def test_llama_cpps_quantizer_with_an_imatrix_says_what_it_needs(tmp_path, monkeypatch):
+    # the C API cannot take an importance matrix: the llama-quantize program is named, with
+    # how to build it; a missing imatrix file is named; nothing is written either way
+    from discq import llamacpp
+    monkeypatch.setenv("DISCQ_LLAMA_QUANTIZE", str(tmp_path / "no-such-program"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    (tmp_path / "m.imatrix.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="make llama-tools"):
+        llamacpp.quantize(tmp_path / "src.gguf", tmp_path / "out.gguf", "IQ2_XS",
+                          imatrix=tmp_path / "m.imatrix.gguf")
+    with pytest.raises(FileNotFoundError, match="no importance matrix"):
+        llamacpp.quantize(tmp_path / "src.gguf", tmp_path / "out.gguf", "IQ2_XS",
+                          imatrix=tmp_path / "none.gguf")
+    assert not (tmp_path / "out.gguf").exists()
