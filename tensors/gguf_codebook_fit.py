@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gguf_codebook import BLOCK, SIGNS, Codebook, Fields, factor, grid, join, scales
+from .gguf_codebook import BLOCK, SIGNS, Codebook, Fields, grid, join, scales
 from .gguf_layout import to_fp16_bytes
 
 CHUNK = 512  # scale groups per search step: bounds the [chunk, candidates, entries] scores
@@ -85,12 +85,13 @@ def fit_scales(w: Tensor, c: Codebook, weight: Tensor | None = None) -> Tensor:
     levels = grid(c).unique()  # ascending, e.g. 8, 25, 43
     mult = torch.linspace(0.9, 1.2, 5)
     inv = torch.cat([mult / levels[-1], 1 / levels[:1]]).to(w.device)  # [cand]
+    weighted = weight is not None  # unweighted: the cheaper plain distance in the search
     weight = torch.ones_like(w) if weight is None else weight.float()
     out = []
     for x, wt in zip(w.split(CHUNK), weight.split(CHUNK)):
         amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)  # [k, 1]
         a0 = amax * inv  # [k, cand]
-        wc = wt[:, None].expand(-1, len(inv), -1).reshape(-1, SIGNS)
+        wc = wt[:, None].expand(-1, len(inv), -1).reshape(-1, SIGNS) if weighted else None
         _, _, v = nearest((x[:, None, :] / a0[..., None]).reshape(-1, SIGNS), c, wc)
         v = v.view(x.shape[0], len(inv), c.group)
         X, Wt = x[:, None], wt[:, None]
@@ -129,5 +130,4 @@ def quantize(w: Tensor, c: Codebook) -> Tensor:
     return join(round_with(fit_header(w, c), w, c), c)
 
 
-__all__ = ["nearest", "runner_up", "fit_scales", "fit_header", "round_with", "quantize",
-           "factor"]
+__all__ = ["nearest", "runner_up", "fit_scales", "fit_header", "round_with", "quantize"]
