@@ -7,7 +7,7 @@ quantizer — SmolLM2-135M or Gemma 3 270M, side by side in one run:
   (`discq.export.to_imatrix`): the same data discq's methods see;
 - discq RTN, GPTQ (XᵀX or KL Hessians) and DiscQuant with `gguf=<mixture>`: the same per-tensor
   types (llama.cpp's fallbacks included), written by `discq.export.to_gguf`; with `--rotate`,
-  of the model rotated by `discq.rotate_` first;
+  each also of the model rotated by `discq.rotate_` first, beside it;
 - full precision: the model as an F32 GGUF.
 Every file is evaluated *in llama.cpp* (llama-cpp-python) on held-out text: perplexity, KL to the
 fp32 model and top-1 agreement, plus the file size; for discq's files also discq's own
@@ -102,17 +102,26 @@ def run_type(mixture: str, model, windows, a, calib, disc_calib, tmp: Path) -> l
         except ValueError as e:  # e.g. DiscQuant on a codebook i-quant mixture
             print(f"{mixture} {name}: skipped ({e})", flush=True)
             continue
-        t0 = time.perf_counter()
-        path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf", a.source, a.rotate)
-        name = f"{name}, rotated" if a.rotate else name
-        seconds = time.perf_counter() - t0
-        ours = evaluate(q, None, windows, progress=False)  # perplexity only: no second fp32 pass
-        rows.append({"type": mixture, "method": name, "seconds": seconds,
-                     **in_llama_cpp(path, model, windows), **types_of(path),
-                     "discq_perplexity": ours["perplexity"]})
-        path.unlink()
-        print(rows[-1], flush=True)
+        for rotate in (False, True) if a.rotate else (False,):
+            rows.append(discq_row(mixture, f"{name}, rotated" if rotate else name, config,
+                                  model, windows, a.source, tmp, rotate))
+            print(rows[-1], flush=True)
     return rows
+
+
+def discq_row(mixture: str, name: str, config, model, windows, source: Path, tmp: Path,
+              rotate: bool) -> dict:
+    """One discq file's row: rounded (after `discq.rotate_` when `rotate`), written, run by
+    llama.cpp and by discq."""
+    t0 = time.perf_counter()
+    path, q = discq_file(model, config, tmp / f"discq-{mixture}.gguf", source, rotate)
+    seconds = time.perf_counter() - t0
+    ours = evaluate(q, None, windows, progress=False)  # perplexity only: no second fp32 pass
+    row = {"type": mixture, "method": name, "seconds": seconds,
+           **in_llama_cpp(path, model, windows), **types_of(path),
+           "discq_perplexity": ours["perplexity"]}
+    path.unlink()
+    return row
 
 
 def types_of(path: Path) -> dict:
@@ -143,7 +152,15 @@ def table(rows: list[dict], a, info: dict) -> str:
         md.append(f"| {r['type']} | {r['method']} | {r['mib']:.1f} | {r['perplexity']:.2f} | "
                   f"{r['kl']:.4f} | {r['top1']:.3f} | {ours} | {r['seconds']:.0f} | "
                   f"{r.get('types', '')} |")
+    if any(r["method"].endswith(", rotated") for r in rows):
+        md += ["", ROTATED_NOTE]
     return "\n".join(md) + "\n"
+
+
+ROTATED_NOTE = ("Rotated rows: `discq.rotate_` unties a tied head (the final norm's scale must "
+                "be folded into the head, and the embedding cannot carry it), so a tied model's "
+                "rotated file stores the head a second time, in the mixture's type for "
+                "`output.weight`: the MiB column shows what that costs.")
 
 
 def main() -> None:
@@ -152,7 +169,8 @@ def main() -> None:
     ap.add_argument("--methods", type=lambda s: s.split(","), default=["rtn", "gptq", "disc"],
                     help="of rtn, gptq, gptq-kl, disc (DiscQuant)")
     ap.add_argument("--rotate", action="store_true",
-                    help="rotate the model before discq's rounding (discq.rotate_)")
+                    help="each discq row also of the model rotated by discq.rotate_ first, "
+                         "beside it")
     ap.add_argument("--imatrix", action="store_true",
                     help="also llama.cpp's quantizer with the importance matrix of the GPTQ "
                          "calibration tokens (needs llama-quantize: make llama-tools)")
