@@ -5,8 +5,10 @@ call (its flattened metadata), ~10 µs a weight: 2 ms a token for SmolLM2's 211 
 as a fifth of a decode step. `plain_linears(model)` returns a view of the model, sharing every
 parameter and buffer, in which each `nn.Linear` with a quantized weight is a `PlainLinear`: the
 weight's stored tensors as plain buffers and the format's op called on them directly (what
-`F.linear` with the weight lowers to, from the format's `linear_call`), so the compiled program
-guards plain tensors in C++. The view computes exactly what the model computes.
+`F.linear` with the weight lowers to, from the format's `linear_call`, or the format's
+`inference_call` where it has one: QTIP's and QuIP#'s whole CPU linear as one C++ op, which the
+compiled program calls without Python), so the compiled program guards plain tensors in C++.
+The view computes what the model computes (up to float summation order).
 
 `plain_linears(model, int8_activations=True)` instead calls each format's 8-bit-activation twin
 where it has one (`discq.tensors.ops.INT8_ACTIVATIONS`: the affine grid's
@@ -48,12 +50,17 @@ class PlainLinear(nn.Module):
         for n, t in weight.stored_tensors().items():
             self.register_buffer(n, t, persistent=False)
         # the op and its arguments, with placeholders for x, bias and each stored tensor
-        self.op, args = weight.linear_call(_Slot("x"), _Slot("bias"),
-                                           {n: _Slot(n) for n in weight.stored_tensors()})
+        self.op, args = weight.inference_call(_Slot("x"), _Slot("bias"),
+                                              {n: _Slot(n) for n in weight.stored_tensors()})
         if int8_activations and self.in_features % 32 == 0:  # whole blocks of 32 inputs
             self.op = INT8_ACTIVATIONS.get(self.op, self.op)  # the same arguments
+        for i, a in enumerate(args):  # a constant tensor (a format's table) becomes a buffer
+            if isinstance(a, Tensor):
+                self.register_buffer(f"constant_{i}", a, persistent=False)
         # (is a slot, its name or the constant itself)
-        self.args = tuple((True, a.name) if isinstance(a, _Slot) else (False, a) for a in args)
+        self.args = tuple((True, a.name) if isinstance(a, _Slot) else
+                          (True, f"constant_{i}") if isinstance(a, Tensor) else (False, a)
+                          for i, a in enumerate(args))
 
     def forward(self, x: Tensor) -> Tensor:
         args = []

@@ -10,6 +10,7 @@ What a format declares, and who uses it:
   linear_call(x, bias, t)   the one op `F.linear(x, W, bias)` lowers to, and its arguments:
                             eager and compiled code call it on the stored tensors, the export
                             pass (passes/export.py) emits the same call on graph nodes
+  inference_call(...)       (optional) the op for no-gradient inference views, if another
   dequantize()              the reference decode every test compares against
   rows(idx)                 (optional) decode only the rows `idx`, for embedding lookups
 `F.linear`, `aten.linear` and `F.embedding` are implemented once, here, for every subclass.
@@ -56,6 +57,12 @@ class QuantizedTensor(TorchAOBaseTensor):
         standing for them: so build args from `x`, `bias`, `t` and Python attributes only, and
         keep every tensor computation inside the op."""
         raise NotImplementedError
+
+    def inference_call(self, x: Any, bias: Any, t: Mapping[str, Any]) -> tuple[Any, tuple]:
+        """(op, args) as `linear_call`, for inference only (no gradient; `discq.inference`'s
+        compiled views): a format may name an op with no autograd formula that its device runs
+        in one call (args may also hold constant tensors). Default: `linear_call`."""
+        return self.linear_call(x, bias, t)
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """F.linear(x, self, bias); formats may add an eager fast path."""

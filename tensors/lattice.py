@@ -22,6 +22,8 @@ from torch import Tensor
 from . import e8p_residual, lattice_ops  # noqa: F401  (lattice_ops registers discq::e8p_linear)
 from .base import QuantizedTensor, register_format
 from .hadamard import check_rotation, layer_rotation, rotate_weight, unrotate_weight
+from .e8p import abs_patterns
+from .kernels import lattice_cpu
 from .kernels.e8p_ref import decode_weight, pack_lattice_codes, unpack_lattice_codes
 
 # RMS the rotated weight is scaled to before coding: the minimum of the error on Gaussian
@@ -110,6 +112,15 @@ class LatticeQuantizedTensor(QuantizedTensor):
         return torch.ops.discq.e8p_linear.default, (
             x, t["qdata"], t["scale"], t["s_in"], t["s_out"], t["q_in"], t["q_out"], bias,
             self.bits)
+
+    def inference_call(self, x, bias, t):
+        """On CPU at 2 bits, the whole linear as one C++ op (`discq::e8p_linear_cpu`, any
+        number of rows; E8P's pattern table passed as a constant)."""
+        if self.bits != 2 or self.qdata.device.type != "cpu" or not lattice_cpu.available():
+            return self.linear_call(x, bias, t)
+        return torch.ops.discq.e8p_linear_cpu.default, (
+            x, t["qdata"], t["scale"], t["s_in"], t["s_out"], t["q_in"], t["q_out"], bias,
+            abs_patterns())
 
     def __repr__(self) -> str:
         return (f"LatticeQuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, "

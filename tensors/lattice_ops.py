@@ -1,4 +1,5 @@
-"""The `discq::e8p_linear` custom op: rotate, decode the lattice codes, multiply, rotate back.
+"""The `discq::e8p_linear` custom op: rotate, decode the lattice codes, multiply, rotate back
+(on CPU, 2-bit codes: all of it in one C++ call, `discq::e8p_linear_cpu`).
 
 One node for `torch.compile(fullgraph=True)` and `torch.export` (the fake implementation gives
 the shape); registered when discq is imported, so saved programs reload. Autograd covers the
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import e8p_ref
+from .kernels import affine_cpu, e8p_ref, lattice_cpu
 from .kernels.e8p_ref import e8p_linear_backward, e8p_linear_ref
 
 
@@ -42,6 +43,8 @@ def _e8p_decode_fake(qdata, bits):
 def e8p_linear(x: Tensor, qdata: Tensor, scale: Tensor, s_in: Tensor, s_out: Tensor,
                q_in: Tensor, q_out: Tensor, bias: Tensor | None, bits: int) -> Tensor:
     """y = s_out ⊙ T_outᵀ(scale·Ŵ̃ · T_in(s_in ⊙ x)) + b (see `kernels/e8p_ref.py`)."""
+    if bits == 2 and affine_cpu.serves(x):  # the whole linear in one C++ call
+        return lattice_cpu.e8p_linear(x, qdata, scale, s_in, s_out, q_in, q_out, bias)
     return e8p_linear_ref(x, qdata, scale, s_in, s_out, q_in, q_out, bias, bits,
                           decode=_decoder(qdata))
 

@@ -81,6 +81,9 @@ def qtip_linear(x: Tensor, qdata: Tensor, scale: Tensor, s_in: Tensor, s_out: Te
                 q_in: Tensor, q_out: Tensor, lut: Tensor | None, bias: Tensor | None,
                 bits: int, code: str, state_bits: int) -> Tensor:
     """y = s_out ⊙ T_outᵀ(scale · Ŵ̃ · T_in(s_in ⊙ x)) + b. x: [..., K] -> [..., N]."""
+    if trellis_cpu.supports(x):  # the whole linear in one C++ call
+        return trellis_cpu.qtip_linear(x, qdata, scale, s_in, s_out, q_in, q_out, lut, bias,
+                                       bits, code, state_bits)
     y = _rotated_product(rotate(x, s_in, q_in), qdata, lut, bits, code, state_bits)
     y = unrotate(y * scale.to(y.dtype), s_out, q_out)
     return y if bias is None else y + bias
@@ -227,6 +230,16 @@ class TrellisQuantizedTensor(QuantizedTensor):
         return torch.ops.discq.qtip_linear.default, (
             x, t["qdata"], t["scale"], t["s_in"], t["s_out"], t["q_in"], t["q_out"], t.get("lut"),
             bias, self.bits, self.code, self.state_bits)
+
+    def inference_call(self, x, bias, t):
+        """On CPU, the whole linear as one C++ op (`discq::qtip_linear_cpu`, any number of rows;
+        HYB's default table passed as a constant)."""
+        if self.qdata.device.type != "cpu" or not trellis_cpu.available():
+            return self.linear_call(x, bias, t)
+        lut = t["lut"] if "lut" in t else trellis.table_of(self.code, None)
+        return torch.ops.discq.qtip_linear_cpu.default, (
+            x, t["qdata"], t["scale"], t["s_in"], t["s_out"], t["q_in"], t["q_out"], lut, bias,
+            self.bits, self.code, self.state_bits)
 
     def __repr__(self) -> str:
         return (f"TrellisQuantizedTensor(shape={tuple(self.shape)}, bits={self.bits}, "

@@ -172,3 +172,38 @@ def test_the_default_cache_is_the_next_power_of_two():
     assert model._discq_decoder.max_cache_len == 64  # at least 64
     discq.generate(model, ids, 70, eos_token_id=None, cpp_wrapper=False)
     assert model._discq_decoder.max_cache_len == 128  # 75 positions
+
+
+def _rotated_formats(fmt: str):
+    """tiny_random_llama with every decoder linear in QTIP's 2-bit HYB format or QuIP#'s 2-bit
+    E8P (coded without data, 10-bit trellis for speed), and the model with the same weights
+    dequantized into plain nn.Linear."""
+    from discq.tensors.lattice import LatticeQuantizedTensor
+    from discq.tensors.qtip import TrellisQuantizedTensor
+    model = tiny_random_llama(seed=11)
+    plain = copy.deepcopy(model)
+    for (name, m), (_, p) in zip(model.named_modules(), plain.named_modules()):
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name:
+            w = (TrellisQuantizedTensor.from_hp(m.weight, 2, "hyb", state_bits=10)
+                 if fmt == "qtip" else LatticeQuantizedTensor.from_hp(m.weight, 2))
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
+            p.weight = torch.nn.Parameter(w.dequantize(), requires_grad=False)
+    return model, plain
+
+
+@pytest.mark.parametrize("fmt", ["qtip", "quip"])
+def test_rotated_formats_run_their_cpu_op_in_the_view_and_in_generate(fmt):
+    """QTIP's and QuIP#'s inference views call the whole C++ linear (`inference_call`): for one
+    row (registers) and 18 rows (decoded weight, one GEMM) the logits are the dequantized
+    model's, and discq.generate's compiled program greedy-decodes what transformers does."""
+    model, plain = _rotated_formats(fmt)
+    view = plain_linears(model)
+    op = {"qtip": torch.ops.discq.qtip_linear_cpu.default,
+          "quip": torch.ops.discq.e8p_linear_cpu.default}[fmt]
+    assert view.model.layers[0].mlp.down_proj.op is op
+    with torch.no_grad():
+        for ids in (torch.randint(0, 320, (1, 1)), torch.randint(0, 320, (2, 9))):
+            torch.testing.assert_close(view(ids).logits, plain(ids).logits, atol=2e-4,
+                                       rtol=1e-4)
+    ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(discq.generate(model, ids, 5, eos_token_id=None), hf_greedy(model, ids, 5))

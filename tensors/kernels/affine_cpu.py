@@ -1,5 +1,5 @@
-"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`, `trellis_cpu.cpp`, `vq_cpu.cpp`,
-`lattice_cpu.cpp`): one library, built once, loaded on demand.
+"""discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`, `trellis_cpu.cpp` with
+`trellis_lanes.cpp`, `vq_cpu.cpp`, `lattice_cpu.cpp`, `e8p_linear_cpu.cpp`): one library, built once, loaded on demand.
 
 `discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace
 it), `discq::gguf_linear_cpu` in `gguf_cpu.py`, the trellis ops in `trellis_cpu.py`,
@@ -28,11 +28,12 @@ from torch import Tensor
 
 from ..cache import cache_dir
 
-SOURCES = [Path(__file__).with_name(n) for n in ("affine_cpu.cpp", "affine_q8_cpu.cpp",
-                                                        "gguf_cpu.cpp",
-                                                        "trellis_cpu.cpp", "vq_cpu.cpp",
-                                                        "lattice_cpu.cpp", "kmeans_cpu.cpp")]
-HEADERS = [Path(__file__).with_name(n) for n in ("simd.h", "shares.h")]  # part of the build's key
+SOURCES = [Path(__file__).with_name(n) for n in (
+    "affine_cpu.cpp", "affine_q8_cpu.cpp", "gguf_cpu.cpp", "trellis_cpu.cpp", "trellis_lanes.cpp",
+    "vq_cpu.cpp", "lattice_cpu.cpp", "e8p_linear_cpu.cpp", "kmeans_cpu.cpp")]
+# part of the build's key
+HEADERS = [Path(__file__).with_name(n) for n in ("simd.h", "shares.h", "trellis_lanes.h",
+                                                 "hadamard_cpu.h")]
 BITS = (2, 3, 4, 8)
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {}

@@ -7,11 +7,18 @@
 // byte per group and step.
 //
 // discq::trellis_linear_cpu: y = x Ŵᵀ with Ŵ the unscaled coded matrix, for few activation
-// rows: each 16×16 tile is decoded from its bitstream into a stack buffer (the code's value
-// computed from each state, no table of 2^16 entries) and dotted with every row.
+// rows: eight tiles at a time in AVX2 lanes (trellis_lanes.cpp), or, in a portable build, each
+// 16×16 tile decoded from its bitstream into a stack buffer (the code's value computed from
+// each state, no table of 2^16 entries) and dotted with every row.
+//
+// discq::qtip_linear_cpu: QTIP's whole linear in one call (a decode step makes ~200 of them):
+// the input's randomized Hadamard transform, the trellis product, the scale, the output's
+// inverse transform and the bias; x [..., K] in any float type. Above 16 rows (prefill,
+// evaluation) the weight is decoded once and multiplied by one GEMM.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -23,7 +30,9 @@
 #include <string>
 #include <vector>
 
+#include "hadamard_cpu.h"
 #include "simd.h"
+#include "trellis_lanes.h"
 
 namespace {
 
@@ -232,15 +241,13 @@ at::Tensor viterbi_cpu(const at::Tensor& x, const at::Tensor& values, int64_t L,
 
 // ---- decode and multiply -------------------------------------------------------------------
 
-enum Code { kOneMad, kThreeInst, kHyb };
+using discq_trellis::Code;
+using discq_trellis::Coding;
+using discq_trellis::kHyb;
+using discq_trellis::kOneMad;
+using discq_trellis::kThreeInst;
 
 inline float fp16_bits(uint32_t h) { return c10::detail::fp16_ieee_to_fp32_value(uint16_t(h)); }
-
-struct Coding {
-  Code code;
-  int bits, V, Q, L;
-  const float* lut;  // HYB: [2^Q][2]
-};
 
 // The tile's 256 weights (row-major) from its bitstream of 8·bits words.
 void decode_tile(const Coding& C, const int32_t* words, float* w) {
@@ -267,6 +274,41 @@ void decode_tile(const Coding& C, const int32_t* words, float* w) {
   }
 }
 
+// Above this many activation rows, decoding the weight once and one GEMM beat decoding it in
+// registers once per four rows.
+constexpr int64_t kFusedRows = 16;
+
+// The unscaled coded matrix [N, K] fp32 (the prefill's and evaluation's path).
+at::Tensor decode_weight(const Coding& C, const at::Tensor& qdata) {
+  const int64_t NT = qdata.size(0), KT = qdata.size(1), Wt = qdata.size(2);
+  auto W = at::empty({NT * kTile, KT * kTile}, qdata.options().dtype(at::kFloat));
+  float* out = W.data_ptr<float>();
+  at::parallel_for(0, NT * KT, 16, [&](int64_t t0, int64_t t1) {
+    float w[kTileSize];
+    for (int64_t t = t0; t < t1; ++t) {
+      decode_tile(C, qdata.data_ptr<int32_t>() + t * Wt, w);
+      const int64_t i = t / KT, j = t % KT;
+      for (int a = 0; a < kTile; ++a)
+        std::memcpy(out + (i * kTile + a) * KT * kTile + j * kTile, w + a * kTile,
+                    kTile * sizeof(float));
+    }
+  });
+  return W;
+}
+
+// HYB's table as fp16 bits when fp16 holds it exactly (the lane kernel gathers fp16 pairs);
+// nothing otherwise, or for the computed codes.
+std::optional<std::vector<uint16_t>> fp16_table(const at::Tensor& lut) {
+  if (!lut.defined()) return std::nullopt;
+  std::vector<uint16_t> out(lut.numel());
+  const float* v = lut.data_ptr<float>();
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i] = c10::detail::fp16_ieee_from_fp32_value(v[i]);
+    if (fp16_bits(out[i]) != v[i]) return std::nullopt;
+  }
+  return out;
+}
+
 at::Tensor trellis_linear_cpu(const at::Tensor& x, const at::Tensor& qdata,
                               const std::optional<at::Tensor>& lut, int64_t bits,
                               const std::string& code, int64_t L) {
@@ -291,9 +333,14 @@ at::Tensor trellis_linear_cpu(const at::Tensor& x, const at::Tensor& qdata,
   const auto qc = qdata.contiguous();
   const int64_t M = x.size(0), K = x.size(1), NT = qdata.size(0), KT = qdata.size(1);
   const int64_t Wt = qdata.size(2);
+  if (M > kFusedRows) return at::mm(xc, decode_weight(C, qc).t());  // decode once, then GEMM
   auto y = at::zeros({M, NT * kTile}, x.options());
   const float* X = xc.data_ptr<float>();
   float* Y = y.data_ptr<float>();
+  const auto half = fp16_table(lc);
+  if (discq_trellis::linear_lanes(C, half ? half->data() : nullptr, X, qc.data_ptr<int32_t>(),
+                                  Y, M, K, NT, KT))
+    return y;
   at::parallel_for(0, NT, 1, [&](int64_t i0, int64_t i1) {
     float w[kTileSize];
     for (int64_t i = i0; i < i1; ++i)
@@ -314,9 +361,21 @@ at::Tensor trellis_linear_cpu(const at::Tensor& x, const at::Tensor& qdata,
   return y;
 }
 
+at::Tensor qtip_linear_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
+                           const at::Tensor& s_in, const at::Tensor& s_out,
+                           const at::Tensor& q_in, const at::Tensor& q_out,
+                           const std::optional<at::Tensor>& lut,
+                           const std::optional<at::Tensor>& bias, int64_t bits,
+                           const std::string& code, int64_t L) {
+  return discq_hadamard::rotated_linear(
+      x, qdata.size(0) * kTile, scale, s_in, s_out, q_in, q_out, bias,
+      [&](const at::Tensor& xr) { return trellis_linear_cpu(xr, qdata, lut, bits, code, L); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(discq, CPU, m) {
   m.impl("viterbi_cpu", &viterbi_cpu);
   m.impl("trellis_linear_cpu", &trellis_linear_cpu);
+  m.impl("qtip_linear_cpu", &qtip_linear_cpu);
 }
