@@ -19,8 +19,12 @@ With --device cuda (a GPU): the same in bf16 against a bf16 baseline, discq on i
 kernels, each layer row also giving achieved memory bandwidth as a fraction of the device's peak
 (PEAK_GBPS); no streamed table (a GPU's caches are far smaller than these weights).
 
-Run: python benchmarks/speed.py [--quick] [--no-decode] [--device cuda]
-Results: benchmarks/results/speed_cpu.{json,md} or speed_cuda_<device>.{json,md}
+With --low-bit (decode only): QTIP 2-bit (HYB code, discq's AVX2 trellis kernel) and QuIP# 2-bit
+(E8P, its fused CPU linear) with the 8-bit head, beside llama.cpp's IQ2_XS (made by `llama-quantize` with an importance matrix: `make
+llama-tools`) and Q4_0, fp32 and discq's fastest 4-bit row.
+
+Run: python benchmarks/speed.py [--quick] [--no-decode] [--device cuda] [--low-bit]
+Results: benchmarks/results/speed_cpu[_lowbit].{json,md} or speed_cuda_<device>.{json,md}
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import RESULTS, machine, write
+from _common import RESULTS, describe, machine, write
 from torch import nn
 from torch.utils.benchmark import Timer
 
@@ -46,6 +50,9 @@ SHAPES = {"smollm2 q/o (576x576)": (576, 576), "smollm2 k/v (192x576)": (192, 57
           "smollm2 gate/up (1536x576)": (1536, 576), "smollm2 down (576x1536)": (576, 1536),
           "7B q/k/v/o (4096x4096)": (4096, 4096), "7B gate/up (11008x4096)": (11008, 4096)}
 LLAMA_ROW = "llama.cpp Q4_0 (its own quantizer)"
+LLAMA_IQ2_ROW = "llama.cpp IQ2_XS (its own quantizer, imatrix)"
+QTIP_ROW = "discq QTIP 2-bit HYB (random codes), head 8-bit"
+QUIP_ROW = "discq QuIP# 2-bit E8P (random codes), head 8-bit"
 INT8 = ", 8-bit activations"  # rows decoded with discq.generate(..., int8_activations=True)
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
 BASELINE = {"cpu": "fp32", "cuda": "bf16"}
@@ -194,11 +201,12 @@ def streamed_rows(shapes: dict, rounds: int, stream_bytes: int = 2**26) -> list[
     return rows
 
 
-def decode_models(device: str) -> tuple[dict, object]:
+def decode_models(device: str, low_bit: bool = False) -> tuple[dict, object]:
     """The decode variants of SmolLM2-135M: fp32 and discq's 4-bit grid in blocks of 32
     (symmetric: llama.cpp's Q4_0 values), head in fp32 and head (tied to the embedding) 8-bit,
     the latter on 8-bit activations, and the 3-bit grid with the 8-bit head on 8-bit activations
-    (RTN weights: speed does not depend on the rounding method)."""
+    (RTN weights: speed does not depend on the rounding method). `low_bit`: fp32, the fastest
+    4-bit row, QTIP 2-bit (HYB code) and QuIP# 2-bit (E8P) with the 8-bit head instead."""
     from discq.models import load_model
     from discq.pipeline import keep_head_filter
     model, tok = load_model("smollm2-135m")
@@ -206,32 +214,86 @@ def decode_models(device: str) -> tuple[dict, object]:
     models = {BASELINE[device]: model}
     q = copy.deepcopy(model)
     discq.quantize_(q, discq.rtn_config(4, 32, symmetric=True), filter_fn=keep_head_filter(q))
-    models["discq 4-bit g32, head fp32"] = q
+    if not low_bit:
+        models["discq 4-bit g32, head fp32"] = q
     models["discq 4-bit g32, head 8-bit"] = discq.quantize_head_(copy.deepcopy(q), 8)
     # the same weights decoded on 8-bit activations: a shallow copy, so each row keeps its own
     # compiled decoder (discq.generate keeps one on the model)
     models["discq 4-bit g32, head 8-bit" + INT8] = copy.copy(models["discq 4-bit g32, head 8-bit"])
+    if low_bit:
+        del models["discq 4-bit g32, head 8-bit"]
+        for row, fmt in ((QTIP_ROW, "qtip"), (QUIP_ROW, "quip")):
+            models[row] = discq.quantize_head_(random_codes(copy.deepcopy(model), fmt), 8)
+        return models, tok
     q3 = copy.deepcopy(model)
     discq.quantize_(q3, discq.rtn_config(3, 32, symmetric=True), filter_fn=keep_head_filter(q3))
     models["discq 3-bit g32, head 8-bit" + INT8] = discq.quantize_head_(q3, 8)
     return models, tok
 
 
-def llama_cpp_peer(tmp: str) -> tuple[object, Path, str] | None:
-    """llama.cpp (llama-cpp-python, this machine's threads) on its own Q4_0 quantization of the
-    bundled SmolLM2 GGUF, the file and the bindings' version; None when they are not
+def random_codes(model: nn.Module, fmt: str) -> nn.Module:
+    """Every linear but the head as QTIP's 2-bit format (HYB code, `fmt="qtip"`) or QuIP#'s
+    2-bit E8P (`fmt="quip"`) with random codes (any bitstream is a walk of the trellis and any
+    16 bits an E8P point, and the decode's cost does not depend on which: quantizing 106M
+    weights is what the quality tables measure), each layer's own seeded rotation and a scale
+    of its weight's RMS."""
+    from discq.tensors.hadamard import layer_rotation
+    from discq.tensors.lattice import LatticeQuantizedTensor
+    from discq.tensors.qtip import TrellisQuantizedTensor
+    from discq.tensors.trellis import words
+    g = torch.Generator().manual_seed(0)
+    head = model.get_output_embeddings()
+    for seed, m in enumerate(m for m in model.modules() if isinstance(m, nn.Linear)
+                             and m is not head):
+        (N, K), rms = m.weight.shape, m.weight.detach().pow(2).mean().sqrt()
+        s_in, s_out, q_in, q_out = layer_rotation(N, K, seed)
+        if fmt == "qtip":
+            qdata = torch.randint(-2**31, 2**31, (N // 16, K // 16, words(2)), generator=g,
+                                  dtype=torch.int64).to(torch.int32)
+            w = TrellisQuantizedTensor(qdata, rms, s_in.half(), s_out.half(), q_in, q_out, 2,
+                                       "hyb", 16, m.weight.shape, m.weight.dtype)
+        else:
+            qdata = torch.randint(0, 256, (N, K // 4), generator=g, dtype=torch.uint8)
+            w = LatticeQuantizedTensor(qdata, rms, s_in.half(), s_out.half(), q_in, q_out, 2,
+                                       m.weight.shape, m.weight.dtype)
+        m.weight = nn.Parameter(w, requires_grad=False)
+    return model
+
+
+def llama_cpp_peers(tmp: str, low_bit: bool = False) -> tuple[dict, str]:
+    """{row: (llama.cpp model, its file)} — llama.cpp (llama-cpp-python, this machine's threads)
+    on its own Q4_0 quantization of the bundled SmolLM2 GGUF and, with `low_bit`, its IQ2_XS
+    (`llama-quantize` with an importance matrix of 8×512 calibration tokens: it refuses IQ2_XS
+    without one; `make llama-tools`) — and the bindings' version; no rows when they are not
     installed."""
     try:
         import llama_cpp
     except ImportError:
         warnings.warn("llama-cpp-python is not installed (make install-llamacpp): no llama.cpp row")
-        return None
-    from discq.llamacpp import quantize
+        return {}, ""
+    from discq.llamacpp import llama_quantize_path, quantize
     from discq.models import bundled_path
-    path = quantize(bundled_path("smollm2-135m"), f"{tmp}/smollm2-Q4_0.gguf", "Q4_0")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(),
-                          verbose=False)
-    return llm, Path(path), llama_cpp.__version__
+    source = bundled_path("smollm2-135m")
+    files = {LLAMA_ROW: quantize(source, f"{tmp}/smollm2-Q4_0.gguf", "Q4_0")}
+    if low_bit:
+        try:
+            llama_quantize_path()
+            files[LLAMA_IQ2_ROW] = quantize(source, f"{tmp}/smollm2-IQ2_XS.gguf", "IQ2_XS",
+                                            imatrix=_imatrix(f"{tmp}/smollm2.imatrix.gguf"))
+        except FileNotFoundError as e:
+            warnings.warn(f"no llama.cpp IQ2_XS row: {e}")
+    return {name: (llama_cpp.Llama(model_path=str(path), n_ctx=256,
+                                   n_threads=torch.get_num_threads(), verbose=False), Path(path))
+            for name, path in files.items()}, llama_cpp.__version__
+
+
+def _imatrix(path: str) -> str:
+    """llama.cpp's importance matrix of SmolLM2 on 8×512 calibration tokens."""
+    from discq.data import calibration_batches
+    from discq.models import load_model
+    model, tok = load_model("smollm2-135m")
+    calib = calibration_batches(tok, "shakespeare", n_samples=8, seq_len=512, seed=0)
+    return str(discq.export.to_imatrix(model, calib, path))
 
 
 def llama_cpp_tokens_per_s(llm, prompt: list[int], tokens: int) -> float:
@@ -265,23 +327,24 @@ def bandwidth_gbps(seconds: float = 1.0) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
+def decode_rows(tokens: int, rounds: int, device: str = "cpu", low_bit: bool = False
+                ) -> list[dict]:
     """Greedy decode tokens/s, best of `rounds` round-robin generations of exactly `tokens`
     tokens after a 16-token prompt: discq.generate (compiled token step, static cache) for each
-    model, llama.cpp on its Q4_0 file beside them."""
+    model, llama.cpp on its files beside them."""
     import tempfile
-    models, tok = decode_models(device)
+    models, tok = decode_models(device, low_bit)
     text = "To be, or not to be, that is the question: whether 'tis nobler in the mind"
     prompt = tok(text, return_tensors="pt").input_ids[:, :16].to(device)
     runs = {name: functools.partial(_discq_tokens_per_s, m, prompt, tokens, name.endswith(INT8))
             for name, m in models.items()}
     moved = {name: decode_bytes(m) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        peer = llama_cpp_peer(tmp) if device == "cpu" else None
-        if peer is not None:
-            runs[LLAMA_ROW] = functools.partial(
-                llama_cpp_tokens_per_s, peer[0], prompt[0].tolist(), tokens)
-            moved[LLAMA_ROW] = peer[1].stat().st_size
+        peers, version = llama_cpp_peers(tmp, low_bit) if device == "cpu" else ({}, "")
+        for name, (llm, path) in peers.items():
+            runs[name] = functools.partial(llama_cpp_tokens_per_s, llm, prompt[0].tolist(),
+                                           tokens)
+            moved[name] = path.stat().st_size
         for name, run in runs.items():
             print(f"warming up {name}", flush=True)
             run(), run()  # compiles discq's programs
@@ -289,34 +352,36 @@ def decode_rows(tokens: int, rounds: int, device: str = "cpu") -> list[dict]:
         for _ in range(rounds):
             for name, run in runs.items():
                 best[name] = max(best[name], run())
-        ppl = perplexities(models, peer[1] if peer else None, tok, device)
-        if peer is not None:
-            peer[0].close()
+        ppl = perplexities({k: m for k, m in models.items() if k not in (QTIP_ROW, QUIP_ROW)},
+                           {name: path for name, (_, path) in peers.items()}, tok, device)
+        for llm, _ in peers.values():
+            llm.close()
     gbps = bandwidth_gbps() if device == "cpu" else None
     rows = [{"variant": name, "tokens_per_s": v, "tokens": tokens, "prompt": prompt.shape[1],
              "bytes_per_token": moved[name], "machine_gbps": gbps, "perplexity": ppl.get(name)}
             for name, v in best.items()]
     for r in rows:
-        if peer is not None and r["variant"] == LLAMA_ROW:
-            r["llama_cpp_python"] = peer[2]
+        if r["variant"] in peers:
+            r["llama_cpp_python"] = version
     for r in rows:
         print(r, flush=True)
     return rows
 
 
-def perplexities(models: dict, gguf, tok, device: str, windows: int = 4) -> dict[str, float]:
+def perplexities(models: dict, ggufs: dict, tok, device: str, windows: int = 4
+                 ) -> dict[str, float]:
     """Held-out perplexity (discq eval's: 4 windows of 512 tokens of the eval plays) of every
-    decoded model, llama.cpp's file included (run by llama.cpp)."""
+    decoded model and of llama.cpp's files {row: path} (run by llama.cpp)."""
     from discq.data import eval_windows
     from discq.eval import perplexity
     from discq.inference import plain_linears
     data = [w.to(device) for w in eval_windows(tok, "shakespeare", n_windows=windows)]
     out = {name: perplexity(plain_linears(m, int8_activations=True) if name.endswith(INT8) else m,
                             data, progress=False) for name, m in models.items()}
-    if gguf is not None:
-        from discq.llamacpp import LlamaCppModel
-        with LlamaCppModel(gguf, n_ctx=512) as peer:
-            out[LLAMA_ROW] = perplexity(peer, data, progress=False)
+    from discq.llamacpp import LlamaCppModel
+    for name, path in ggufs.items():
+        with LlamaCppModel(path, n_ctx=512) as peer:
+            out[name] = perplexity(peer, data, progress=False)
     return out
 
 
@@ -354,7 +419,7 @@ def layer_table(rows: list[dict], first: str, base: str, peak_gbps: float | None
 def title(r: dict) -> str:
     m = r["machine"]
     if r["device"] == "cpu":
-        where = f"CPU ({m['cpu']}, {m['cores']} cores, {m['threads']} threads)"
+        where = f"CPU ({describe(m)}, {m['threads']} threads)"
     else:
         peak = f"peak {r['peak_gbps']} GB/s" if r["peak_gbps"] else "peak bandwidth unknown"
         where = f"{r['device_name']} ({peak})"
@@ -375,7 +440,7 @@ def markdown(r: dict) -> str:
     base, cpu = BASELINE[r["device"]], r["device"] == "cpu"
     how = ("Time of the `torch.compile`d linear (ms; each variant's best of round-robin samples "
            f"of ~20 ms); speed-up vs compiled {base} in parentheses. RTN weights; groups of 64. "
-           + kernels_used(r))
+           + kernels_used(r)) if r.get("layers") else ""
     hot = ("One layer called over and over (its weight stays in the CPU's caches; each call also "
            "pays the compiled function's fixed cost):" if cpu else "One layer called over and over:")
     lines = [title(r), ""]
@@ -388,8 +453,9 @@ def markdown(r: dict) -> str:
         lines += [f"The layer tables are from the run of {lf['date']} (torch {lf['torch']}, "
                   f"{where}); the decode table was rerun alone (`--decode-only`) on the date "
                   "and machine above.", ""]
-    lines += [how, "", hot, ""]
-    lines += layer_table(r["layers"], "batch", base, r.get("peak_gbps"))
+    if r.get("layers"):
+        lines += [how, "", hot, ""]
+        lines += layer_table(r["layers"], "batch", base, r.get("peak_gbps"))
     if r.get("streamed"):
         streamed = ("Per layer, batch 1, in one compiled graph of L distinct layers of the "
                     "shape whose fp32 weights total 64 MiB, so every weight is read from memory "
@@ -430,6 +496,13 @@ def decode_table(rows: list[dict], base: str) -> list[str]:
             "(each linear's input rounded per block of 32 in both). discq's weights are RTN's "
             "(speed does not depend on the rounding method; the quality tables compare methods "
             "at each width)."]
+    if any(x["variant"] in (QTIP_ROW, QUIP_ROW) for x in rows):
+        out += ["", "The QTIP and QuIP# rows' codes are random (every bitstream is a walk of the "
+                "trellis, every 16 bits an E8P point, and the decode costs the same whichever "
+                "they are; rounding 106M weights is what the quality benchmarks run), so they "
+                "have no perplexity here: QTIP's and QuIP#'s 2-bit are in `quality_smollm2.md`. llama.cpp's IQ2_XS of SmolLM2 is "
+                "mostly 4-bit: its rows of 576 are not whole 256-blocks, so llama.cpp stores "
+                "them as IQ4_NL/Q4_0 (the tensor column of `gguf_llamacpp_smollm2_iq23.md`)."]
     return out
 
 
@@ -460,14 +533,19 @@ if __name__ == "__main__":
     ap.add_argument("--decode-only", action="store_true",
                     help="rerun the decode part, keeping the layer rows already in the results "
                          "(their date is kept and shown)")
+    ap.add_argument("--low-bit", action="store_true",
+                    help="decode only, 2-bit rows: QTIP and QuIP# 2-bit beside llama.cpp's IQ2_XS "
+                         "(and the fastest 4-bit rows); results in speed_cpu_lowbit")
     ap.add_argument("--tokens", type=int, default=32)
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     info = device_info(a.device)
-    name = result_name(info, a.quick)
+    name = result_name(info, a.quick) + ("_lowbit" if a.low_bit else "")
     shapes, rounds = (QUICK_SHAPES, 15) if a.quick else (SHAPES, 30)
     layers_from = None
-    if a.decode_only:
+    if a.low_bit:
+        layers, streamed = None, None
+    elif a.decode_only:
         old = json.loads((RESULTS / f"{name}.json").read_text())
         layers, streamed = old["layers"], old.get("streamed")
         layers_from = {k: old["machine"][k] for k in ("date", "torch", "cpu")}
@@ -480,5 +558,5 @@ if __name__ == "__main__":
     result = {"machine": machine(), **info, "layers": layers, "streamed": streamed,
               "layers_from": layers_from, "command": " ".join(["python", *sys.argv]),
               "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 5,
-                                                             a.device)}
+                                                             a.device, a.low_bit)}
     write(name, result, markdown(result))
