@@ -20,8 +20,9 @@ kernels, each layer row also giving achieved memory bandwidth as a fraction of t
 (PEAK_GBPS); no streamed table (a GPU's caches are far smaller than these weights).
 
 With --low-bit (decode only): QTIP 2-bit (HYB code, discq's AVX2 trellis kernel) and QuIP# 2-bit
-(E8P, its fused CPU linear) with the 8-bit head, beside llama.cpp's IQ2_XS (made by `llama-quantize` with an importance matrix: `make
-llama-tools`) and Q4_0, fp32 and discq's fastest 4-bit row.
+(E8P, its fused CPU linear) with the 8-bit head, beside llama.cpp's IQ2_XS (made by
+`llama-quantize` with an importance matrix: `make llama-tools`) and Q4_0, fp32 and discq's
+fastest 4-bit row.
 
 Run: python benchmarks/speed.py [--quick] [--no-decode] [--device cuda] [--low-bit]
 Results: benchmarks/results/speed_cpu[_lowbit].{json,md} or speed_cuda_<device>.{json,md}
@@ -500,8 +501,8 @@ def decode_table(rows: list[dict], base: str) -> list[str]:
         out += ["", "The QTIP and QuIP# rows' codes are random (every bitstream is a walk of the "
                 "trellis, every 16 bits an E8P point, and the decode costs the same whichever "
                 "they are; rounding 106M weights is what the quality benchmarks run), so they "
-                "have no perplexity here: QTIP's and QuIP#'s 2-bit are in `quality_smollm2.md`. llama.cpp's IQ2_XS of SmolLM2 is "
-                "mostly 4-bit: its rows of 576 are not whole 256-blocks, so llama.cpp stores "
+                "have no perplexity here: QTIP's and QuIP#'s 2-bit are in `quality_smollm2.md`. "
+                "llama.cpp's IQ2_XS of SmolLM2 is mostly 4-bit: its rows of 576 are not whole 256-blocks, so llama.cpp stores "
                 "them as IQ4_NL/Q4_0 (the tensor column of `gguf_llamacpp_smollm2_iq23.md`)."]
     return out
 

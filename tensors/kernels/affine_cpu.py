@@ -1,5 +1,6 @@
 """discq's CPU kernels (`affine_cpu.cpp`, `gguf_cpu.cpp`, `trellis_cpu.cpp` with
-`trellis_lanes.cpp`, `vq_cpu.cpp`, `lattice_cpu.cpp`, `e8p_linear_cpu.cpp`): one library, built once, loaded on demand.
+`trellis_lanes.cpp`, `vq_cpu.cpp`, `lattice_cpu.cpp`, `e8p_linear_cpu.cpp`): one library, built
+once, loaded on demand.
 
 `discq::affine_linear_cpu` is declared here (schema and fake, so export and compile can trace
 it), `discq::gguf_linear_cpu` in `gguf_cpu.py`, the trellis ops in `trellis_cpu.py`,

@@ -1,7 +1,7 @@
 """The trellis ops on CPU (`trellis_cpu.cpp`, built into the same library as the affine kernel by
 `affine_cpu.load`): `discq::viterbi_cpu` (the search `viterbi.viterbi` defines),
-`discq::trellis_linear_cpu` (x Ŵᵀ decoding the 16×16 tiles on the fly, eight at a time in AVX2
-lanes) and `discq::qtip_linear_cpu` (the whole rotated linear of `qtip.qtip_linear`). Declared here with
+`discq::trellis_linear_cpu` (x Ŵᵀ decoding the 16×16 tiles on the fly, in AVX2 lanes) and
+`discq::qtip_linear_cpu` (the whole rotated linear of `qtip.qtip_linear`). Declared here with
 fakes so compile and export can trace them.
 """
 from __future__ import annotations

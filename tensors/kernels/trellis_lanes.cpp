@@ -1,17 +1,22 @@
-// QTIP's trellis decode in AVX2 lanes: y = x Ŵᵀ for a few activation rows, eight tiles walked
-// in lock step, one per 32-bit lane (trellis_cpu.cpp's `decode_tile` is the scalar definition
-// this must equal).
+// QTIP's trellis decode in AVX2 lanes: y = x Ŵᵀ for a few activation rows, every weight computed
+// from its state in registers and never written (trellis_cpu.cpp's `decode_tile` is the scalar
+// definition this must equal). Two ways to fill the 8 lanes:
 //
-// A tile's walk is sequential (each state is the previous one shifted by kV bits), but tiles
-// are independent, so the vector runs across tiles: lane l holds tile g·8 + l of the weight's
-// tiles in row-major order. At step t every lane reads its state from the same bit offset of
-// its own bitstream (the group's words are transposed once, word-major, so a step's window is
-// two aligned loads and a few uniform shifts), computes its weights in registers — HYB: one
-// multiply and one gather from the table of (±first, second) fp16 pairs; 1MAD/3INST: integer
-// arithmetic — and multiplies them with its own tile's slice of x (also laid out per lane once a
-// group). Each lane sums its tile row's products; a row of 16 outputs is added into y when the
-// tile row is done. Nothing of 2^L entries is read and no weight is written to memory, so the
-// step is bound by arithmetic, not by the 2 bits a weight it streams.
+// 2 bits a weight (`linear_rows`): the lanes are one tile row's consecutive steps. All of their
+// states lie in two words of the tile's stream, so they are two broadcasts under per-lane
+// shifts; the row's 16 weights come out in x's order, and each output's products over its tile
+// row stay in its lanes until one horizontal sum.
+//
+// 3 and 4 bits (`linear_lanes`' groups): a tile's walk is sequential (each state is the previous
+// one shifted by kV bits), but tiles are independent, so lane l holds tile g·8 + l of the
+// weight's tiles in row-major order. At step t every lane reads its state from the same bit
+// offset of its own bitstream (the group's words are transposed once, word-major, so a step's
+// window is one aligned load and a uniform shift) and multiplies its weights with its own
+// tile's slice of x (laid out per lane once a group); a tile row's 16 outputs are added into y
+// when the group is done.
+//
+// Weights: HYB is one multiply and one gather from the table of (±first, second) fp16 pairs;
+// 1MAD/3INST integer arithmetic. Nothing of 2^L entries is read.
 #include "trellis_lanes.h"
 
 #ifdef DISCQ_AVX2
@@ -147,7 +152,8 @@ void walk_hyb(Group& G, const Coding& C, const std::vector<Window>& win, const u
     for (int k = 0; k < kTile / 2; ++k) {
       const __m256i s = state(G, win[a * 8 + k], mask);
       const __m256i h = _mm256_mullo_epi32(s, _mm256_add_epi32(s, _mm256_set1_epi32(1)));
-      const __m256i p = _mm256_i32gather_epi32(table, _mm256_and_si256(_mm256_srl_epi32(h, shift), index), 4);
+      const __m256i idx = _mm256_and_si256(_mm256_srl_epi32(h, shift), index);
+      const __m256i p = _mm256_i32gather_epi32(table, idx, 4);
       const __m256 w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(p));
       const __m256 w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(p, 1));
       for (int m = 0; m < R; ++m) {
