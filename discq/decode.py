@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from discq.graph_call import GraphCall
 from discq.inference import plain_linears, shared_copy
 from discq.siblings import fuse_siblings
+from discq.tensors.base import QuantizedTensor
 
 _ATTR = "_discq_decoder"
 
@@ -235,7 +236,7 @@ def _is_eos(tok: Tensor, eos: set[int]) -> Tensor:
 def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, eos_token_id: int | list[int] | None = -1,
              seed: int | None = None, max_cache_len: int | None = None,
-             cpp_wrapper: bool = True, int8_activations: bool = False) -> Tensor:
+             cpp_wrapper: bool | None = None, int8_activations: bool = False) -> Tensor:
     """Continue `ids` [B, S] (token ids, every row a full prompt of S tokens) by up to
     `max_new_tokens` tokens: [B, S + T]. Greedy by default; `temperature` > 0 samples (from the
     `top_k` most likely tokens when given; `seed` makes it repeatable). Stops early once every
@@ -245,7 +246,9 @@ def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature:
     every cached position, so a short generation reads a short cache); the compiled programs
     are kept on the model and reused while batch, sampling and cache size fit. `cpp_wrapper`
     compiles the token step's program to C++ end to end (Inductor's C++ wrapper): ~2 ms a token
-    faster on SmolLM2, but its first compile takes minutes on 2 cores (then cached on disk).
+    faster on SmolLM2, but its first compile takes minutes on 2 cores (then cached on disk);
+    None (default) uses it unless a weight's format says it does not pay (QTIP, QuIP#: their
+    ~30 ms steps compiled for 10–16 minutes with it, 2 without, at the same speed).
     `int8_activations` rounds each quantized linear's input to 8 bits per block of 32 and
     multiplies in integers (`discq.inference.plain_linears`): faster on CPU; `discq eval
     --int8-activations` measures what it costs in perplexity."""
@@ -255,6 +258,9 @@ def generate(model: nn.Module, ids: Tensor, max_new_tokens: int, *, temperature:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     sampling = Sampling(float(temperature), top_k)
+    if cpp_wrapper is None:
+        cpp_wrapper = all(type(p).cpp_wrapper for p in model.parameters()
+                          if isinstance(p, QuantizedTensor))
     need = ids.shape[1] + max_new_tokens
     if max_cache_len is not None and max_cache_len < need:
         raise ValueError(f"max_cache_len={max_cache_len} is below prompt + new tokens ({need})")

@@ -47,6 +47,10 @@ class QuantizedTensor(TorchAOBaseTensor):
     """Base of discq's quantized weights."""
 
     format_name: str = ""
+    # whether `discq.generate` compiles a token step over this format with Inductor's C++
+    # wrapper by default (it saves the Python wrapper's ~2 ms a token; a format whose linear is a
+    # heavy op with many tensors may not be worth its compile time)
+    cpp_wrapper: bool = True
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError

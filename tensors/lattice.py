@@ -40,6 +40,8 @@ def check_shape(N: int, K: int) -> None:
 
 @register_format("e8p")
 class LatticeQuantizedTensor(QuantizedTensor):
+    # as QTIP's (qtip.py): the C++ wrapper took ~10 min to compile SmolLM2's 2-bit step
+    cpp_wrapper = False
     tensor_data_names = ["qdata", "scale", "s_in", "s_out", "q_in", "q_out"]
     tensor_attribute_names = ["bits", "shape", "dtype"]
 

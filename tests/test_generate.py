@@ -30,6 +30,7 @@ def test_greedy_equals_transformers_generate(quantized_llama):
         out = discq.generate(quantized_llama, ids, 9, eos_token_id=None)
         assert torch.equal(out, hf_greedy(quantized_llama, ids, 9))
     assert quantized_llama._discq_decoder.step._direct is not None  # Dynamo skipped (graph_call)
+    assert quantized_llama._discq_decoder.cpp_wrapper is True  # the affine grid's default
     # a copy of the model does not carry programs that read the original's tensors
     assert copy.deepcopy(quantized_llama).__dict__.get("_discq_decoder") is None
 
@@ -207,3 +208,5 @@ def test_rotated_formats_run_their_cpu_op_in_the_view_and_in_generate(fmt):
                                        rtol=1e-4)
     ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(1))
     assert torch.equal(discq.generate(model, ids, 5, eos_token_id=None), hf_greedy(model, ids, 5))
+    # these formats' steps are compiled without the C++ wrapper unless asked (its compile time)
+    assert model._discq_decoder.cpp_wrapper is False
