@@ -220,6 +220,25 @@ PORTABLE = textwrap.dedent("""
         y = torch.ops.discq.affine_linear_q8_cpu(x, *args, 128)
         ref = affine_linear_ref(round_activations(x), *args, False, 128)
         worst = min(worst, float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())))
+    # QTIP's and QuIP#'s whole 2-bit linears (their scalar loops), few rows and many
+    from discq.tensors import hadamard, trellis
+    from discq.tensors.kernels import lattice_cpu, trellis_cpu
+    from discq.tensors.kernels.e8p_ref import e8p_linear_ref
+    from discq.tensors.qtip import TrellisQuantizedTensor
+    s_in, s_out, q_in, q_out = hadamard.layer_rotation(48, 80, seed=0)
+    rot = (s_in.half(), s_out.half(), q_in, q_out)
+    codes = torch.randint(0, 256, (48, 20), dtype=torch.uint8)
+    bits = torch.randint(-2**31, 2**31, (3, 5, 16)).to(torch.int32)
+    for M, code in itertools.product([1, 5, 70], ["hyb", "3inst"]):
+        x, b = torch.randn(M, 80), torch.randn(48)
+        w = TrellisQuantizedTensor(bits, torch.tensor(0.5), *rot, 2, code, 16, (48, 80),
+                                   torch.float32)
+        y = trellis_cpu.qtip_linear(x, bits, w.scale, *rot, None, b, 2, code)
+        ref = x @ w.dequantize().t() + b
+        worst = min(worst, float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())))
+        y = lattice_cpu.e8p_linear(x, codes, torch.tensor(0.5), *rot, b)
+        ref = e8p_linear_ref(x, codes, torch.tensor(0.5), *rot, b, 2)
+        worst = min(worst, float(10 * torch.log10(ref.pow(2).sum() / (y - ref).pow(2).sum())))
     print(worst)
 """)
 

@@ -59,6 +59,14 @@ Tables make_tables(const float* patterns) {
   return T;
 }
 
+// weight i of the code whose bytes are c[0], c[1] (the portable loop's and the decode's)
+inline float code_weight(const Tables& T, const uint8_t* c, int i) {
+  const uint32_t* row = T.sign_shift[c[1] | T.parity[c[0]]];
+  float shift;
+  std::memcpy(&shift, row + 8 + i, 4);
+  return (row[i] ? -T.mag[c[0]][i] : T.mag[c[0]][i]) + shift;
+}
+
 #ifdef DISCQ_AVX2
 // the 8 weights of the code whose bytes are c[0], c[1]
 inline __m256 weights(const Tables& T, const uint8_t* c) {
@@ -95,15 +103,11 @@ void rows_of(const Tables& T, const uint8_t* codes, int64_t B, const float* X, i
     for (int m = 0; m < R; ++m) out[m] = discq_simd::hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
 #else
     for (int m = 0; m < R; ++m) out[m] = 0.f;
-    for (int64_t b = 0; b < B; ++b) {
-      const uint32_t* row = T.sign_shift[c[2 * b + 1] | T.parity[c[2 * b]]];
+    for (int64_t b = 0; b < B; ++b)
       for (int i = 0; i < 8; ++i) {
-        float mag = T.mag[c[2 * b]][i], shift;
-        std::memcpy(&shift, row + 8 + i, 4);
-        const float w = (row[i] ? -mag : mag) + shift;
+        const float w = code_weight(T, c + 2 * b, i);
         for (int m = 0; m < R; ++m) out[m] += w * X[m * K + 8 * b + i];
       }
-    }
 #endif
     for (int m = 0; m < R; ++m) Y[m * N + n] = out[m];
   }
@@ -137,15 +141,8 @@ at::Tensor decode(const Tables& T, const at::Tensor& qdata) {
   const uint8_t* codes = qdata.data_ptr<uint8_t>();
   float* out = W.data_ptr<float>();
   at::parallel_for(0, N * B, 4096, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const uint8_t* code = codes + 2 * c;
-      const uint32_t* row = T.sign_shift[code[1] | T.parity[code[0]]];
-      for (int i = 0; i < 8; ++i) {
-        float shift;
-        std::memcpy(&shift, row + 8 + i, 4);
-        out[8 * c + i] = (row[i] ? -T.mag[code[0]][i] : T.mag[code[0]][i]) + shift;
-      }
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      for (int i = 0; i < 8; ++i) out[8 * c + i] = code_weight(T, codes + 2 * c, i);
   });
   return W;
 }

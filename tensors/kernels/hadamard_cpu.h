@@ -66,9 +66,7 @@ inline void unrotate(float* y, int64_t n, const S* s, const float* Q, int64_t m,
   for (int64_t k = 0; k < n; ++k) y[k] *= float(s[k]);
 }
 
-// A rotated format's whole linear, y = s_out ⊙ T_outᵀ(scale · P(T_in(s_in ⊙ x))) + b, around its
-// product P: [M, K] float32 (rotated rows) -> [M, N] float32. x: [..., K] in any float type;
-// y: [..., N] in x's type.
+// `rotated_linear` (below) with sign vectors of element type S
 template <typename S, typename Product>
 at::Tensor rotated_linear_as(const at::Tensor& x, int64_t N, const at::Tensor& scale,
                              const at::Tensor& s_in, const at::Tensor& s_out,

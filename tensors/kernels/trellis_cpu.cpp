@@ -298,13 +298,18 @@ at::Tensor decode_weight(const Coding& C, const at::Tensor& qdata) {
 
 // HYB's table as fp16 bits when fp16 holds it exactly (the lane kernel gathers fp16 pairs);
 // nothing otherwise, or for the computed codes.
-std::optional<std::vector<uint16_t>> fp16_table(const at::Tensor& lut) {
-  if (!lut.defined()) return std::nullopt;
-  std::vector<uint16_t> out(lut.numel());
-  const float* v = lut.data_ptr<float>();
+std::optional<std::vector<uint16_t>> fp16_table(const std::optional<at::Tensor>& lut) {
+  if (!lut) return std::nullopt;
+  const auto t = lut->contiguous();
+  std::vector<uint16_t> out(t.numel());
+  if (t.scalar_type() == at::kHalf) {  // as stored: its bits
+    std::memcpy(out.data(), t.data_ptr<at::Half>(), out.size() * sizeof(uint16_t));
+    return out;
+  }
+  const auto v = t.to(at::kFloat);
   for (size_t i = 0; i < out.size(); ++i) {
-    out[i] = c10::detail::fp16_ieee_from_fp32_value(v[i]);
-    if (fp16_bits(out[i]) != v[i]) return std::nullopt;
+    out[i] = c10::detail::fp16_ieee_from_fp32_value(v.data_ptr<float>()[i]);
+    if (fp16_bits(out[i]) != v.data_ptr<float>()[i]) return std::nullopt;
   }
   return out;
 }
@@ -318,14 +323,13 @@ at::Tensor trellis_linear_cpu(const at::Tensor& x, const at::Tensor& qdata,
               "qdata must be [N/16, K/16, 8*bits] int32 matching x");
   TORCH_CHECK(L >= 8 && L <= 16, "trellis states have 8 to 16 bits");
   Coding C{kOneMad, int(bits), 1, 0, int(L), nullptr};
-  at::Tensor lc;
   if (code == "3inst") {
     C.code = kThreeInst;
   } else if (code == "hyb") {
-    TORCH_CHECK(lut.has_value(), "the HYB code needs its table");
-    lc = lut->to(at::kFloat).contiguous();
-    C = Coding{kHyb, int(bits), 2, int(63 - __builtin_clzll(uint64_t(lc.size(0)))), int(L),
-               lc.data_ptr<float>()};
+    TORCH_CHECK(lut.has_value() && lut->dim() == 2 && lut->size(1) == 2,
+                "the HYB code needs its table [2^Q, 2]");
+    C = Coding{kHyb, int(bits), 2, int(63 - __builtin_clzll(uint64_t(lut->size(0)))), int(L),
+               nullptr};
   } else {
     TORCH_CHECK(code == "1mad", "unknown trellis code ", code);
   }
@@ -333,11 +337,13 @@ at::Tensor trellis_linear_cpu(const at::Tensor& x, const at::Tensor& qdata,
   const auto qc = qdata.contiguous();
   const int64_t M = x.size(0), K = x.size(1), NT = qdata.size(0), KT = qdata.size(1);
   const int64_t Wt = qdata.size(2);
+  at::Tensor lc;  // the scalar decode reads HYB's table as fp32
+  if (C.code == kHyb) lc = lut->to(at::kFloat).contiguous(), C.lut = lc.data_ptr<float>();
   if (M > kFusedRows) return at::mm(xc, decode_weight(C, qc).t());  // decode once, then GEMM
   auto y = at::zeros({M, NT * kTile}, x.options());
   const float* X = xc.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const auto half = fp16_table(lc);
+  const auto half = C.code == kHyb ? fp16_table(lut) : std::nullopt;  // the lanes gather fp16
   if (discq_trellis::linear_lanes(C, half ? half->data() : nullptr, X, qc.data_ptr<int32_t>(),
                                   Y, M, K, NT, KT))
     return y;
