@@ -251,6 +251,30 @@ def draws_note(rows: list[dict]) -> str:
             "result, and the Pareto check says so (\"level\").")
 
 
+def decode_sections() -> list[str]:
+    """The decode-only runs, one per machine (speed.py --decode-only): tokens/s and prefill."""
+    out = []
+    for path in sorted(RESULTS.glob("speed_cpu_decode_*.json")):
+        if path.stem.endswith("_quick"):
+            continue
+        r = json.loads(path.read_text())
+        m, rows = r["machine"], r["decode"]
+        lengths = sorted({int(S) for d in rows for S in (d.get("prefill_ms") or {})})
+        out += [f"Decode and prefill of SmolLM2-135M ([{path.stem}.md]({path.stem}.md): "
+                f"{_machine(m)}, {m['date']}; discq's kernels built for "
+                f"{r.get('kernel_build')}):", "",
+                "| variant | tokens/s |" + "".join(f" prefill {S} (ms) |" for S in lengths)
+                + " perplexity |", "|---|---|" + "---|" * len(lengths) + "---|"]
+        for d in rows:
+            pre = d.get("prefill_ms") or {}
+            out.append(f"| {d['variant']} | {d['tokens_per_s']:.1f} |"
+                       + "".join(f" {pre[str(S)]:.1f} |" if str(S) in pre else " |"
+                                 for S in lengths)
+                       + (f" {d['perplexity']:.2f} |" if d.get("perplexity") else " |"))
+        out.append("")
+    return out
+
+
 def _machine(m: dict) -> str:
     """The machine's full description where it was recorded (caches and ISA since
     2026-12-07), else its CPU and cores."""
@@ -350,6 +374,7 @@ def main() -> None:
             out += model_section(res, name, a.quick)
     if not a.quick:
         out += speed_section(load("speed_cpu"))
+        out += decode_sections()
         out += ["## Other results", ""]
         out += [f"- [{p.name}]({p.name}): {p.read_text().splitlines()[0].lstrip('# ')}"
                 for p in sorted(RESULTS.glob("*.md"))

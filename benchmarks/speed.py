@@ -25,14 +25,16 @@ With --low-bit (decode only): QTIP 2-bit (HYB code, discq's AVX2 trellis kernel)
 fastest 4-bit row.
 
 Run: python benchmarks/speed.py [--quick] [--no-decode] [--device cuda] [--low-bit]
-Results: benchmarks/results/speed_cpu[_lowbit].{json,md} or speed_cuda_<device>.{json,md}
+Run: python benchmarks/speed.py --decode-only  (decode and prefill only: speed_cpu_decode_<machine>)
+Results: benchmarks/results/speed_cpu[_lowbit].{json,md}, speed_cpu_decode_<machine>.{json,md}
+or speed_cuda_<device>.{json,md}
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import functools
-import json
+import os
 import re
 import sys
 import time
@@ -54,6 +56,7 @@ LLAMA_ROW = "llama.cpp Q4_0 (its own quantizer)"
 LLAMA_IQ2_ROW = "llama.cpp IQ2_XS (its own quantizer, imatrix)"
 QTIP_ROW = "discq QTIP 2-bit HYB (random codes), head 8-bit"
 QUIP_ROW = "discq QuIP# 2-bit E8P (random codes), head 8-bit"
+PREFILL = (16, 128)  # prompt lengths of the prefill columns
 INT8 = ", 8-bit activations"  # rows decoded with discq.generate(..., int8_activations=True)
 QUICK_SHAPES = {k: v for k, v in SHAPES.items() if k.startswith("smollm2")}
 BASELINE = {"cpu": "fp32", "cuda": "bf16"}
@@ -297,6 +300,15 @@ def _imatrix(path: str) -> str:
     return str(discq.export.to_imatrix(model, calib, path))
 
 
+def llama_cpp_isa() -> str:
+    """The vector extensions llama.cpp was built with here ("AVX2/FMA/F16C")."""
+    import llama_cpp
+    info = llama_cpp.llama_print_system_info().decode()
+    on = {k.strip() for k, _, v in (p.partition("=") for p in info.split("|")) if v.strip() == "1"}
+    return "/".join(f for f in ("AVX2", "FMA", "F16C", "AVX512", "AVX512_VNNI", "AVX_VNNI",
+                                "AMX_INT8") if f in on)
+
+
 def llama_cpp_tokens_per_s(llm, prompt: list[int], tokens: int) -> float:
     """Greedy decode in llama.cpp: the prompt in one batch, then one token at a time."""
     import numpy as np
@@ -353,20 +365,73 @@ def decode_rows(tokens: int, rounds: int, device: str = "cpu", low_bit: bool = F
         for _ in range(rounds):
             for name, run in runs.items():
                 best[name] = max(best[name], run())
+        prefill = prefill_ms(models, peers, tok, rounds)
         ppl = perplexities({k: m for k, m in models.items() if k not in (QTIP_ROW, QUIP_ROW)},
                            {name: path for name, (_, path) in peers.items()}, tok, device)
         for llm, _ in peers.values():
             llm.close()
     gbps = bandwidth_gbps() if device == "cpu" else None
     rows = [{"variant": name, "tokens_per_s": v, "tokens": tokens, "prompt": prompt.shape[1],
-             "bytes_per_token": moved[name], "machine_gbps": gbps, "perplexity": ppl.get(name)}
+             "bytes_per_token": moved[name], "machine_gbps": gbps, "perplexity": ppl.get(name),
+             "prefill_ms": prefill.get(name)}
             for name, v in best.items()]
     for r in rows:
         if r["variant"] in peers:
             r["llama_cpp_python"] = version
+            r["llama_cpp_isa"] = llama_cpp_isa()
     for r in rows:
         print(r, flush=True)
     return rows
+
+
+def prefill_ms(models: dict, peers: dict, tok, rounds: int) -> dict[str, dict[str, float]]:
+    """{row: {prompt length: ms}}: the time to the first token of a greedy generation after a
+    prompt of PREFILL lengths (the first held-out window's tokens), best of `rounds` round-robin
+    runs. discq: `discq.generate(..., 1)` (its compiled prefill over the whole prompt, the last
+    position's logits, the pick), each length on a shallow copy of the model (each copy keeps
+    its own decoder, sized for its prompt; the decode rows' decoder stays as timed); llama.cpp:
+    `eval` of the prompt in one batch and the pick."""
+    from discq.data import eval_windows
+    ids = eval_windows(tok, "shakespeare", n_windows=1)[0][:1]  # [1, 512]
+    runs = {}
+    for S in PREFILL:
+        prompt = ids[:, :S]
+        for name, m in models.items():
+            m = copy.copy(m)
+            vars(m).pop("_discq_decoder", None)
+            runs[(name, S)] = functools.partial(_discq_first_token, m, prompt.to(
+                next(m.parameters()).device), name.endswith(INT8))
+        for name, (llm, _) in peers.items():
+            runs[(name, S)] = functools.partial(llama_cpp_first_token, llm, prompt[0].tolist())
+    for key, run in runs.items():
+        print(f"warming up the prefill of {key[0]} ({key[1]} tokens)", flush=True)
+        run(), run()
+    best = {key: float("inf") for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            best[key] = min(best[key], run())
+    out: dict[str, dict[str, float]] = {}
+    for (name, S), seconds in best.items():
+        out.setdefault(name, {})[str(S)] = seconds * 1e3
+    return out
+
+
+def _discq_first_token(model: nn.Module, prompt: torch.Tensor, int8_activations: bool) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        discq.generate(model, prompt, 1, eos_token_id=None, int8_activations=int8_activations)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def llama_cpp_first_token(llm, prompt: list[int]) -> float:
+    import numpy as np
+    t0 = time.perf_counter()
+    llm.reset()
+    llm.eval(prompt)
+    int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return time.perf_counter() - t0
 
 
 def perplexities(models: dict, ggufs: dict, tok, device: str, windows: int = 4
@@ -446,14 +511,10 @@ def markdown(r: dict) -> str:
            "pays the compiled function's fixed cost):" if cpu else "One layer called over and over:")
     lines = [title(r), ""]
     if r.get("command"):
-        lines += [f"Command: `{r['command']}`", ""]
-    if r.get("layers_from"):
-        lf = r["layers_from"]
-        where = ("same machine" if lf["cpu"] == r["machine"]["cpu"]
-                 else f"on another machine: {lf['cpu']}")
-        lines += [f"The layer tables are from the run of {lf['date']} (torch {lf['torch']}, "
-                  f"{where}); the decode table was rerun alone (`--decode-only`) on the date "
-                  "and machine above.", ""]
+        env = f" (DISCQ_CPU_KERNEL={r['kernel_env']})" if r.get("kernel_env") else ""
+        lines += [f"Command: `{r['command']}`{env}", ""]
+    if r.get("kernel_build"):
+        lines += [f"discq's CPU kernels built for {r['kernel_build']}.", ""]
     if r.get("layers"):
         lines += [how, "", hot, ""]
         lines += layer_table(r["layers"], "batch", base, r.get("peak_gbps"))
@@ -464,7 +525,7 @@ def markdown(r: dict) -> str:
         lines += ["", streamed, ""]
         lines += layer_table(r["streamed"], "L", base, None)
     if r.get("decode"):
-        lines += ["", *decode_table(r["decode"], base)]
+        lines += ([""] if lines[-1] else []) + decode_table(r["decode"], base)
     return "\n".join(lines) + "\n"
 
 
@@ -474,20 +535,31 @@ def decode_table(rows: list[dict], base: str) -> list[str]:
     ref = next(x for x in rows if x["variant"] == base)["tokens_per_s"]
     gbps = rows[0].get("machine_gbps")
     peer = next((x["llama_cpp_python"] for x in rows if x.get("llama_cpp_python")), "")
+    isa = next((x["llama_cpp_isa"] for x in rows if x.get("llama_cpp_isa")), "")
     head = (f"Greedy decode of SmolLM2-135M: {rows[0]['tokens']} new tokens after a "
             f"{rows[0].get('prompt', 16)}-token prompt, prefill included, best of round-robin "
             "runs; discq through `discq.generate` (one compiled token step, static KV cache), "
-            f"llama.cpp through llama-cpp-python {peer} (built by `make install-llamacpp`) "
+            f"llama.cpp through llama-cpp-python {peer} (built by `make install-llamacpp`"
+            + (f", for {isa}" if isa else "") + ") "
             "with the same threads"
             + (f"; memory bandwidth measured here: {gbps:.1f} GB/s" if gbps else "") + ":")
+    lengths = sorted({int(S) for x in rows for S in (x.get("prefill_ms") or {})})
     out = [head, "", f"| variant | tokens/s | vs {base} | MB read per token | share of bandwidth "
-           "| held-out perplexity |", "|---|---|---|---|---|---|"]
+           "| held-out perplexity |" + "".join(f" prefill {S} tokens (ms) |" for S in lengths),
+           "|---|---|---|---|---|---|" + "---|" * len(lengths)]
     for x in rows:
         mb, ppl = x.get("bytes_per_token"), x.get("perplexity")
         share = f"{mb * x['tokens_per_s'] / 1e9 / gbps:.0%}" if mb and gbps else ""
+        pre = x.get("prefill_ms") or {}
         out.append(f"| {x['variant']} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / ref:.2f}x "
                    f"| {f'{mb / 1e6:.0f}' if mb else ''} | {share} "
-                   f"| {f'{ppl:.2f}' if ppl else ''} |")
+                   f"| {f'{ppl:.2f}' if ppl else ''} |"
+                   + "".join(f" {pre[str(S)]:.1f} |" if str(S) in pre else " |" for S in lengths))
+    if lengths:
+        out += ["", "Prefill: the time to the first token after a prompt of that many tokens "
+                "(the first held-out window's), best of round-robin runs: "
+                "`discq.generate(..., 1)` (its compiled prefill, the last position's logits) and "
+                "llama.cpp's `eval` of the prompt in one batch."]
     out += ["", "Perplexity: discq eval's (4 windows of 512 tokens of the held-out plays), the "
             "llama.cpp row computed by llama.cpp on its file. discq.generate decodes with the "
             "same weights and fp32 activations as discq eval (its one-row kernel and eval's "
@@ -517,11 +589,38 @@ def device_info(device: str) -> dict:
     return {"device": "cuda", "device_name": name, "peak_gbps": peak}
 
 
-def result_name(info: dict, quick: bool) -> str:
-    """speed_cpu[_quick] or speed_cuda_<device>[_quick]."""
+def kernel_build() -> str | None:
+    """The instruction sets discq's CPU kernels were built for here ("AVX2/FMA/F16C/AVX512VNNI")."""
+    from discq.tensors.kernels import affine_cpu
+    if not affine_cpu.load():
+        return None
+    isa = [f[2:].upper() for f in affine_cpu._flags() if f.startswith("-m")]
+    return "/".join(isa) or "portable (no SIMD intrinsics)"
+
+
+def result_name(info: dict, quick: bool, decode_only: bool = False) -> str:
+    """speed_cpu[_quick], speed_cuda_<device>[_quick], or for a decode-only CPU run
+    speed_cpu_decode_<machine> (one file per machine, so that the slow and the fast machines'
+    decode tables stand side by side)."""
+    if info["device"] == "cpu" and decode_only:
+        build = os.environ.get("DISCQ_CPU_KERNEL", "")
+        return ("speed_cpu_decode_" + machine_slug(machine())
+                + (f"_kernel_{build}" if build in ("avx2", "portable") else "")
+                + ("_quick" if quick else ""))
     name = "speed_cpu" if info["device"] == "cpu" else (
-        "speed_cuda_" + re.sub(r"[^a-z0-9]+", "_", info["device_name"].lower()).strip("_"))
+        "speed_cuda_" + _slug(info["device_name"]))
     return name + ("_quick" if quick else "")
+
+
+def machine_slug(m: dict) -> str:
+    """"amd_epyc_l3_32m_avx512": the CPU's name, its L3 and whether it has AVX-512."""
+    l3 = (m.get("caches") or {}).get("L3", "")
+    l3 = f"_l3_{int(l3[:-1]) // 1024}m" if l3.endswith("K") and l3[:-1].isdigit() else ""
+    return _slug(m["cpu"]) + l3 + ("_avx512" if "avx512f" in (m.get("isa") or []) else "")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", re.sub(r"\(r\)|\(tm\)", "", name.lower())).strip("_")
 
 
 if __name__ == "__main__":
@@ -532,8 +631,8 @@ if __name__ == "__main__":
                     help="cuda: bf16 baseline, Triton kernels, bandwidth vs the device's peak")
     ap.add_argument("--no-decode", action="store_true", help="skip whole-model decode")
     ap.add_argument("--decode-only", action="store_true",
-                    help="rerun the decode part, keeping the layer rows already in the results "
-                         "(their date is kept and shown)")
+                    help="the decode and prefill table alone, in a file named after this "
+                         "machine (speed_cpu_decode_<cpu>_l3_<size>[_avx512])")
     ap.add_argument("--low-bit", action="store_true",
                     help="decode only, 2-bit rows: QTIP and QuIP# 2-bit beside llama.cpp's IQ2_XS "
                          "(and the fastest 4-bit rows); results in speed_cpu_lowbit")
@@ -541,23 +640,18 @@ if __name__ == "__main__":
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     info = device_info(a.device)
-    name = result_name(info, a.quick) + ("_lowbit" if a.low_bit else "")
+    name = result_name(info, a.quick, a.decode_only) + ("_lowbit" if a.low_bit else "")
     shapes, rounds = (QUICK_SHAPES, 15) if a.quick else (SHAPES, 30)
-    layers_from = None
-    if a.low_bit:
+    if a.low_bit or a.decode_only:
         layers, streamed = None, None
-    elif a.decode_only:
-        old = json.loads((RESULTS / f"{name}.json").read_text())
-        layers, streamed = old["layers"], old.get("streamed")
-        layers_from = {k: old["machine"][k] for k in ("date", "torch", "cpu")}
-        layers_from.update(old.get("layers_from") or {})  # a rerun of a rerun keeps the first
     else:
         layers = layer_rows(shapes, [1, 16], rounds, a.device)
         # the streamed table answers a CPU question (weights beyond the caches); a GPU's
         # caches are far smaller than these layers' weights already
         streamed = streamed_rows(shapes, rounds) if a.device == "cpu" else None
     result = {"machine": machine(), **info, "layers": layers, "streamed": streamed,
-              "layers_from": layers_from, "command": " ".join(["python", *sys.argv]),
+              "command": " ".join(["python", *sys.argv]), "kernel_build": kernel_build(),
+              "kernel_env": os.environ.get("DISCQ_CPU_KERNEL"),
               "decode": None if a.no_decode else decode_rows(a.tokens, 2 if a.quick else 5,
                                                              a.device, a.low_bit)}
     write(name, result, markdown(result))

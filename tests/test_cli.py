@@ -161,6 +161,32 @@ def test_bench_reports_speed_and_memory(capsys):
     assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["bits_per_weight"] is None
 
 
+def test_bench_names_the_flags_of_the_fast_configuration(tiny_llama, tiny_calibration):
+    import copy
+
+    import discq
+    from discq._commands import speed_hints
+    from discq.pipeline import keep_head_filter, quantize_head_
+    model = copy.deepcopy(tiny_llama[0])
+    assert speed_hints(model, False, False) == []  # nothing quantized: nothing to say
+    discq.quantize_(model, discq.rtn_config(4, 32, symmetric=True),
+                    filter_fn=keep_head_filter(model))
+    hints = speed_hints(model, False, False)
+    assert len(hints) == 2 and "--compile --int8-activations" in hints[0]
+    assert "--head-bits 8" in hints[1]
+    assert speed_hints(model, True, True) == [hints[1]]
+    quantize_head_(model, 8)
+    assert speed_hints(model, True, True) == []
+    # a format without an 8-bit-activation op (QTIP) and a float head: the compiled step and
+    # the head are named, not the activations
+    qtip = copy.deepcopy(tiny_llama[0])
+    discq.quantize_(qtip, discq.qtip_config(2, tiny_calibration, finetune=False),
+                    filter_fn=keep_head_filter(qtip))
+    hints = speed_hints(qtip, False, False)
+    assert hints[0] == "--compile (one compiled token step over a static cache)"
+    assert len(hints) == 2 and "--head-bits 8" in hints[1]
+
+
 def test_compressed_tensors_output_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "ct"
@@ -231,6 +257,8 @@ def test_head_bits_rounds_the_tied_head_and_bench_decodes_with_generate(tmp_path
     assert model.get_input_embeddings().weight is head
     r = json.loads(discq("bench", out, "--tokens", "4", "--compile", "--json").stdout)
     assert r["tokens_per_s"] > 0 and r["compiled"] is True
+    # the one flag of the fast configuration this run left out (the head is 8-bit already)
+    assert len(r["faster_with"]) == 1 and "--int8-activations" in r["faster_with"][0]
     # the 8-bit-activation path's cost, as discq.generate(int8_activations=True) decodes it
     kw = ("--data", HELDOUT_TEXT, "--n-windows", "2", "--seq-len", "128", "--json")
     e = json.loads(discq("eval", out, *kw).stdout)

@@ -1,9 +1,13 @@
 """The 8-bit-activation CPU kernel (`kernels/affine_q8_cpu.cpp`, `discq::affine_linear_q8`):
 the activation rounding's invariants (hypothesis), the kernel against the torch reference
 (x rounded the same way, then the float reference) on a grid with an SQNR floor and for any
-shape, both of its paths (integer dots up to 64 rows, x̂ then dequantize-and-GEMM above), the
-portable build, and the swap in `plain_linears(..., int8_activations=True)`."""
+shape, any number of rows (blocks of 64), its VNNI build against the AVX2 one, the portable
+build (`test_cpu_kernel.py`), and the swap in `plain_linears(..., int8_activations=True)`."""
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -102,12 +106,16 @@ def test_kernel_equals_reference_for_any_shape(N, blocks, M, bits, g_blocks, sym
 
 
 @needs_kernel
-@pytest.mark.parametrize("M", [65, 130])  # above 64 rows: x̂ in float, dequantize once, GEMM
+@pytest.mark.parametrize("M", [65, 130])  # above 64 rows: blocks of 64 rows, one after another
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_many_rows_take_the_dequantize_and_gemm_path(bits, M):
+def test_many_rows_run_in_row_blocks_and_each_row_is_its_own(bits, M):
     x, args = case(40, 128, M, bits, 32, False)
     y, ref = op_and_ref(x, args)
     assert y.shape == (M, 40) and sqnr_db(y, ref) > SQNR_FLOOR_DB
+    # a row's output has the same bits alone and in any tile of any row block (a prefill and
+    # the decode steps that follow it agree exactly)
+    for i in (0, 3, 63, 64, M - 1):
+        assert torch.equal(y[i:i + 1], torch.ops.discq.affine_linear_q8(x[i:i + 1], *args))
 
 
 @needs_kernel
@@ -116,6 +124,33 @@ def test_bf16_activations_come_back_in_bf16():
     y = torch.ops.discq.affine_linear_q8(x.bfloat16(), *args)
     assert y.dtype == torch.bfloat16
     assert sqnr_db(y, affine_linear_ref(round_activations(x.bfloat16()).float(), *args)) > 40
+
+
+AVX2_BUILD = textwrap.dedent("""
+    import sys, torch, discq
+    from discq.tensors.kernels import affine_cpu
+    assert affine_cpu._vnni_flags() == [] and affine_cpu.load()
+    cases = torch.load(sys.argv[1])
+    torch.save([torch.ops.discq.affine_linear_q8(x, *args) for x, args in cases], sys.argv[2])
+""")
+
+
+@needs_kernel
+def test_the_vnni_build_gives_the_avx2_builds_bits(tmp_path):
+    # CPUs with AVX-VNNI/AVX512-VNNI get vpdpbusd where AVX2 has maddubs + madd (and, with
+    # AVX-512's 32 registers, wider tiles): the same integers, summed in the same order. On a
+    # CPU without VNNI both builds are the AVX2 one and this checks a second process's bits.
+    cases = [case(40, 160, M, bits, g, sym, seed=M)
+             for bits, M, g, sym in [(2, 1, 32, True), (3, 5, 64, False), (4, 16, 32, True),
+                                     (4, 70, 64, False), (8, 3, 32, False)]]
+    torch.save(cases, tmp_path / "cases.pt")
+    env = {**os.environ, "DISCQ_CPU_KERNEL": "avx2"}
+    done = subprocess.run([sys.executable, "-c", AVX2_BUILD, str(tmp_path / "cases.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (x, args), y in zip(cases, torch.load(tmp_path / "y.pt")):
+        assert torch.equal(torch.ops.discq.affine_linear_q8(x, *args), y)
 
 
 def test_where_the_kernel_cannot_serve_the_reference_answers(monkeypatch):

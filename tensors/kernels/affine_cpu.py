@@ -11,7 +11,8 @@ minute), with the system compiler (`$CXX`, default `c++`) against torch's header
 and torch version; later processes only load the cached library. Without a working compiler
 callers fall back to the torch reference (the same results up to float rounding, slower) after
 one warning; `DISCQ_CPU_KERNEL=0` switches the kernels off, `DISCQ_CPU_KERNEL=portable` builds
-them without SIMD intrinsics.
+them without SIMD intrinsics, `DISCQ_CPU_KERNEL=avx2` without the VNNI dot product that CPUs
+reporting AVX-VNNI or AVX512-VNNI otherwise get.
 """
 from __future__ import annotations
 
@@ -76,8 +77,31 @@ def _flags() -> list[str]:
     if (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.cpu.get_cpu_capability().startswith("AVX")
             and os.environ.get("DISCQ_CPU_KERNEL") != "portable"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
+        flags += ["-mavx2", "-mfma", "-mf16c", *_vnni_flags()]
     return flags
+
+
+def _vnni_flags() -> list[str]:
+    """The 8-bit dot-product instruction where this CPU has it (the build happens on the machine
+    that runs it; the flags are part of the cached library's key): AVX-VNNI, or AVX512-VNNI
+    with its 256-bit forms. `DISCQ_CPU_KERNEL=avx2` leaves it out."""
+    if os.environ.get("DISCQ_CPU_KERNEL") == "avx2":
+        return []
+    flags = _cpu_flags()
+    if "avx_vnni" in flags:
+        return ["-mavxvnni"]
+    if {"avx512_vnni", "avx512vl"} <= flags:
+        return ["-mavx512vnni", "-mavx512vl"]
+    return []
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:  # not Linux: the AVX2 build
+        return set()
 
 
 def library_path() -> Path:

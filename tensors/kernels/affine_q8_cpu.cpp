@@ -1,21 +1,23 @@
 // y = x̂ Ŵᵀ + b for the packed affine grid with 8-bit activations: x rounded per block of 32
 // inputs to x̂ = d_b · xq (xq ∈ [-127, 127], d_b = max|x_b| / 127: llama.cpp's Q8_0), so each
 // block's Σ q·xq is an integer dot product. Per 32 weights that is one unpack of the codes to
-// bytes, one maddubs and one madd (16-bit pair sums, then 32-bit), where the float kernel
-// (affine_cpu.cpp) converts and multiplies 8 codes at a time: ~3x fewer instructions, and
-// decode on a few cores is bound by instructions, not by memory.
+// bytes, one maddubs and one madd (16-bit pair sums, then 32-bit; one vpdpbusd where the CPU
+// has VNNI and the library was built for it), where the float kernel (affine_cpu.cpp) converts
+// and multiplies 8 codes at a time: ~3x fewer instructions, and decode on a few cores is bound
+// by instructions, not by memory.
 //
 // Per row n and block b in group g: Σ_k (q_k - z)·x̂_k = s_g·d_b·Σ q·xq - s_g·z·d_b·Σ xq; the
 // integer dot is scaled by one FMA per block, d_b·Σ xq is computed once per activation row.
 //
 // The AVX2 unpackers leave a block's 32 codes in whatever order costs no shuffles (code_at);
-// the activation codes are stored in the same order, so the dot product is unchanged. Above
-// GEMM_ROWS activation rows, x̂ is formed in float and the float op's dequantize-then-GEMM runs.
+// the activation codes are stored in the same order (place), so the dot product is unchanged.
+// 4-bit rows go two blocks per 32-byte load (PAIRS): one and + one shift + one and unpack 64
+// codes, the two halves' byte products meet in 16 bits before one madd, and each pair's int32
+// lanes are scaled by [c_2p ×4 | c_2p+1 ×4]: ~30% fewer instructions than a block at a time
+// on AVX2. Any number of activation rows, in blocks of ROW_BLOCK (run).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -34,13 +36,18 @@
 namespace {
 
 constexpr int QB = 32;              // activations per 8-bit block
-constexpr int64_t GEMM_ROWS = 64;   // as in affine_cpu.cpp
+#if defined(__AVX512VL__)
+constexpr int WIDE_NR = 4;  // 32 vector registers: 4x4 tiles
+#else
+constexpr int WIDE_NR = 2;
+#endif
+constexpr int64_t ROW_BLOCK = 64;   // activation rows per pass over the weights (run)
 
 // Which code of a block sits at byte p after unpack<BITS> (see the unpackers).
 template <int BITS>
 constexpr int code_at(int p) {
 #ifdef DISCQ_AVX2
-  if constexpr (BITS == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+  if constexpr (BITS == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;  // within PAIRS' halves
   if constexpr (BITS == 2) return 4 * (p % 8) + p / 8;
   if constexpr (BITS == 3) return (p % 16 < 8 ? 0 : 16) + 8 * (p / 16) + p % 8;
 #endif
@@ -50,13 +57,24 @@ constexpr int code_at(int p) {
 template <int BITS>
 constexpr int block_bytes() { return QB * BITS / 8; }
 
+// 4-bit codes are unpacked two blocks at a time (one 32-byte load: low nibbles are the blocks'
+// even codes, high nibbles their odd ones), so the activations of blocks 2p and 2p+1 are stored
+// together as [2p even | 2p+1 even | 2p odd | 2p+1 odd], 16 codes each (see place).
+#ifdef DISCQ_AVX2
+template <int BITS>
+constexpr bool PAIRS = BITS == 4;
+#else
+template <int BITS>
+constexpr bool PAIRS = false;
+#endif
+
 
 // Blocks per row rounded up to whole vectors of 8: the per-block factors below are zero past KB,
 // so the tile's vector loops need no scalar tails.
 inline int64_t padded(int64_t KB) { return (KB + 7) / 8 * 8; }
 
 struct Acts {
-  const int8_t* xq;     // [M, Kp] codes, each block in code_at order
+  const int8_t* xq;     // [M, Kp] codes (Kp = KBp·32: zero past KB), blocks laid out by place
   const float* d;       // [M, KBp] block scales d_b
   const float* dxs;     // [M, KBp] d_b · Σ xq_b (the zero point's partner)
 };
@@ -70,7 +88,7 @@ struct Problem {
   int64_t M, N, Kp, KB, KBp, G, Wb, blocks_per_group;
 };
 
-// One block's 32 activations -> max|x|, its codes (in code_at order) and their sum. The rounding
+// One block's 32 activations -> max|x|, its codes (natural order) and their sum. The rounding
 // is x·(1/d) to nearest, ties to even, exactly as the torch reference (kernels/affine_ref.py,
 // round_activations).
 template <int BITS>
@@ -99,9 +117,7 @@ inline int quantize_block(const float* xb, float& db, int8_t* out) {
   const __m256i p = _mm256_permutevar8x32_epi32(
       _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  alignas(32) int8_t nat[QB];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(nat), p);
-  for (int i = 0; i < QB; ++i) out[i] = nat[code_at<BITS>(i)];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), p);
   __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
   s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
   s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
@@ -113,7 +129,7 @@ inline int quantize_block(const float* xb, float& db, int8_t* out) {
   const float id = db != 0.f ? 1.f / db : 0.f;
   int sum = 0;
   for (int i = 0; i < QB; ++i) {
-    const float v = std::nearbyint(xb[code_at<BITS>(i)] * id);
+    const float v = std::nearbyint(xb[i] * id);
     out[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
     sum += out[i];
   }
@@ -121,15 +137,35 @@ inline int quantize_block(const float* xb, float& db, int8_t* out) {
 #endif
 }
 
-// x: [M, K] float -> xq [M, K], d and dxs [M, KBp] (K a multiple of 32; zero past K / 32).
+// Block b's codes (natural order) into its row as the unpackers leave the weights: in
+// code_at order, or for PAIRS in its half of the pair's even and odd runs.
+template <int BITS>
+inline void place(const int8_t* nat, int64_t b, int8_t* row) {
+  if constexpr (PAIRS<BITS>) {
+    int8_t* pair = row + (b / 2) * 2 * QB + (b % 2) * 16;
+    for (int i = 0; i < 16; ++i) {
+      pair[i] = nat[2 * i];
+      pair[QB + i] = nat[2 * i + 1];
+    }
+  } else {
+    for (int i = 0; i < QB; ++i) row[b * QB + i] = nat[code_at<BITS>(i)];
+  }
+}
+
+// Rows of x [M, K] -> codes [M, KBp·32] (zero past block KB), block scales and d·Σxq [M, KBp].
 template <int BITS>
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t KBp, int8_t* xq, float* d,
                    float* dxs) {
-  const int64_t KB = K / QB;
+  const int64_t KB = K / QB, Kp = KBp * QB;
   for (int64_t m = 0; m < M; ++m) {
     float* dm = d + m * KBp;
+    int8_t* row = xq + m * Kp;
+    // zero from the last whole pair on: an odd last block's partner and the padded blocks
+    std::memset(row + (KB / 2) * 2 * QB, 0, Kp - (KB / 2) * 2 * QB);
     for (int64_t b = 0; b < KB; ++b) {
-      const int sum = quantize_block<BITS>(x + m * K + b * QB, dm[b], xq + m * K + b * QB);
+      alignas(32) int8_t nat[QB];
+      const int sum = quantize_block<BITS>(x + m * K + b * QB, dm[b], nat);
+      place<BITS>(nat, b, row);
       dxs[m * KBp + b] = dm[b] * static_cast<float>(sum);
     }
     std::fill(dm + KB, dm + KBp, 0.f);
@@ -177,13 +213,47 @@ inline __m256i unpack(const uint8_t* w) {
 
 // Σ w·x over 32 bytes as 8 int32 lanes. maddubs takes unsigned × signed: 8-bit codes go in as
 // |w| against x with w's sign (|pair sum| ≤ 2·128·127 < 2^15; 2-4 bit codes ≤ 2·15·127).
+// Where the CPU has VNNI (built with it: affine_cpu.py's flags), one vpdpbusd does both steps;
+// the pair sums never saturate above, so both give the same integers.
 template <int BITS>
 inline __m256i dot(__m256i w, __m256i x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (BITS == 8)
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
-                             ones);
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+  if constexpr (BITS == 8) {
+    x = _mm256_sign_epi8(x, w);
+    w = _mm256_sign_epi8(w, w);
+  }
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+// Blocks 2p and 2p+1 of one 4-bit row: even codes (low nibbles) and odd codes (high), each
+// [2p's 16 | 2p+1's 16]; `half`: only block 2p is there (the row's odd last block: 16 bytes).
+inline void unpack_pair(const uint8_t* w, bool half, __m256i& lo, __m256i& hi) {
+  const __m256i v = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)))
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(v, mask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+}
+
+// Σ w·x of two blocks at once: int32 lanes 0-3 block 2p's, 4-7 block 2p+1's (16-bit sums of
+// both halves first: |·| ≤ 4·15·127, no saturation).
+inline __m256i dot_pair(__m256i lo, __m256i hi, const int8_t* x) {
+  const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + QB));
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+#else
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                                            _mm256_maddubs_epi16(hi, xh)),
+                           _mm256_set1_epi16(1));
+#endif
 }
 #endif
 
@@ -273,6 +343,29 @@ inline void tile_setup(const Problem& P, const float* sb, const float* szb, int6
   }
 }
 
+// The tile's blocks two at a time (4-bit, PAIRS): each pair's factors [c_2p ×4 | c_2p+1 ×4]
+// against the pair's int32 lanes.
+template <int MT, int NR>
+inline void pair_loop(const Problem& P, const int8_t* xb, const uint8_t* wb, const char* ahead,
+                      const float* c, __m256 (&tot)[MT * NR]) {
+  constexpr int BB = block_bytes<4>();
+  const int64_t Kp = P.Kp, Wb = P.Wb, KB = P.KB, KBp = P.KBp;
+  for (int64_t b = 0; b < KB; b += 2, xb += 2 * QB, wb += 2 * BB) {
+    if (ahead)
+      for (int64_t off = b * NR * BB; off < (b + 2) * NR * BB; off += 64)
+        _mm_prefetch(ahead + off, _MM_HINT_T0);
+    __m256i lo[NR], hi[NR];
+    for (int j = 0; j < NR; ++j) unpack_pair(wb + j * Wb, b + 1 == KB, lo[j], hi[j]);
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < NR; ++j) {
+        const float* cb = c + (i * NR + j) * KBp + b;  // c[b + 1] is 0 past KB (padded)
+        const __m256 f = _mm256_set_m128(_mm_broadcast_ss(cb + 1), _mm_broadcast_ss(cb));
+        tot[i * NR + j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_pair(lo[j], hi[j], xb + i * Kp)),
+                                          f, tot[i * NR + j]);
+      }
+  }
+}
+
 // y[m0..m0+MT, n0..n0+NR]: MT activation rows against NR weight rows, every code unpacked once
 // per tile and every activation block loaded once per tile.
 template <int BITS, int MT, int NR>
@@ -285,7 +378,9 @@ void tile(const Problem& P, const float* sb, const float* szb, int64_t m0, int64
   const int64_t Kp = P.Kp, Wb = P.Wb, KB = P.KB, KBp = P.KBp;
   const int8_t* xb = P.a.xq + m0 * Kp;
   const uint8_t* wb = P.qdata + n0 * Wb;
-  for (int64_t b = 0; b < KB; ++b, xb += QB, wb += BB) {
+  if constexpr (PAIRS<BITS>) {
+    pair_loop<MT, NR>(P, xb, wb, ahead, c, tot);
+  } else for (int64_t b = 0; b < KB; ++b, xb += QB, wb += BB) {
     // the next rows, spread over this tile's blocks: a call's rows are a short stream that the
     // hardware prefetcher picks up too late
     if (ahead)
@@ -339,19 +434,19 @@ void tile(const Problem& P, const float* sb, const float* szb, int64_t m0, int64
 #endif
 
 // Every activation row against weight rows n0..n0+NR: their factors once, then tiles of up to
-// 4 activation rows (one row: NR = 4, four weight rows sharing its loads; else NR = 2).
-// `buf`: 2·NR·KBp + 8·KBp + G floats.
+// 4 activation rows (one row: NR = 4, four weight rows sharing its loads; else NR = WIDE_NR).
+// `buf`: 2·NR·KBp + 16·KBp + G floats (tiles up to 4 × 4).
 template <int BITS, int NR, typename S>
 void column(const Problem& P, const S* scale, int64_t n0, float* buf) {
   float* sb = buf;
   float* szb = sb + NR * P.KBp;
   float* c = szb + NR * P.KBp;
-  weight_factors<BITS, NR, S>(P, scale, n0, sb, szb, c + 8 * P.KBp);
+  weight_factors<BITS, NR, S>(P, scale, n0, sb, szb, c + 16 * P.KBp);
   // the next rows, prefetched over the first tile's blocks
   const char* ahead = n0 + 2 * NR <= P.N
                           ? reinterpret_cast<const char*>(P.qdata + (n0 + NR) * P.Wb) : nullptr;
   int64_t m0 = 0;
-  if constexpr (NR <= 2)
+  if constexpr (NR <= WIDE_NR)
     for (; m0 + 4 <= P.M; m0 += 4, ahead = nullptr) tile<BITS, 4, NR>(P, sb, szb, m0, n0, ahead, c);
   switch (P.M - m0) {
     case 3: tile<BITS, 3, NR>(P, sb, szb, m0, n0, ahead, c); break;
@@ -370,15 +465,29 @@ void channels(const Problem& P, const S* scale, int64_t n0, int64_t n1, float* b
 }
 
 template <int BITS, typename S>
-void run(const Problem& P, const S* scale) {
+void run_rows(const Problem& P, const S* scale) {
   discq_shares::for_chunks(P.N, 32, 64, [&](int64_t n0, int64_t n1) {
     thread_local std::vector<float> buf;  // column's scratch, NR ≤ 4
-    buf.resize(std::max<size_t>(buf.size(), 16 * P.KBp + P.G));
+    buf.resize(std::max<size_t>(buf.size(), 24 * P.KBp + P.G));
     if (P.M == 1)
       channels<BITS, 4, S>(P, scale, n0, n1, buf.data());
     else
-      channels<BITS, 2, S>(P, scale, n0, n1, buf.data());
+      channels<BITS, WIDE_NR, S>(P, scale, n0, n1, buf.data());
   });
+}
+
+// Blocks of ROW_BLOCK activation rows, one after the other: a block's codes (≤ 96 KiB for
+// K = 1536) stay in L2 while every weight column walks them, and each block reads every weight
+// once (a prefill of S rows reads the weights S/64 times, against S·64 row-block products).
+template <int BITS, typename S>
+void run(const Problem& P, const S* scale) {
+  for (int64_t m0 = 0; m0 < P.M; m0 += ROW_BLOCK) {
+    Problem B = P;
+    B.M = std::min(ROW_BLOCK, P.M - m0);
+    B.a = {P.a.xq + m0 * P.Kp, P.a.d + m0 * P.KBp, P.a.dxs + m0 * P.KBp};
+    B.y = P.y + m0 * P.N;
+    run_rows<BITS, S>(B, scale);
+  }
 }
 
 // The activation codes, block scales and group sums live in buffers kept by the calling thread
@@ -394,7 +503,7 @@ void quantize_and_run(const float* xf, Problem& P, const at::Tensor& s) {
   t.xq.resize(std::max<size_t>(t.xq.size(), P.M * P.Kp));
   t.d.resize(std::max<size_t>(t.d.size(), P.M * P.KBp));
   t.dxs.resize(std::max<size_t>(t.dxs.size(), P.M * P.KBp));
-  quantize_rows<BITS>(xf, P.M, P.Kp, P.KBp, t.xq.data(), t.d.data(), t.dxs.data());
+  quantize_rows<BITS>(xf, P.M, P.KB * QB, P.KBp, t.xq.data(), t.d.data(), t.dxs.data());
   P.a = {t.xq.data(), t.d.data(), t.dxs.data()};
   switch (s.scalar_type()) {
     case at::kFloat: return run<BITS, float>(P, s.data_ptr<float>());
@@ -402,16 +511,6 @@ void quantize_and_run(const float* xf, Problem& P, const at::Tensor& s) {
     case at::kBFloat16: return run<BITS, c10::BFloat16>(P, s.data_ptr<c10::BFloat16>());
     default: TORCH_CHECK(false, "scale must be float32, float16 or bfloat16");
   }
-}
-
-// x̂ in float, natural order: the GEMM path's activations.
-at::Tensor rounded(const at::Tensor& xf) {
-  const int64_t M = xf.size(0), K = xf.size(1), KB = K / QB;
-  at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
-  at::Tensor d = at::empty({M, KB}, xf.options()), dxs = at::empty({M, KB}, xf.options());
-  quantize_rows<8>(xf.data_ptr<float>(), M, K, KB, xq.data_ptr<int8_t>(), d.data_ptr<float>(),
-                   dxs.data_ptr<float>());  // 8: natural order
-  return at::mul(xq.to(at::kFloat).view({M, KB, QB}), d.unsqueeze(2)).view({M, K});
 }
 
 at::Tensor affine_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale,
@@ -426,15 +525,6 @@ at::Tensor affine_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qdata, co
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G, "scale must be [N, G]");
   TORCH_CHECK(qdata.size(1) >= K * bits / 8, "qdata is narrower than the packed rows");
   at::Tensor xf = x.to(at::kFloat).contiguous();
-  if (M > GEMM_ROWS) {  // x̂ through the float op's dequantize-then-GEMM
-    static auto op = c10::Dispatcher::singleton()
-        .findSchemaOrThrow("discq::affine_linear_cpu", "")
-        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                          int64_t, int64_t, int64_t)>();
-    return op.call(rounded(xf), qdata, scale, zero_point, bias, bits, group_size, in_features)
-        .to(x.scalar_type());
-  }
   at::Tensor q = qdata.contiguous(), s = scale.contiguous(), z, b;
   if (zero_point) {
     TORCH_CHECK(zero_point->scalar_type() == at::kByte && zero_point->sizes() == scale.sizes(),
@@ -445,7 +535,7 @@ at::Tensor affine_linear_q8_cpu(const at::Tensor& x, const at::Tensor& qdata, co
   at::Tensor y = at::empty({M, N}, xf.options());
   Problem P{{}, q.data_ptr<uint8_t>(), z.defined() ? z.data_ptr<uint8_t>() : nullptr,
             b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
-            M, N, K, K / QB, padded(K / QB), G, q.size(1), group_size / QB};
+            M, N, padded(K / QB) * QB, K / QB, padded(K / QB), G, q.size(1), group_size / QB};
   switch (bits) {
     case 2: quantize_and_run<2>(xf.data_ptr<float>(), P, s); break;
     case 3: quantize_and_run<3>(xf.data_ptr<float>(), P, s); break;
