@@ -392,13 +392,14 @@ def prefill_ms(models: dict, peers: dict, tok, rounds: int) -> dict[str, dict[st
     its own decoder, sized for its prompt; the decode rows' decoder stays as timed); llama.cpp:
     `eval` of the prompt in one batch and the pick."""
     from discq.data import eval_windows
+    from discq.decode import _ATTR  # where discq.generate keeps a model's decoder
     ids = eval_windows(tok, "shakespeare", n_windows=1)[0][:1]  # [1, 512]
     runs = {}
     for S in PREFILL:
         prompt = ids[:, :S]
         for name, m in models.items():
             m = copy.copy(m)
-            vars(m).pop("_discq_decoder", None)
+            vars(m).pop(_ATTR, None)
             runs[(name, S)] = functools.partial(_discq_first_token, m, prompt.to(
                 next(m.parameters()).device), name.endswith(INT8))
         for name, (llm, _) in peers.items():
