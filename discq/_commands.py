@@ -311,8 +311,8 @@ def bench(args: argparse.Namespace) -> dict:
 def speed_hints(model, compiled: bool, int8_activations: bool) -> list[str]:
     """The parts of the fast CPU decode configuration that this model and these flags leave
     out: the compiled step, 8-bit activations where a quantized linear has the op, an 8-bit
-    head (SmolLM2 4-bit: 83 -> 105 -> 154 tokens/s on the README's machine, perplexity +0.3% and
-    +0.07%)."""
+    head (SmolLM2 4-bit on the README's Xeon: 83 -> 105 -> 154 tokens/s, perplexity +0.3% for
+    the head and +0.2% for the activations)."""
     from torch import nn
 
     from discq.inference import PlainLinear
