@@ -317,13 +317,14 @@ def speed_hints(model, compiled: bool, int8_activations: bool) -> list[str]:
 
     from discq.inference import PlainLinear
     from discq.tensors.base import QuantizedTensor
+    from discq.tensors.ops import INT8_ACTIVATIONS
     quantized = [m for m in model.modules()
                  if isinstance(m, nn.Linear) and isinstance(m.weight, QuantizedTensor)]
     if not quantized:
         return []
     hints = []
     if not int8_activations and any(PlainLinear(m.weight, None, True).op
-                                    is not PlainLinear(m.weight, None).op for m in quantized):
+                                    in INT8_ACTIVATIONS.values() for m in quantized):
         hints.append("--compile --int8-activations (integer products; `discq eval "
                      "--int8-activations` reports what it costs)")
     elif not compiled:

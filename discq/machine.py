@@ -40,9 +40,14 @@ def cpu_caches() -> dict:
     return out
 
 
+def cpu_flags() -> set[str]:
+    """Every flag the CPU reports (Linux's /proc/cpuinfo; empty elsewhere)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
 def isa_flags() -> list[str]:
     """The vector extensions among ISA that the CPU reports (what the kernels can use)."""
-    flags = set((_cpuinfo("flags") or "").split())
+    flags = cpu_flags()
     return [f for f in ISA if f in flags]
 
 

@@ -130,7 +130,7 @@ AVX2_BUILD = textwrap.dedent("""
     import sys, torch, discq
     from discq.tensors.kernels import affine_cpu
     assert affine_cpu._vnni_flags() == [] and affine_cpu.load()
-    cases = torch.load(sys.argv[1])
+    cases = torch.load(sys.argv[1], weights_only=True)
     torch.save([torch.ops.discq.affine_linear_q8(x, *args) for x, args in cases], sys.argv[2])
 """)
 
@@ -149,7 +149,7 @@ def test_the_vnni_build_gives_the_avx2_builds_bits(tmp_path):
                            str(tmp_path / "y.pt")], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for (x, args), y in zip(cases, torch.load(tmp_path / "y.pt")):
+    for (x, args), y in zip(cases, torch.load(tmp_path / "y.pt", weights_only=True)):
         assert torch.equal(torch.ops.discq.affine_linear_q8(x, *args), y)
 
 

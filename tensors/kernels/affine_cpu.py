@@ -87,21 +87,13 @@ def _vnni_flags() -> list[str]:
     with its 256-bit forms. `DISCQ_CPU_KERNEL=avx2` leaves it out."""
     if os.environ.get("DISCQ_CPU_KERNEL") == "avx2":
         return []
-    flags = _cpu_flags()
+    from discq.machine import cpu_flags
+    flags = cpu_flags()
     if "avx_vnni" in flags:
         return ["-mavxvnni"]
     if {"avx512_vnni", "avx512vl"} <= flags:
         return ["-mavx512vnni", "-mavx512vl"]
     return []
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f
-                         if line.startswith("flags")), set())
-    except OSError:  # not Linux: the AVX2 build
-        return set()
 
 
 def library_path() -> Path:

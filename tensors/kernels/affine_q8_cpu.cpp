@@ -47,7 +47,6 @@ constexpr int64_t ROW_BLOCK = 64;   // activation rows per pass over the weights
 template <int BITS>
 constexpr int code_at(int p) {
 #ifdef DISCQ_AVX2
-  if constexpr (BITS == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;  // within PAIRS' halves
   if constexpr (BITS == 2) return 4 * (p % 8) + p / 8;
   if constexpr (BITS == 3) return (p % 16 < 8 ? 0 : 16) + 8 * (p / 16) + p % 8;
 #endif
@@ -177,10 +176,8 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t KBp, int8_t* xq
 // One block's 32 codes as bytes (signed for 8-bit: q - 128, so the dot fits maddubs).
 template <int BITS>
 inline __m256i unpack(const uint8_t* w) {
-  if constexpr (BITS == 4) {  // byte j holds codes 2j (low nibble) and 2j+1
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
-  } else if constexpr (BITS == 2) {  // byte j holds codes 4j..4j+3; lane l takes bits 2l
+  // (4-bit rows go two blocks at a time: unpack_pair)
+  if constexpr (BITS == 2) {  // byte j holds codes 4j..4j+3; lane l takes bits 2l
     int64_t q;
     std::memcpy(&q, w, 8);
     const __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(q), _mm256_setr_epi64x(0, 2, 4, 6));
